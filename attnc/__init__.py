@@ -1,0 +1,1 @@
+"""attnc: a compiler for attention variants."""

@@ -1,0 +1,256 @@
+"""Cascade IR: attention as a DAG of extended einsums (FuseMax's notation).
+
+A node is an output tensor with named ranks, a sympy map expression over tensor accesses
+(`sympy.Indexed`) and index symbols, and an optional reduction over some ranks. Every einsum is
+implicitly batched over (b, h). Q[m, e], K[n, e] and V[n, f] are the operands; `param`/`input`
+tensors are read by arbitrary index expressions. After `online_softmax`, an `OnlineSoftmax` node
+replaces the max/exp/sum/divide chain with a one-pass scan over n.
+
+All nodes are frozen dataclasses: structurally comparable and hashable. `Cascade.graph()` gives the
+networkx DAG; `format_cascade` is the deterministic printer (its text is the cache key's root).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import networkx as nx
+import sympy
+
+from attnc import symbols as S
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    """A tensor the caller passes: an operand (q, k, v), a learnable `param` or an `input`."""
+
+    name: str
+    kind: str  # "operand" | "param" | "input"
+    dims: tuple[sympy.Expr, ...]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}[{', '.join(map(str, self.dims))}]"
+
+
+@dataclass(frozen=True)
+class Einsum:
+    """`name[ranks] = reduce(over) expr`; `reduce` is None for a pure map."""
+
+    name: str
+    ranks: tuple[str, ...]
+    expr: sympy.Expr
+    reduce: str | None = None  # "sum" | "max" | "min"
+    over: tuple[str, ...] = ()
+
+    @property
+    def iteration(self) -> tuple[str, ...]:
+        return self.ranks + self.over
+
+    def __str__(self) -> str:
+        red = f"{self.reduce}({', '.join(self.over)}) " if self.reduce else ""
+        return f"{self.name}[{', '.join(self.ranks)}] = {red}{self.expr}"
+
+
+@dataclass(frozen=True)
+class OnlineSoftmax:
+    """One pass over `over` with a running max RM, running sum RD and rescaled accumulator RNV:
+
+        RM' = max(RM, s[n]);  c = exp(RM - RM');  p = exp(s[n] - RM')
+        RD' = RD*c + p;       RNV'[f] = RNV[f]*c + p*value[n, f]
+        out = RNV / RD,  lse = RM + log(RD);  rows that see no key: out = 0, lse = -inf
+    """
+
+    name: str
+    lse: str
+    scores: sympy.Expr  # s[m, n], already masked (-oo where masked)
+    value: sympy.Expr  # V[n, f]
+    over: str = "n"
+    ranks: tuple[str, ...] = ("m", "f")
+
+    def __str__(self) -> str:
+        s, v = self.scores, self.value
+        return (f"{self.name}[m, f], {self.lse}[m] = online_softmax({self.over}) "
+                f"scores {s}, value {v}\n"
+                f"    RM' = max(RM, {s});  RD' = RD*exp(RM - RM') + exp({s} - RM')\n"
+                f"    RNV'[m, f] = RNV[m, f]*exp(RM - RM') + exp({s} - RM')*{v}\n"
+                f"    {self.name} = RNV/RD;  {self.lse} = RM + log(RD)   (no visible key: 0, -oo)")
+
+
+Node = Einsum | OnlineSoftmax
+
+
+@dataclass(frozen=True)
+class KeySegment:
+    """One contiguous range of keys a query tile visits, with its provably unmasked sub-range.
+
+    All four bounds are sympy expressions in m_lo, m_hi (first/last valid row of the tile),
+    M, N and options; [lo, hi) covers every visible key of the segment and every key in
+    [full_lo, full_hi) is visible for every row of the tile.
+    """
+
+    lo: sympy.Expr
+    hi: sympy.Expr
+    full_lo: sympy.Expr
+    full_hi: sympy.Expr
+
+    def __str__(self) -> str:
+        return f"keys [{self.lo}, {self.hi})  full [{self.full_lo}, {self.full_hi})"
+
+
+@dataclass(frozen=True)
+class KeyBounds:
+    """mask_bounds' result: ordered segments (by lo) and the score/mask they came from."""
+
+    segments: tuple[KeySegment, ...]
+    exact: bool  # every atom of the mask was analyzed (no data-dependent fallback)
+    mask: sympy.Expr | None  # the mask, inlined; None: every key visible
+    score: sympy.Expr | None  # the unmasked score, inlined
+
+    def __str__(self) -> str:
+        head = "key bounds per query tile [m_lo, m_hi]" + (
+            "" if self.exact else " (part of the mask is data-dependent: evaluated per element)")
+        return "\n".join([head, f"    mask: {self.mask}"]
+                         + [f"    {i}: {s}" for i, s in enumerate(self.segments)])
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """tile's result: which ranks are parallel, which rank is the sequential loop, block names."""
+
+    parallel: tuple[str, ...] = ("b", "h", "m")
+    loop: str = "n"
+    blocks: tuple[tuple[str, str], ...] = (("m", "BLOCK_M"), ("n", "BLOCK_N"),
+                                           ("e", "BLOCK_D"), ("f", "BLOCK_DV"))
+
+    def __str__(self) -> str:
+        blocks = ", ".join(f"{r}:{b}" for r, b in self.blocks)
+        return (f"schedule: grid over ({', '.join(self.parallel)}), "
+                f"sequential loop over {self.loop}; tiles {blocks}")
+
+
+@dataclass(frozen=True)
+class Cascade:
+    name: str
+    decls: tuple[TensorDecl, ...]
+    nodes: tuple[Node, ...]
+    outputs: tuple[tuple[str, str], ...]  # (role, tensor): ("out", ...), ("lse", ...)
+    options: tuple[tuple[str, object], ...] = ()
+    source_kind: str = "cascade"  # "attention" or "cascade": the block it came from
+    bounds: KeyBounds | None = None
+    schedule: Schedule | None = None
+
+    def node(self, name: str) -> Node:
+        for nd in self.nodes:
+            if nd.name == name or (isinstance(nd, OnlineSoftmax) and nd.lse == name):
+                return nd
+        raise KeyError(name)
+
+    def produced(self) -> dict[str, Node]:
+        out: dict[str, Node] = {}
+        for nd in self.nodes:
+            out[nd.name] = nd
+            if isinstance(nd, OnlineSoftmax):
+                out[nd.lse] = nd
+        return out
+
+    def output(self, role: str) -> str | None:
+        return dict(self.outputs).get(role)
+
+    @property
+    def extra_inputs(self) -> tuple[TensorDecl, ...]:
+        return tuple(d for d in self.decls if d.kind != "operand")
+
+    def graph(self) -> nx.DiGraph:
+        """Tensors as vertices; an edge X -> Y when Y's node reads X."""
+        g = nx.DiGraph()
+        for d in self.decls:
+            g.add_node(d.name, kind=d.kind)
+        for nd in self.nodes:
+            outs = [nd.name] + ([nd.lse] if isinstance(nd, OnlineSoftmax) else [])
+            for o in outs:
+                g.add_node(o, kind="node")
+                for src in reads(nd):
+                    g.add_edge(src, o)
+        return g
+
+    def with_nodes(self, nodes, **changes) -> "Cascade":
+        return replace(self, nodes=tuple(nodes), **changes)
+
+
+def exprs_of(nd: Node) -> tuple[sympy.Expr, ...]:
+    if isinstance(nd, Einsum):
+        return (nd.expr,)
+    return (nd.scores, nd.value)
+
+
+def reads(nd: Node) -> list[str]:
+    """Names of the tensors a node reads, in first-seen order."""
+    names: list[str] = []
+    for ex in exprs_of(nd):
+        for acc in sorted(ex.atoms(sympy.Indexed), key=sympy.default_sort_key):
+            if str(acc.base) not in names:
+                names.append(str(acc.base))
+    return names
+
+
+def verify(c: Cascade) -> None:
+    """Structural checks run after every pass: defined-before-use, acyclic, outputs exist."""
+    known = {d.name for d in c.decls}
+    for nd in c.nodes:
+        for src in reads(nd):
+            if src not in known:
+                raise AssertionError(f"{nd.name} reads {src} before it is defined")
+        known.add(nd.name)
+        if isinstance(nd, OnlineSoftmax):
+            known.add(nd.lse)
+    for role, name in c.outputs:
+        if name not in known:
+            raise AssertionError(f"output {role}={name} is not produced")
+    if not nx.is_directed_acyclic_graph(c.graph()):
+        raise AssertionError("cascade graph has a cycle")
+
+
+def format_cascade(c: Cascade, passes: int | None = None) -> str:
+    """Deterministic math view of a cascade (one einsum per line, FuseMax style)."""
+    lines = [f"cascade {c.name}  # from {c.source_kind} block"]
+    if passes is not None:
+        lines.append(f"# passes over n: {passes}")
+    if c.options:
+        lines.append("option " + ", ".join(f"{k} = {v}" for k, v in c.options))
+    for d in c.decls:
+        lines.append(str(d))
+    for nd in c.nodes:
+        lines.append(str(nd))
+    lines.append("outputs " + ", ".join(f"{r}={t}" for r, t in c.outputs))
+    if c.bounds is not None:
+        lines.append(str(c.bounds))
+    if c.schedule is not None:
+        lines.append(str(c.schedule))
+    return "\n".join(lines) + "\n"
+
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What an `attention` block says, before desugaring into a cascade.
+
+    `score` reads the q.k dot product as QK[m, n]; `mask` is a sympy boolean (True = visible) or
+    None for no mask.
+    """
+
+    name: str
+    decls: tuple[TensorDecl, ...]
+    score: sympy.Expr
+    mask: sympy.Expr | None
+    normalize: str
+    options: tuple[tuple[str, object], ...] = ()
+
+    def __str__(self) -> str:
+        lines = [f"attention {self.name}"]
+        if self.options:
+            lines.append("option " + ", ".join(f"{k} = {v}" for k, v in self.options))
+        lines += [str(d) for d in self.decls]
+        lines.append(f"score = {self.score}")
+        lines.append(f"mask = {self.mask if self.mask is not None else 'none'}")
+        lines.append(f"normalize = {self.normalize}")
+        return "\n".join(lines) + "\n"

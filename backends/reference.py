@@ -1,0 +1,227 @@
+"""Reference interpreters in torch: the semantics every pass must preserve.
+
+`interpret` runs a cascade einsum by einsum (the OnlineSoftmax node as a literal scan over n, one
+key at a time). When the cascade carries mask bounds and a tile size is given, it honours them
+the way a kernel would: keys outside the visited tiles are dropped and the mask is not evaluated
+on full tiles, so unsound bounds change the result. `run_kernel` executes kernel IR tile by tile.
+Both are slow and exact (use float64 inputs); they are oracles, not kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import sympy
+import torch
+
+from attnc import symbols as S
+from attnc.ir import Cascade, Einsum, OnlineSoftmax
+
+_UNARY = {
+    sympy.exp: torch.exp, sympy.log: torch.log, sympy.tanh: torch.tanh, sympy.Abs: torch.abs,
+    sympy.sin: torch.sin, sympy.cos: torch.cos, S.sigmoid: torch.sigmoid,
+    S.softplus: torch.nn.functional.softplus, sympy.floor: torch.floor,
+    sympy.ceiling: torch.ceil,
+}
+_RELATION = {sympy.Lt: torch.lt, sympy.Le: torch.le, sympy.Gt: torch.gt, sympy.Ge: torch.ge,
+             sympy.Eq: torch.eq, sympy.Ne: torch.ne}
+
+
+def _t(x, like: torch.Tensor) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device=like.device)
+
+
+class Evaluator:
+    """Evaluate a sympy expression with broadcasting torch tensors.
+
+    `symbols` maps sympy symbols to tensors or numbers; `tensor(access)` resolves an Indexed.
+    """
+
+    def __init__(self, symbols: dict, tensor, like: torch.Tensor):
+        self.symbols = symbols
+        self.tensor = tensor
+        self.like = like
+
+    def __call__(self, ex):
+        like = self.like
+        if ex is sympy.true or ex is sympy.false:
+            return bool(ex)
+        if ex.is_Number:
+            if ex == sympy.oo or ex == -sympy.oo:
+                return float(ex)
+            return int(ex) if ex.is_Integer else float(ex)
+        if ex.is_Symbol:
+            return self.symbols[ex]
+        if isinstance(ex, sympy.Indexed):
+            return self.tensor(ex)
+        args = [self(a) for a in ex.args] if not isinstance(ex, sympy.Piecewise) else None
+        if ex.is_Add:
+            out = args[0]
+            for a in args[1:]:
+                out = out + a
+            return out
+        if ex.is_Mul:
+            out = args[0]
+            for a in args[1:]:
+                out = out * a
+            return out
+        if ex.is_Pow:
+            base, exp = args
+            if isinstance(base, torch.Tensor) and not base.is_floating_point():
+                base = base.double()
+            return base ** exp if isinstance(base, torch.Tensor) else _t(float(base), like) ** exp
+        if isinstance(ex, sympy.Piecewise):
+            result = None
+            for value, cond in reversed(ex.args):
+                v = self(value)
+                if result is None:
+                    result = _t(v, like)
+                    continue
+                result = torch.where(_t(self(cond), like), _t(v, like), result)
+            return result
+        if ex.func in _UNARY:
+            x = _t(args[0], like)
+            return _UNARY[ex.func](x if x.is_floating_point() else x.double())
+        if isinstance(ex, (sympy.Min, sympy.Max)):
+            fold = torch.minimum if isinstance(ex, sympy.Min) else torch.maximum
+            out = _t(args[0], like)
+            for a in args[1:]:
+                out = fold(out, _t(a, like))
+            return out
+        if isinstance(ex, sympy.Mod):
+            return torch.remainder(_t(args[0], like), args[1])
+        if ex.func in _RELATION:
+            return _RELATION[ex.func](_t(args[0], like), _t(args[1], like))
+        if isinstance(ex, sympy.And):
+            out = _t(args[0], like)
+            for a in args[1:]:
+                out = out & a
+            return out
+        if isinstance(ex, sympy.Or):
+            out = _t(args[0], like)
+            for a in args[1:]:
+                out = out | a
+            return out
+        if isinstance(ex, sympy.Not):
+            return ~_t(args[0], like)
+        raise NotImplementedError(f"reference interpreter: {ex.func.__name__} in {ex}")
+
+
+def gather(value: torch.Tensor, index: list) -> torch.Tensor:
+    """value[index...] with broadcasting index tensors (float indices from floor are rounded)."""
+    idx = []
+    for i in index:
+        i = torch.as_tensor(i, device=value.device)
+        idx.append(i.round().long() if i.is_floating_point() else i.long())
+    return value[tuple(idx)]
+
+
+class _Run:
+    """Shared state of one interpretation: operands, extra inputs, sizes."""
+
+    def __init__(self, c_options, q, k, v, scale, inputs):
+        if q.shape[1] != k.shape[1]:
+            group = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        self.q, self.k, self.v = q, k, v
+        self.B, self.H, self.M, D = q.shape
+        self.N, self.Dv = k.shape[2], v.shape[3]
+        self.size = {"m": self.M, "n": self.N, "e": D, "f": self.Dv}
+        self.env = {"Q": (q, ("m", "e")), "K": (k, ("n", "e")), "V": (v, ("n", "f"))}
+        self.inputs = inputs
+        self.scale = scale
+
+    def evaluator(self, ranks: tuple[str, ...], extra: dict | None = None) -> Evaluator:
+        nd = 2 + len(ranks)
+        dev = self.q.device
+
+        def axis(size, pos):
+            shape = [1] * nd
+            shape[pos] = size
+            return torch.arange(size, device=dev).view(shape)
+
+        syms = {S.b: axis(self.B, 0), S.h: axis(self.H, 1), S.M: self.M, S.N: self.N,
+                S.scale: self.scale, S.B: self.B, S.H: self.H}
+        for i, r in enumerate(ranks):
+            syms[S.RANKS[r]] = axis(self.size[r], 2 + i)
+        syms.update(extra or {})
+
+        def tensor(acc: sympy.Indexed):
+            name = str(acc.base)
+            if name in self.env:
+                value, vr = self.env[name]
+                order = [r for r in ranks if r in vr]
+                value = value.permute(0, 1, *[2 + vr.index(r) for r in order])
+                shape = [value.shape[0], value.shape[1]] + [
+                    self.size[r] if r in vr else 1 for r in ranks]
+                return value.reshape(shape)
+            ev = Evaluator(syms, tensor, self.q)
+            return gather(self.inputs[name], [ev(i) for i in acc.indices])
+
+        return Evaluator(syms, tensor, self.q)
+
+    def full(self, value, ranks) -> torch.Tensor:
+        shape = [self.B, self.H] + [self.size[r] for r in ranks]
+        return _t(value, self.q).to(self.q.dtype if _t(value, self.q).is_floating_point()
+                                    else _t(value, self.q).dtype).expand(shape)
+
+
+def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict | None = None,
+              tiles: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Run a cascade; returns {role: tensor} for its outputs (out [B,H,M,Dv], lse [B,H,M])."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    run = _Run(c.options, q, k, v, scale, inputs or {})
+    for nd in c.nodes:
+        if isinstance(nd, Einsum):
+            it = nd.iteration
+            val = run.full(run.evaluator(it)(nd.expr), it)
+            axes = tuple(2 + it.index(r) for r in nd.over)
+            if nd.reduce == "sum":
+                val = val.sum(dim=axes)
+            elif nd.reduce in ("max", "min"):
+                val = val.amax(dim=axes) if nd.reduce == "max" else val.amin(dim=axes)
+            run.env[nd.name] = (val, nd.ranks)
+        else:
+            scores = run.full(run.evaluator(("m", "n"))(nd.scores), ("m", "n"))
+            if c.bounds is not None and tiles is not None:
+                scores = _apply_bounds(c, run, scores, tiles)
+            value = run.full(run.evaluator(("n", "f"))(nd.value), ("n", "f"))
+            out, lse = online_softmax_scan(scores, value)
+            run.env[nd.name] = (out, ("m", "f"))
+            run.env[nd.lse] = (lse, ("m",))
+    return {role: run.env[name][0] for role, name in c.outputs}
+
+
+def online_softmax_scan(scores: torch.Tensor, value: torch.Tensor):
+    """The OnlineSoftmax node's semantics, literally: one key at a time."""
+    rm = torch.full(scores.shape[:-1], -math.inf, dtype=scores.dtype, device=scores.device)
+    rd = torch.zeros_like(rm)
+    rnv = torch.zeros(*scores.shape[:-1], value.shape[-1], dtype=scores.dtype,
+                      device=scores.device)
+    for j in range(scores.shape[-1]):
+        s = scores[..., j]
+        new = torch.maximum(rm, s)
+        safe = torch.where(new == -math.inf, torch.zeros_like(new), new)
+        c, p = torch.exp(rm - safe), torch.exp(s - safe)
+        rd = rd * c + p
+        rnv = rnv * c[..., None] + p[..., None] * value[..., j, None, :]
+        rm = new
+    empty = rd == 0
+    out = torch.where(empty[..., None], torch.zeros_like(rnv), rnv / rd[..., None])
+    lse = torch.where(empty, torch.full_like(rd, -math.inf), rm + torch.log(rd))
+    return out, lse
+
+
+def _apply_bounds(c: Cascade, run: _Run, scores, tiles):
+    """Drop keys outside visited tiles; use the unmasked score on full tiles."""
+    from attnc.passes.mask_bounds import tile_schedule
+
+    bm, bn = tiles
+    plan = torch.zeros(run.M, run.N, dtype=torch.int8, device=scores.device)
+    for i, visits in enumerate(tile_schedule(c.bounds, run.M, run.N, bm, bn)):
+        for start, masked in visits:
+            plan[i * bm:(i + 1) * bm, start:start + bn] = 2 if masked else 1
+    unmasked = run.full(run.evaluator(("m", "n"))(c.bounds.score), ("m", "n"))
+    eff = torch.where(plan == 1, unmasked, scores)
+    return torch.where(plan == 0, torch.full_like(eff, -math.inf), eff)

@@ -1,0 +1,1 @@
+"""Frontends: spec text (and, later, Python mods) into attnc's IR."""

@@ -1,0 +1,381 @@
+"""Lower a parse tree to IR: an `attention` block to an AttentionSpec, a `cascade` block to a
+Cascade. Every semantic check happens here and reports the line and column of the culprit.
+
+Expressions become sympy: `dot(q, k)` is the access QK[m, n]; `where` is a Piecewise; `//` and
+`%` are floor and Mod; options are substituted as numbers (they are compile-time constants).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import lark
+import sympy
+
+from attnc import symbols as S
+from attnc.errors import SpecError
+from attnc.ir import AttentionSpec, Cascade, Einsum, TensorDecl
+
+NUM, BOOL = "number", "boolean"
+NORMALIZERS = ("softmax",)
+RESERVED = {"b", "h", "m", "n", "e", "f", "B", "H", "M", "N", "q", "k", "v", "scale",
+            "Q", "K", "V", "QK"}
+_FUNCS = {
+    "exp": (1, sympy.exp), "log": (1, sympy.log), "tanh": (1, sympy.tanh),
+    "sqrt": (1, sympy.sqrt), "abs": (1, sympy.Abs), "sin": (1, sympy.sin),
+    "cos": (1, sympy.cos), "sigmoid": (1, S.sigmoid), "softplus": (1, S.softplus),
+    "relu": (1, lambda x: sympy.Max(x, 0)), "clamp": (3, lambda x, lo, hi: sympy.Min(sympy.Max(x, lo), hi)),
+}
+_COMPARE = {"<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge,
+            "==": sympy.Eq, "!=": sympy.Ne}
+
+
+@dataclass
+class _Scope:
+    """Names visible in an expression and what they mean."""
+
+    options: dict[str, sympy.Expr] = field(default_factory=dict)
+    lets: dict[str, tuple[sympy.Expr, str]] = field(default_factory=dict)
+    tensors: dict[str, TensorDecl] = field(default_factory=dict)
+    cascade_tensors: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    allow_dot: bool = False
+    in_cascade: bool = False
+
+
+class _Lowerer:
+    def __init__(self, source: str, filename: str, overrides: dict):
+        self.source = source
+        self.filename = filename
+        self.overrides = dict(overrides)
+
+    # --- errors -----------------------------------------------------------------------------
+    def error(self, node, message: str, hint: str = "") -> SpecError:
+        line, col = _position(node)
+        return SpecError(message, source=self.source, filename=self.filename, line=line,
+                         column=col, hint=hint)
+
+    # --- blocks -----------------------------------------------------------------------------
+    def block(self, tree: lark.Tree):
+        blocks = tree.children
+        if len(blocks) != 1:
+            raise self.error(blocks[1], "a spec holds exactly one block",
+                             hint="put each variant in its own file or string")
+        blk = blocks[0]
+        return self.attention(blk) if blk.data == "attention" else self.cascade(blk)
+
+    def _declarations(self, stmts, scope: _Scope) -> list:
+        """Handle option/param/input statements; return the remaining statements in order."""
+        rest = []
+        for st in stmts:
+            if st.data == "option":
+                for od in st.children:
+                    self._option(od, scope)
+            elif st.data in ("param", "input"):
+                for td in st.children:
+                    decl = self._tensor_decl(td, st.data, scope)
+                    scope.tensors[decl.name] = decl
+            else:
+                rest.append(st)
+        unknown = set(self.overrides) - set(scope.options)
+        if unknown:
+            declared = ", ".join(sorted(scope.options)) or "none"
+            raise SpecError(f"unknown option {sorted(unknown)[0]!r}; this spec declares: {declared}",
+                            filename=self.filename)
+        return rest
+
+    def attention(self, blk: lark.Tree) -> AttentionSpec:
+        name = str(blk.children[0])
+        scope = _Scope()
+        stmts = self._declarations(blk.children[1:], scope)
+        score = mask = normalize = None
+        seen: dict[str, lark.Tree] = {}
+        for st in stmts:
+            kind = st.data
+            if kind == "let":
+                tok, body = st.children
+                if str(tok) in RESERVED or str(tok) in scope.options or str(tok) in scope.lets:
+                    raise self.error(tok, f"'{tok}' is already defined")
+                scope.allow_dot = True
+                scope.lets[str(tok)] = self.expr(body, scope)
+                scope.allow_dot = False
+                continue
+            if kind in seen:
+                raise self.error(st, f"'{kind}' is given twice",
+                                 hint=f"first given on line {_position(seen[kind])[0]}")
+            seen[kind] = st
+            if kind == "score":
+                scope.allow_dot = True
+                score = self.expect(st.children[0], scope, NUM, "score")
+                scope.allow_dot = False
+            elif kind == "mask":
+                mask = self.expect(st.children[0], scope, BOOL, "mask")
+            elif kind == "normalize":
+                tok = st.children[0]
+                if str(tok) not in NORMALIZERS:
+                    raise self.error(tok, f"normalizer '{tok}' is not supported",
+                                     hint="supported: " + ", ".join(NORMALIZERS))
+                normalize = str(tok)
+            else:  # pragma: no cover - the grammar admits nothing else
+                raise self.error(st, f"unexpected statement {kind}")
+        if score is None:
+            score = S.access("QK", S.m, S.n) * S.scale
+        if mask is sympy.true:
+            mask = None
+        return AttentionSpec(name=name, decls=tuple(scope.tensors.values()), score=score,
+                             mask=mask, normalize=normalize or "softmax",
+                             options=tuple(scope.options.items()))
+
+    def cascade(self, blk: lark.Tree) -> Cascade:
+        name = str(blk.children[0])
+        scope = _Scope(in_cascade=True, cascade_tensors=dict(S.OPERANDS))
+        stmts = self._declarations(blk.children[1:], scope)
+        nodes = []
+        for st in stmts:
+            nodes.append(self._einsum(st, scope))
+        if not nodes:
+            raise self.error(blk, f"cascade {name} defines no einsum")
+        last = nodes[-1]
+        operands = tuple(TensorDecl(t, "operand", tuple(S.RANKS[r] for r in rk))
+                         for t, rk in S.OPERANDS.items())
+        return Cascade(name=name, decls=operands + tuple(scope.tensors.values()),
+                       nodes=tuple(nodes), outputs=(("out", last.name),),
+                       options=tuple(scope.options.items()), source_kind="cascade")
+
+    # --- statements -------------------------------------------------------------------------
+    def _option(self, od: lark.Tree, scope: _Scope) -> None:
+        tok, num = od.children
+        name = str(tok)
+        if name in RESERVED or name in scope.options:
+            raise self.error(tok, f"option name '{name}' is "
+                             + ("reserved" if name in RESERVED else "declared twice"))
+        value = _number(num.children[0])
+        if num.data == "neg_number":
+            value = -value
+        if name in self.overrides:
+            new = self.overrides[name]
+            if isinstance(new, bool) or not isinstance(new, (int, float)):
+                raise SpecError(f"option {name} must be a number, got {new!r}",
+                                filename=self.filename)
+            if isinstance(value, sympy.Integer) and not float(new).is_integer():
+                raise SpecError(f"option {name} is an integer option, got {new!r}",
+                                filename=self.filename)
+            value = sympy.Integer(int(new)) if isinstance(value, sympy.Integer) else sympy.Float(new)
+        scope.options[name] = value
+
+    def _tensor_decl(self, td: lark.Tree, kind: str, scope: _Scope) -> TensorDecl:
+        tok, *dims = td.children
+        name = str(tok)
+        if name in RESERVED or name in scope.tensors or name in scope.options:
+            raise self.error(tok, f"tensor name '{name}' is "
+                             + ("reserved" if name in RESERVED else "already declared"))
+        sizes = []
+        for d in dims:
+            val = self.expect(d, scope, NUM, "dimension", decl=True)
+            if not val.is_integer:
+                raise self.error(d, "a dimension must be an integer expression")
+            sizes.append(val)
+        return TensorDecl(name, kind, tuple(sizes))
+
+    def _einsum(self, st: lark.Tree, scope: _Scope) -> Einsum:
+        kids = list(st.children)
+        name_tok = kids.pop(0)
+        name = str(name_tok)
+        reduction = None
+        ranks = []
+        while kids and isinstance(kids[0], lark.Token) and kids[0].type == "NAME":
+            ranks.append(kids.pop(0))
+        if kids and isinstance(kids[0], lark.Token) and kids[0].type == "REDUCTION":
+            reduction = kids.pop(0)
+        body = kids[0]
+        if name in scope.cascade_tensors or name in scope.tensors or name in RESERVED - {"QK"}:
+            raise self.error(name_tok, f"'{name}' is already defined")
+        for r in ranks:
+            if str(r) not in S.RANKS:
+                raise self.error(r, f"unknown rank '{r}'", hint="ranks are m, n, e, f")
+        out_ranks = tuple(str(r) for r in ranks)
+        if len(set(out_ranks)) != len(out_ranks):
+            raise self.error(name_tok, "a rank appears twice on the left")
+        expr = self.expect(body, scope, NUM, "einsum")
+        used = [r for r in ("m", "n", "e", "f") if S.RANKS[r] in expr.free_symbols]
+        implicit = tuple(r for r in used if r not in out_ranks)
+        op, over = "sum", implicit
+        if reduction is not None:
+            op, args = str(reduction).split("(", 1)
+            over = tuple(a.strip() for a in args.rstrip(")").split(","))
+            bad = [r for r in over if r not in S.RANKS]
+            if bad:
+                raise self.error(reduction, f"unknown rank '{bad[0]}' in reduction")
+            if set(over) != set(implicit):
+                raise self.error(reduction, f"{op}({', '.join(over)}) must reduce exactly the "
+                                 f"ranks that appear only on the right: ({', '.join(implicit)})")
+        scope.cascade_tensors[name] = out_ranks
+        return Einsum(name, out_ranks, expr, op if over else None, tuple(over))
+
+    # --- expressions ------------------------------------------------------------------------
+    def expect(self, node, scope: _Scope, kind: str, what: str, decl: bool = False):
+        val, typ = self.expr(node, scope, decl)
+        if typ != kind:
+            raise self.error(node, f"{what} must be a {kind} expression, this is a {typ}",
+                             hint="a mask is a condition like `n <= m`; a score is a number"
+                             if what in ("mask", "score") else "")
+        return val
+
+    def expr(self, node, scope: _Scope, decl: bool = False):
+        if isinstance(node, lark.Token):  # pragma: no cover - the grammar wraps tokens
+            raise self.error(node, f"unexpected token {node}")
+        rule = node.data
+        kids = node.children
+        if rule == "number":
+            return _number(kids[0]), NUM
+        if rule == "name":
+            return self._name(kids[0], scope, decl)
+        if rule == "neg":
+            return -self.expect(kids[0], scope, NUM, "operand of '-'", decl), NUM
+        if rule == "factor":  # unary plus
+            return self.expect(kids[0], scope, NUM, "operand of '+'", decl), NUM
+        if rule == "pow":
+            base = self.expect(kids[0], scope, NUM, "base", decl)
+            return base ** self.expect(kids[1], scope, NUM, "exponent", decl), NUM
+        if rule == "binop":
+            a = self.expect(kids[0], scope, NUM, f"left operand of '{kids[1]}'", decl)
+            c = self.expect(kids[2], scope, NUM, f"right operand of '{kids[1]}'", decl)
+            op = str(kids[1])
+            if op in ("/", "//", "%") and c == 0:
+                raise self.error(kids[1], "division by zero")
+            return {"+": lambda: a + c, "-": lambda: a - c, "*": lambda: a * c,
+                    "/": lambda: a / c, "//": lambda: sympy.floor(a / c),
+                    "%": lambda: sympy.Mod(a, c)}[op](), NUM
+        if rule == "compare":
+            a = self.expect(kids[0], scope, NUM, "comparison operand", decl)
+            c = self.expect(kids[2], scope, NUM, "comparison operand", decl)
+            return _COMPARE[str(kids[1])](a, c), BOOL
+        if rule in ("and_", "or_"):
+            a = self.expect(kids[0], scope, BOOL, f"operand of '{rule[:-1]}'", decl)
+            c = self.expect(kids[1], scope, BOOL, f"operand of '{rule[:-1]}'", decl)
+            return (sympy.And(a, c) if rule == "and_" else sympy.Or(a, c)), BOOL
+        if rule == "not_":
+            return sympy.Not(self.expect(kids[0], scope, BOOL, "operand of 'not'", decl)), BOOL
+        if rule == "call":
+            return self._call(node, scope, decl)
+        if rule == "access":
+            return self._access(node, scope, decl)
+        raise self.error(node, f"unsupported expression '{rule}'")  # pragma: no cover
+
+    def _name(self, tok, scope: _Scope, decl: bool):
+        name = str(tok)
+        if name in scope.options:
+            return scope.options[name], NUM
+        if name in scope.lets:
+            return scope.lets[name]
+        if decl:
+            if name in S.INDEX:
+                return S.SIZE_OF[S.INDEX[name]], NUM
+            if name in ("M", "N", "B", "H"):
+                return S.SIZES[name], NUM
+            raise self.error(tok, f"'{name}' cannot size a tensor",
+                             hint="dimensions use b, h, m, n (their extents), M, N, numbers "
+                                  "and options")
+        if name in S.INDEX or (scope.in_cascade and name in S.RANKS):
+            return (S.INDEX.get(name) or S.RANKS[name]), NUM
+        if name in ("M", "N"):
+            return S.SIZES[name], NUM
+        if name == "scale":
+            return S.scale, NUM
+        if name in ("q", "k", "v"):
+            raise self.error(tok, f"'{name}' is not a number here",
+                             hint="the query-key product is written dot(q, k)")
+        if name in scope.tensors or name in scope.cascade_tensors:
+            raise self.error(tok, f"tensor '{name}' must be indexed",
+                             hint=f"write {name}[...]")
+        if name in ("true", "false"):
+            return (sympy.true if name == "true" else sympy.false), BOOL
+        raise self.error(tok, f"unknown name '{name}'",
+                         hint="names in scope: b, h, m, n, M, N, scale, options "
+                              f"({', '.join(scope.options) or 'none'}) and declared tensors")
+
+    def _call(self, node, scope: _Scope, decl: bool):
+        tok, *args = node.children
+        fn = str(tok)
+        if fn == "dot":
+            if not scope.allow_dot:
+                raise self.error(tok, "dot(q, k) is only allowed in a score")
+            if [str(a.children[0]) if isinstance(a, lark.Tree) and a.data == "name" else None
+                    for a in args] != ["q", "k"]:
+                raise self.error(node, "dot takes exactly (q, k)")
+            return S.access("QK", S.m, S.n), NUM
+        if fn == "where":
+            if len(args) != 3:
+                raise self.error(node, f"where takes 3 arguments, got {len(args)}")
+            c = self.expect(args[0], scope, BOOL, "condition of where", decl)
+            a = self.expect(args[1], scope, NUM, "where's second argument", decl)
+            z = self.expect(args[2], scope, NUM, "where's third argument", decl)
+            return sympy.Piecewise((a, c), (z, True)), NUM
+        if fn in ("min", "max"):
+            if len(args) < 2:
+                raise self.error(node, f"{fn} takes at least 2 arguments")
+            vals = [self.expect(a, scope, NUM, f"argument of {fn}", decl) for a in args]
+            return (sympy.Min if fn == "min" else sympy.Max)(*vals), NUM
+        if fn not in _FUNCS:
+            raise self.error(tok, f"unknown function '{fn}'",
+                             hint="functions: " + ", ".join(sorted(set(_FUNCS) |
+                                                                   {"dot", "where", "min", "max"})))
+        arity, build = _FUNCS[fn]
+        if len(args) != arity:
+            raise self.error(node, f"{fn} takes {arity} argument{'s' * (arity > 1)}, "
+                                   f"got {len(args)}")
+        return build(*[self.expect(a, scope, NUM, f"argument of {fn}", decl) for a in args]), NUM
+
+    def _access(self, node, scope: _Scope, decl: bool):
+        tok, *idx = node.children
+        name = str(tok)
+        if name in scope.cascade_tensors and scope.in_cascade:
+            ranks = scope.cascade_tensors[name]
+            got = []
+            for i in idx:
+                if not (isinstance(i, lark.Tree) and i.data == "name" and str(i.children[0]) in S.RANKS):
+                    raise self.error(i, f"{name} is indexed by rank names ({', '.join(ranks)})")
+                got.append(str(i.children[0]))
+            if tuple(got) != ranks:
+                raise self.error(node, f"{name} is indexed [{', '.join(ranks)}], "
+                                       f"got [{', '.join(got)}]")
+            return S.access(name, *(S.RANKS[r] for r in ranks)), NUM
+        if name not in scope.tensors:
+            raise self.error(tok, f"unknown tensor '{name}'",
+                             hint="declare it with `param` or `input`")
+        dims = scope.tensors[name].dims
+        if len(idx) != len(dims):
+            raise self.error(node, f"{name} has {len(dims)} dimension{'s' * (len(dims) != 1)}, "
+                                   f"indexed with {len(idx)}")
+        vals = []
+        for i in idx:
+            v = self.expect(i, scope, NUM, "index", decl)
+            if not v.is_integer:
+                raise self.error(i, f"an index of {name} must be an integer expression")
+            vals.append(v)
+        return S.access(name, *vals), NUM
+
+
+def _number(tok) -> sympy.Expr:
+    text = str(tok)
+    if any(c in text for c in ".eE"):
+        return sympy.Float(text)
+    return sympy.Integer(int(text))
+
+
+def _position(node) -> tuple[int, int]:
+    if isinstance(node, lark.Token):
+        return node.line or 0, node.column or 0
+    meta = getattr(node, "meta", None)
+    if meta is not None and not meta.empty:
+        return meta.line, meta.column
+    for child in getattr(node, "children", ()):
+        pos = _position(child)
+        if pos[0]:
+            return pos
+    return 0, 0
+
+
+def lower(tree: lark.Tree, source: str, filename: str = "<spec>",
+          options: dict | None = None) -> AttentionSpec | Cascade:
+    """Lower a parsed spec; `options` override the spec's `option` defaults."""
+    return _Lowerer(source, filename, options or {}).block(tree)
