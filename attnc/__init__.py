@@ -1,1 +1,62 @@
-"""attnc: a compiler for attention variants."""
+"""attnc: a compiler for attention variants.
+
+    kernel = attnc.compile(spec_text_or_path, **options)
+    out = kernel(q, k, v, scale=None, return_lse=False, **inputs)
+    attnc.load("sliding_window", window=256); attnc.variants()
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import threading
+
+from attnc.errors import CompileError, SpecError
+
+__all__ = ["compile", "load", "variants", "Kernel", "SpecError", "CompileError", "__version__"]
+
+_MEMO: dict = {}
+_MEMO_LOCK = threading.Lock()
+
+
+def compile(spec, **options):
+    """Compile DSL text or a `.attn` path (or library name); options override `option` defaults.
+
+    Launch options `block_m`, `block_n`, `num_warps`, `num_stages` fix the tile configuration.
+    """
+    from attnc import cache
+    from attnc.pipeline import read_spec
+    from attnc.runtime import compile_spec
+
+    src = read_spec(spec)
+    memo = cache.digest(src.text, src.filename, repr(sorted(options.items())),
+                        str(cache.cache_dir()))
+    with _MEMO_LOCK:
+        if memo in _MEMO:
+            return _MEMO[memo]
+    kernel = compile_spec(src, dict(options))
+    with _MEMO_LOCK:
+        return _MEMO.setdefault(memo, kernel)
+
+
+def load(name: str, **options):
+    """Compile the library variant `variants/NAME.attn`."""
+    from attnc.library import variant_path, variants as names
+
+    if variant_path(name) is None:
+        raise ValueError(f"no library variant {name!r}; available: {', '.join(names())}")
+    return compile(name, **options)
+
+
+def variants() -> list[str]:
+    """Names of the library's variants."""
+    from attnc.library import variants as names
+
+    return names()
+
+
+def __getattr__(name):
+    if name == "Kernel":
+        from attnc.runtime import Kernel
+        return Kernel
+    raise AttributeError(name)

@@ -1,0 +1,115 @@
+"""On-disk cache of generated kernels and launch configurations.
+
+Layout under $ATTNC_CACHE_DIR (default ~/.cache/attnc):
+    kernels/<key>.py     generated Triton source; key = hash(kernel IR, codegen and tool versions)
+    configs/<key>.json   launch configuration; key = hash(kernel key, dtype, device capability)
+Files are written to a temporary name and renamed (atomic on POSIX), so concurrent writers never
+leave a torn file; the last rename wins with identical content. Generated modules are imported
+with importlib from the cache path so Triton (and tracebacks) can read their source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+CODEGEN_VERSION = "1"  # bump when generated source changes for the same kernel IR
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("ATTNC_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "attnc"
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import triton
+
+    from attnc import __version__
+    return {"attnc": __version__, "codegen": CODEGEN_VERSION, "triton": triton.__version__,
+            "torch": torch.__version__}
+
+
+def digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def kernel_path(key: str) -> Path:
+    return cache_dir() / "kernels" / f"{key}.py"
+
+
+def read_kernel(key: str) -> str | None:
+    path = kernel_path(key)
+    return path.read_text() if path.is_file() else None
+
+
+def write_kernel(key: str, text: str) -> Path:
+    path = kernel_path(key)
+    _write_atomic(path, text)
+    return path
+
+
+def read_config(key: str) -> dict | None:
+    path = cache_dir() / "configs" / f"{key}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_config(key: str, config: dict) -> None:
+    _write_atomic(cache_dir() / "configs" / f"{key}.json", json.dumps(config, sort_keys=True))
+
+
+def import_kernel(key: str):
+    """Import kernels/<key>.py as module attnc_generated_<key>, once per process."""
+    name = f"attnc_generated_{key[:24]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, kernel_path(key))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def info() -> dict:
+    root = cache_dir()
+    files = [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+    return {"path": str(root), "kernels": sum(p.suffix == ".py" for p in files),
+            "configs": sum(p.suffix == ".json" for p in files),
+            "bytes": sum(p.stat().st_size for p in files)}
+
+
+def clear() -> int:
+    """Remove cached kernels and configs; returns how many files were removed."""
+    removed = 0
+    for sub in ("kernels", "configs"):
+        d = cache_dir() / sub
+        if d.exists():
+            for p in d.iterdir():
+                if p.is_file():
+                    p.unlink()
+                    removed += 1
+    return removed

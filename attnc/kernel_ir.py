@@ -1,0 +1,60 @@
+"""Kernel IR: one fused attention kernel, backend-neutral.
+
+A program owns one query tile (BLOCK_M rows) of one (b, h). It loads its q tile, then the `loads`
+that depend only on (b, h) ("program") or on the row ("row"), walks the key tiles of each
+`segments` entry (masked tiles, then full tiles without evaluating the mask, then masked tiles),
+updating the running max/sum/accumulator of the normalizer, and stores out and lse. Key-dependent
+loads ("key", "tile") happen inside the key loop. Expressions are sympy over qk, b, h, m, n, M,
+N, scale and the load symbols; tile sizes are symbolic and chosen at launch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from attnc.ir import KeySegment, Schedule, TensorDecl
+
+
+@dataclass(frozen=True)
+class Load:
+    name: str  # the symbol expressions use for the loaded value
+    tensor: str
+    index: tuple[sympy.Expr, ...]
+    level: str  # "program" | "row" | "key" | "tile"
+
+    def __str__(self) -> str:
+        return f"{self.name} = load {self.tensor}[{', '.join(map(str, self.index))}]  ({self.level})"
+
+
+@dataclass(frozen=True)
+class AttentionKernel:
+    name: str
+    inputs: tuple[TensorDecl, ...]  # params and inputs, in call order
+    loads: tuple[Load, ...]
+    score: sympy.Expr
+    mask: sympy.Expr | None
+    segments: tuple[KeySegment, ...]
+    exact_bounds: bool
+    schedule: Schedule
+    normalizer: str = "softmax"
+
+
+def format_kernel(k: AttentionKernel) -> str:
+    """Deterministic listing of a kernel (the `kernel` stage of `attnc show`)."""
+    lines = [f"kernel {k.name}",
+             f"  {k.schedule}",
+             f"  inputs: {', '.join(str(d) for d in k.inputs) or 'none'}"]
+    for level in ("program", "row", "key", "tile"):
+        for ld in k.loads:
+            if ld.level == level:
+                lines.append(f"  {ld}")
+    lines.append("  for each query tile [m_lo, m_hi]:")
+    for i, seg in enumerate(k.segments):
+        lines.append(f"    segment {i}: {seg}")
+    lines.append(f"    per key tile: s = {k.score}")
+    lines.append(f"    masked tiles: s = where({k.mask if k.mask is not None else 'n < N'}, s, -oo)")
+    lines.append(f"    normalizer: {k.normalizer} (online: running max, sum, rescaled acc)")
+    lines.append("  store out = acc / l (0 when no key is visible), lse = max + log(l) (-oo)")
+    return "\n".join(lines) + "\n"

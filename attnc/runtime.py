@@ -1,0 +1,239 @@
+"""Compiled kernels as callables and torch ops.
+
+`compile_spec` runs the pipeline, fetches (or generates and caches) the Triton source, and wraps
+the kernel in a `torch.library.custom_op` with a fake implementation, so it works under
+`torch.compile(fullgraph=True)`. `Kernel.__call__` validates every argument and says which one is
+wrong and what was expected.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+
+import sympy
+import torch
+
+import attnc.backends.triton as triton_backend
+from attnc import cache
+from attnc import symbols as S
+from attnc.kernel_ir import AttentionKernel
+from attnc.passes.mask_bounds import monotone
+from attnc.pipeline import Source, format_ir, frontend, run_passes
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAUNCH_OPTIONS = ("block_m", "block_n", "num_warps", "num_stages")
+_OPS: dict[str, object] = {}
+_LOCK = threading.Lock()
+
+
+class Kernel:
+    """A compiled attention variant: `kernel(q, k, v, *, scale=None, return_lse=False, **inputs)`."""
+
+    def __init__(self, src: Source, frontend_ir, trail, key: str, source: str,
+                 cache_hit: bool, launch_overrides: dict):
+        self.name = trail[-1][1].name
+        self.spec = src
+        self.kernel_ir: AttentionKernel = trail[-1][1]
+        self.key = key
+        self.source = source
+        self.cache_hit = cache_hit
+        self._frontend_ir = frontend_ir
+        self._trail = trail
+        self._overrides = launch_overrides
+        self._fn = None
+        self._configs: dict = {}
+        self.inputs = tuple(d.name for d in self.kernel_ir.inputs)
+        self._op = _make_op(self)
+        self._checks = _index_checks(self.kernel_ir)
+
+    def __repr__(self) -> str:
+        extra = f", inputs={list(self.inputs)}" if self.inputs else ""
+        return f"attnc.Kernel({self.name!r}{extra})"
+
+    def ir(self, stage: str = "kernel") -> str:
+        """The IR after a stage (see attnc.pipeline.STAGES), printed."""
+        if stage == "triton":
+            return self.source
+        if stage == "cascade":
+            return format_ir(self._frontend_ir)
+        if stage == "kernel":
+            return format_ir(self.kernel_ir)
+        for name, ir in self._trail:
+            if name == stage:
+                return format_ir(ir)
+        from attnc.pipeline import show
+        return show(self.spec, stage)
+
+    # --- running ----------------------------------------------------------------------------
+    def _function(self):
+        if self._fn is None:
+            module = cache.import_kernel(self.key)
+            from attnc.backends.triton.codegen import kernel_names
+            self._fn = getattr(module, kernel_names(self.kernel_ir)[0])
+        return self._fn
+
+    def config(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+        """Launch configuration for these operands, persisted per (dtype, device capability)."""
+        from attnc.backends.triton.launcher import default_config
+        cap = (torch.cuda.get_device_capability(q.device) if q.is_cuda else "interpreter")
+        key = cache.digest(self.key, str(q.dtype), str(cap), str(q.shape[-1]), str(v.shape[-1]),
+                           repr(sorted(self._overrides.items())))
+        if key not in self._configs:
+            cfg = cache.read_config(key)
+            if cfg is None:
+                cfg = default_config(q.shape[-1], v.shape[-1], q.dtype, q.device)
+                cfg.update({k.upper() if k.startswith("block") else k: v
+                            for k, v in self._overrides.items()})
+                cache.write_config(key, cfg)
+            self._configs[key] = cfg
+        return self._configs[key]
+
+    def __call__(self, q, k, v, *, scale=None, return_lse=False, **inputs):
+        extras = self._validate(q, k, v, scale, inputs)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        out, lse = self._op(q, k, v, extras, scale)
+        return (out, lse) if return_lse else out
+
+    def _validate(self, q, k, v, scale, inputs) -> list[torch.Tensor]:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{self.name}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{self.name}: {name} must be 4-D [B, H, {'M' if name == 'q' else 'N'}, "
+                                 f"{'Dv' if name == 'v' else 'D'}], got shape {tuple(t.shape)}")
+            if t.dtype not in DTYPES:
+                raise ValueError(f"{self.name}: {name} has dtype {t.dtype}; expected float32, "
+                                 "float16 or bfloat16")
+            if t.device != q.device:
+                raise ValueError(f"{self.name}: {name} is on {t.device}, q is on {q.device}")
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise ValueError(f"{self.name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "
+                             f"{v.dtype}")
+        B, H, M, D = q.shape
+        if k.shape[0] != B or v.shape[0] != B:
+            raise ValueError(f"{self.name}: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+        if k.shape[1] != v.shape[1]:
+            raise ValueError(f"{self.name}: k and v must have the same number of heads, got "
+                             f"{k.shape[1]} and {v.shape[1]}")
+        if k.shape[1] == 0 or H % k.shape[1]:
+            raise ValueError(f"{self.name}: q heads ({H}) must be a multiple of k/v heads "
+                             f"({k.shape[1]}) for GQA/MQA")
+        if k.shape[2] != v.shape[2]:
+            raise ValueError(f"{self.name}: k and v must have the same length, got {k.shape[2]} "
+                             f"and {v.shape[2]}")
+        if k.shape[3] != D:
+            raise ValueError(f"{self.name}: k head dim {k.shape[3]} differs from q head dim {D}")
+        for name, d in (("q/k head dim D", D), ("v head dim Dv", v.shape[3])):
+            if not 1 <= d <= 256:
+                raise ValueError(f"{self.name}: {name} is {d}; supported 1..256")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+            raise ValueError(f"{self.name}: scale must be a Python number or None, got {scale!r}")
+        interp = triton_backend.interpreting()
+        if q.device.type == "cpu" and not interp:
+            raise ValueError(f"{self.name}: tensors are on the CPU but this process runs Triton "
+                             "natively; use CUDA tensors, or set TRITON_INTERPRET=1 before "
+                             "importing attnc to run on the CPU through Triton's interpreter")
+        if q.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{self.name}: device {q.device} is not supported (cuda or cpu)")
+        unknown = sorted(set(inputs) - set(self.inputs))
+        if unknown:
+            raise ValueError(f"{self.name}: unexpected input {unknown[0]!r}; this kernel takes "
+                             f"{', '.join(self.inputs) or 'no extra inputs'}")
+        sizes = {S.B: B, S.H: H, S.M: M, S.N: k.shape[2]}
+        extras = []
+        for decl in self.kernel_ir.inputs:
+            if decl.name not in inputs:
+                raise ValueError(f"{self.name}: missing {decl.kind} {decl.name!r} "
+                                 f"(shape [{', '.join(map(str, decl.dims))}])")
+            t = inputs[decl.name]
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{self.name}: {decl.name} must be a torch.Tensor")
+            want = tuple(int(sympy.sympify(d).xreplace(sizes)) for d in decl.dims)
+            if tuple(t.shape) != want:
+                raise ValueError(f"{self.name}: {decl.name} has shape {tuple(t.shape)}, expected "
+                                 f"{want} ([{', '.join(map(str, decl.dims))}])")
+            if t.device != q.device:
+                raise ValueError(f"{self.name}: {decl.name} is on {t.device}, q is on {q.device}")
+            if decl.kind == "param" and not t.is_floating_point():
+                raise ValueError(f"{self.name}: param {decl.name} must be floating point, got {t.dtype}")
+            if t.is_complex():
+                raise ValueError(f"{self.name}: {decl.name} must be real, got {t.dtype}")
+            extras.append(t.to(torch.uint8) if t.dtype == torch.bool else t)
+        for load, dim, fn, extent in self._checks:
+            lo, hi = _index_range(fn, {"B": B, "H": H, "M": M, "N": k.shape[2]})
+            size = int(sympy.sympify(extent).xreplace(sizes))
+            if min(M, k.shape[2]) > 0 and (lo < 0 or hi >= size):
+                raise ValueError(
+                    f"{self.name}: index {dim} of {load.tensor} ({load.index[dim]}) ranges over "
+                    f"[{lo}, {hi}] for these shapes but the dimension has size {size}; clamp the "
+                    "index in the spec (e.g. clamp(x, 0, size - 1))")
+        return extras
+
+
+def _index_checks(k: AttentionKernel):
+    """Index expressions monotone in each of b, h, m, n: their range is set by box corners."""
+    checks = []
+    decls = {d.name: d for d in k.inputs}
+    for ld in k.loads:
+        for dim, ix in enumerate(ld.index):
+            if all(monotone(sympy.sympify(ix), s) is not None for s in (S.b, S.h, S.m, S.n)):
+                fn = sympy.lambdify((S.b, S.h, S.m, S.n, S.B, S.H, S.M, S.N), ix, "math")
+                checks.append((ld, dim, fn, decls[ld.tensor].dims[dim]))
+    return checks
+
+
+def _index_range(fn, size: dict) -> tuple[int, int]:
+    corners = itertools.product((0, size["B"] - 1), (0, size["H"] - 1), (0, size["M"] - 1),
+                                (0, size["N"] - 1))
+    vals = [math.floor(fn(b, h, m, n, size["B"], size["H"], size["M"], size["N"]))
+            for b, h, m, n in corners]
+    return min(vals), max(vals)
+
+
+def _make_op(kernel: Kernel):
+    """Register `attnc::<name>_<hash>` once per process."""
+    name = f"attnc::{kernel.name}_{kernel.key[:12]}"
+    with _LOCK:
+        if name in _OPS:
+            return _OPS[name]
+
+        def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    extras: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+            from attnc.backends.triton.launcher import launch
+            return launch(kernel._function(), q, k, v, list(extras), scale, kernel.config(q, k, v))
+
+        op = torch.library.custom_op(name, forward, mutates_args=())
+
+        @op.register_fake
+        def _(q, k, v, extras, scale):
+            B, H, M, _ = q.shape
+            return (q.new_empty(B, H, M, v.shape[-1]),
+                    q.new_empty(B, H, M, dtype=torch.float32))
+
+        _OPS[name] = op
+        return op
+
+
+def compile_spec(src: Source, options: dict) -> Kernel:
+    from attnc.backends.triton.codegen import generate
+
+    launch_overrides = {k: options.pop(k) for k in LAUNCH_OPTIONS if k in options}
+    for k, v in launch_overrides.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or (
+                k.startswith("block") and (v < 16 or v & (v - 1))):
+            raise ValueError(f"{k} must be " + ("a power of two >= 16" if k.startswith("block")
+                                                else "a positive integer") + f", got {v!r}")
+    _, ir = frontend(src, options)
+    trail = run_passes(ir)
+    kernel_ir = trail[-1][1]
+    key = cache.digest(repr(kernel_ir), repr(sorted(cache.versions().items())), "triton")
+    text = cache.read_kernel(key)
+    hit = text is not None
+    if not hit:
+        header = (f"Generated by attnc from {src.filename} ({kernel_ir.name}); "
+                  f"key {key[:16]}. Regenerate with `attnc compile`.")
+        text = generate(kernel_ir, header=header)
+        cache.write_kernel(key, text)
+    return Kernel(src, ir, trail, key, text, hit, launch_overrides)

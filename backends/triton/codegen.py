@@ -1,0 +1,216 @@
+"""Generate Triton source for an AttentionKernel.
+
+The source is built statement by statement with a small CodeBuilder (no template with holes):
+a header, the helpers the expressions need, a key-tile step function (`MASKED` is a constexpr,
+so full tiles compile without the mask), and the program that walks the key segments. The text
+depends only on the kernel IR, so it is shared by every dtype and device; dtype-dependent choices
+are constexprs picked at launch.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import sympy
+
+from attnc import symbols as S
+from attnc.kernel_ir import AttentionKernel
+from attnc.backends.triton.printer import HELPERS, TritonPrinter
+
+TILE_NAMES = {S.m: "offs_m[:, None]", S.n: "offs_n[None, :]", S.qk: "qk"}
+
+
+class CodeBuilder:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.depth = 0
+
+    def __call__(self, text: str = "") -> None:
+        self.lines.append(("    " * self.depth + text) if text else "")
+
+    @contextmanager
+    def block(self, header: str):
+        self(header)
+        self.depth += 1
+        yield
+        self.depth -= 1
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def kernel_names(k: AttentionKernel) -> tuple[str, str]:
+    return f"attnc_{k.name}_fwd", f"_attnc_{k.name}_step"
+
+
+def _ptr_args(k: AttentionKernel) -> list[str]:
+    return [d.name for d in k.inputs]
+
+
+def _stride_args(k: AttentionKernel) -> list[str]:
+    return [f"{d.name}_s{i}" for d in k.inputs for i in range(len(d.dims))]
+
+
+def _load_stmt(ld, k: AttentionKernel, pr: TritonPrinter) -> str:
+    decl = next(d for d in k.inputs if d.name == ld.tensor)
+    idx = [pr(i) for i in ld.index]
+    addr = " + ".join([ld.tensor] + [f"{i} * {ld.tensor}_s{j}" for j, i in enumerate(idx)])
+    inside = " & ".join(f"({i} >= 0) & ({i} < {pr(d)})" for i, d in zip(idx, decl.dims))
+    cast = ".to(tl.float32)" if decl.kind == "param" else ""
+    return f"{ld.name} = tl.load({addr}, mask={inside}, other=0){cast}"
+
+
+def generate(k: AttentionKernel, header: str = "") -> str:
+    pr = TritonPrinter(dict(TILE_NAMES))
+    body = CodeBuilder()
+    _emit_step(body, k, pr)
+    body()
+    body()
+    _emit_program(body, k, pr)
+    out = CodeBuilder()
+    out(f'"""{header or "attnc kernel"}"""')
+    out("import triton")
+    out("import triton.language as tl")
+    out()
+    for name in ("_floor_div", "_floor_mod", "_tanh", "_softplus", "_pow"):
+        if name in pr.helpers:
+            out()
+            for line in HELPERS[name].rstrip("\n").split("\n"):
+                out(line)
+            out()
+    out()
+    return out.text() + body.text()
+
+
+def _row_and_program_loads(k: AttentionKernel) -> list[str]:
+    return [ld.name for ld in k.loads if ld.level in ("program", "row")]
+
+
+def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
+    _, step = kernel_names(k)
+    inner = [ld for ld in k.loads if ld.level in ("key", "tile")]
+    tensors = sorted({ld.tensor for ld in inner})
+    strides = [f"{d.name}_s{i}" for d in k.inputs if d.name in tensors for i in range(len(d.dims))]
+    args = (["acc", "l_i", "m_i", "q", "k_base", "v_base", "start_n", "offs_m", "offs_d", "offs_dv",
+             "stride_kn", "stride_kd", "stride_vn", "stride_vd", "b", "h", "B", "H", "M", "N",
+             "D", "DV", "scale"] + _row_and_program_loads(k) + tensors + strides
+            + ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "MASKED: tl.constexpr", "IEEE: tl.constexpr",
+               "UPCAST: tl.constexpr"])
+    c("@triton.jit")
+    with c.block(f"def {step}(" + ", ".join(args) + "):"):
+        c('"""One key tile: scores, optional mask, online-softmax update."""')
+        c("offs_n = start_n + tl.arange(0, BLOCK_N)")
+        c("kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd")
+        c("v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd")
+        with c.block("if MASKED:"):
+            c("kt = tl.load(kt_ptrs, mask=(offs_n[None, :] < N) & (offs_d[:, None] < D), other=0.0)")
+            c("v = tl.load(v_ptrs, mask=(offs_n[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)")
+        with c.block("else:"):
+            c("kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)")
+            c("v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)")
+        c("# the interpreter's low-precision tl.dot is unreliable: it multiplies in fp32, which")
+        c("# is exact for fp16/bf16 products, so results match the compiled path")
+        with c.block("if UPCAST:"):
+            c("qk = tl.dot(q.to(tl.float32), kt.to(tl.float32))")
+        with c.block("elif IEEE:"):
+            c('qk = tl.dot(q, kt, input_precision="ieee")')
+        with c.block("else:"):
+            c("qk = tl.dot(q, kt)")
+        for ld in inner:
+            c(_load_stmt(ld, k, pr))
+        if k.score.has(S.qk):
+            c(f"s = {pr(k.score)}")
+        else:  # a score without q.k still needs the tile's shape
+            c(f"s = {pr(k.score)} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32)")
+        with c.block("if MASKED:"):
+            visible = "offs_n[None, :] < N"
+            if k.mask is not None:
+                visible = f"({visible}) & {pr(k.mask)}"
+            c(f"s = tl.where({visible}, s, float(\"-inf\"))")
+        c("m_new = tl.maximum(m_i, tl.max(s, 1))")
+        c("# rows that have seen no visible key keep max -inf; shift by 0 there to avoid inf - inf")
+        c('m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)')
+        c("p = tl.exp(s - m_safe[:, None])")
+        c("alpha = tl.exp(m_i - m_safe)")
+        c("l_i = l_i * alpha + tl.sum(p, 1)")
+        with c.block("if UPCAST:"):
+            c("pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))")
+        with c.block("elif IEEE:"):
+            c('pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")')
+        with c.block("else:"):
+            c("pv = tl.dot(p.to(v.dtype), v)")
+        c("acc = acc * alpha[:, None] + pv")
+        c("return acc, l_i, m_new")
+
+
+def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
+    fwd, step = kernel_names(k)
+    args = (["Q", "K", "V", "Out", "Lse"] + _ptr_args(k)
+            + ["stride_qb", "stride_qh", "stride_qm", "stride_qd",
+               "stride_kb", "stride_kh", "stride_kn", "stride_kd",
+               "stride_vb", "stride_vh", "stride_vn", "stride_vd",
+               "stride_ob", "stride_oh", "stride_om", "stride_od"]
+            + _stride_args(k)
+            + ["B", "H", "M", "N", "D", "DV", "GROUP", "scale",
+               "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
+               "BLOCK_DV: tl.constexpr", "IEEE: tl.constexpr", "UPCAST: tl.constexpr"])
+    scalar = TritonPrinter({})
+    c("@triton.jit")
+    with c.block(f"def {fwd}(" + ", ".join(args) + "):"):
+        c(f'"""{k.name}: softmax attention forward; one program per (query tile, b * h)."""')
+        c("pid_m = tl.program_id(0)")
+        c("pid_bh = tl.program_id(1)")
+        c("b = pid_bh // H")
+        c("h = pid_bh % H")
+        c("kvh = h // GROUP")
+        c("m_lo = pid_m * BLOCK_M")
+        c("m_hi = tl.minimum(m_lo + BLOCK_M, M) - 1")
+        c("zero = m_lo * 0  # a runtime integer, so bound arithmetic never folds to constants")
+        c("offs_m = m_lo + tl.arange(0, BLOCK_M)")
+        c("offs_d = tl.arange(0, BLOCK_D)")
+        c("offs_dv = tl.arange(0, BLOCK_DV)")
+        c("q_ptrs = (Q + b.to(tl.int64) * stride_qb + h * stride_qh")
+        c("          + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)")
+        c("q = tl.load(q_ptrs, mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)")
+        c("k_base = K + b.to(tl.int64) * stride_kb + kvh * stride_kh")
+        c("v_base = V + b.to(tl.int64) * stride_vb + kvh * stride_vh")
+        for ld in k.loads:
+            if ld.level in ("program", "row"):
+                c(_load_stmt(ld, k, pr))
+        c('m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)')
+        c("l_i = tl.zeros([BLOCK_M], tl.float32)")
+        c("acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)")
+        inner = [ld for ld in k.loads if ld.level in ("key", "tile")]
+        tensors = sorted({ld.tensor for ld in inner})
+        strides = [f"{d.name}_s{i}" for d in k.inputs if d.name in tensors for i in range(len(d.dims))]
+        call_args = (["acc", "l_i", "m_i", "q", "k_base", "v_base", "start_n", "offs_m", "offs_d",
+                      "offs_dv", "stride_kn", "stride_kd", "stride_vn", "stride_vd", "b", "h", "B",
+                      "H", "M", "N", "D", "DV", "scale"] + _row_and_program_loads(k) + tensors
+                     + strides + ["BLOCK_M", "BLOCK_N"])
+        c("prev_end = zero")
+        for i, seg in enumerate(k.segments):
+            c(f"# segment {i}: keys [{seg.lo}, {seg.hi}), every row sees [{seg.full_lo}, {seg.full_hi})")
+            c(f"lo = tl.minimum(tl.maximum({scalar(seg.lo)} + zero, 0), N)")
+            c(f"hi = tl.minimum(tl.maximum({scalar(seg.hi)} + zero, 0), N)")
+            c(f"flo = tl.minimum(tl.maximum({scalar(seg.full_lo)} + zero, lo), hi)")
+            c(f"fhi = tl.minimum(tl.maximum({scalar(seg.full_hi)} + zero, flo), hi)")
+            c("t0 = tl.maximum(lo // BLOCK_N * BLOCK_N, prev_end)")
+            c("t3 = tl.maximum((hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N, t0)")
+            c("t1 = tl.minimum(tl.maximum((flo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, t0), t3)")
+            c("t2 = tl.maximum(tl.minimum(fhi // BLOCK_N * BLOCK_N, t3), t1)")
+            for lo_name, hi_name, masked in (("t0", "t1", True), ("t1", "t2", False),
+                                             ("t2", "t3", True)):
+                with c.block(f"for start_n in range({lo_name}, {hi_name}, BLOCK_N):"):
+                    c(f"acc, l_i, m_i = {step}(" + ", ".join(call_args)
+                      + f", MASKED={masked}, IEEE=IEEE, UPCAST=UPCAST)")
+            c("prev_end = t3")
+        c("empty = l_i == 0.0")
+        c("l_safe = tl.where(empty, 1.0, l_i)")
+        c("out = acc / l_safe[:, None]")
+        c('lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))')
+        c("o_ptrs = (Out + b.to(tl.int64) * stride_ob + h * stride_oh")
+        c("          + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)")
+        c("tl.store(o_ptrs, out.to(Out.dtype.element_ty), "
+          "mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))")
+        c("tl.store(Lse + pid_bh.to(tl.int64) * M + offs_m, lse, mask=offs_m < M)")
+    pr.helpers |= scalar.helpers

@@ -1,0 +1,161 @@
+"""Print sympy expressions as Triton expressions.
+
+`names` maps symbols to Triton text (m -> "offs_m[:, None]" inside a tile, "m_lo" stays itself in
+scalar bound expressions). Integer floor division and modulo go through helpers that are correct
+whether the backend's `//` truncates (compiled Triton) or floors (the interpreter). Helpers a
+printed expression needs are collected in `helpers` so the code generator emits only those.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from attnc import symbols as S
+
+_CALLS = {sympy.exp: "tl.exp", sympy.log: "tl.log", sympy.Abs: "tl.abs", sympy.sin: "tl.sin",
+          sympy.cos: "tl.cos", S.sigmoid: "tl.sigmoid"}
+_HELPER_CALLS = {sympy.tanh: "_tanh", S.softplus: "_softplus"}
+_REL = {sympy.Lt: "<", sympy.Le: "<=", sympy.Gt: ">", sympy.Ge: ">=", sympy.Eq: "==",
+        sympy.Ne: "!="}
+
+HELPERS = {
+    "_floor_div": '''@triton.jit
+def _floor_div(a, b):
+    # floor(a / b) whether `//` truncates (compiled) or floors (interpreter)
+    q = a // b
+    r = a - q * b
+    return q - ((r != 0) & ((r < 0) != (b < 0))).to(q.dtype)
+''',
+    "_floor_mod": '''@triton.jit
+def _floor_mod(a, b):
+    return a - _floor_div(a, b) * b
+''',
+    "_tanh": '''@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+''',
+    "_softplus": '''@triton.jit
+def _softplus(x):
+    # log(1 + exp(x)) without overflow for large x
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+''',
+    "_pow": '''@triton.jit
+def _pow(x, y):
+    return tl.exp2(y * tl.log2(x))
+''',
+}
+HELPER_DEPS = {"_floor_mod": ("_floor_div",)}
+
+
+class TritonPrinter:
+    def __init__(self, names: dict):
+        self.names = names
+        self.helpers: set[str] = set()
+
+    def use(self, helper: str) -> str:
+        self.helpers.add(helper)
+        self.helpers.update(HELPER_DEPS.get(helper, ()))
+        return helper
+
+    def __call__(self, ex) -> str:
+        return self.p(sympy.sympify(ex))
+
+    def p(self, ex) -> str:
+        if ex is sympy.true:
+            return "True"
+        if ex is sympy.false:
+            return "False"
+        if ex in self.names:
+            return self.names[ex]
+        if ex.is_Symbol:
+            return ex.name
+        if ex == sympy.oo:
+            return 'float("inf")'
+        if ex == -sympy.oo:
+            return 'float("-inf")'
+        if ex.is_Integer:
+            return str(int(ex))
+        if ex.is_Rational:
+            return repr(float(ex))
+        if ex.is_Float:
+            return repr(float(ex))
+        if ex.is_Add:
+            terms = sympy.Add.make_args(ex)
+            text = self.p(terms[0])
+            for t in terms[1:]:
+                coeff, rest = t.as_coeff_Mul()
+                if coeff.is_Number and coeff < 0:
+                    text += f" - {self._wrap(-t)}"
+                else:
+                    text += f" + {self._wrap(t)}"
+            return f"({text})"
+        if ex.is_Mul:
+            return self._mul(ex)
+        if ex.is_Pow:
+            return self._pow(ex)
+        if isinstance(ex, sympy.floor):
+            num, den = ex.args[0].as_numer_denom()
+            return f"{self.use('_floor_div')}({self.p(num)}, {self.p(den)})"
+        if isinstance(ex, sympy.ceiling):
+            num, den = ex.args[0].as_numer_denom()
+            return f"(-{self.use('_floor_div')}({self.p(-num)}, {self.p(den)}))"
+        if isinstance(ex, sympy.Mod):
+            return f"{self.use('_floor_mod')}({self.p(ex.args[0])}, {self.p(ex.args[1])})"
+        if isinstance(ex, (sympy.Min, sympy.Max)):
+            fn = "tl.minimum" if isinstance(ex, sympy.Min) else "tl.maximum"
+            args = sorted(ex.args, key=sympy.default_sort_key)
+            text = self.p(args[-1])
+            for a in reversed(args[:-1]):
+                text = f"{fn}({self.p(a)}, {text})"
+            return text
+        if isinstance(ex, sympy.Piecewise):
+            text = self.p(ex.args[-1][0])
+            for value, cond in reversed(ex.args[:-1]):
+                text = f"tl.where({self.p(cond)}, {self.p(value)}, {text})"
+            return text
+        if ex.func in _REL:
+            return f"({self.p(ex.lhs)} {_REL[ex.func]} {self.p(ex.rhs)})"
+        if isinstance(ex, (sympy.And, sympy.Or)):
+            op = " & " if isinstance(ex, sympy.And) else " | "
+            return "(" + op.join(self.p(a) for a in sorted(ex.args, key=sympy.default_sort_key)) + ")"
+        if isinstance(ex, sympy.Not):
+            return f"(~{self.p(ex.args[0])})"
+        if ex.func in _CALLS:
+            return f"{_CALLS[ex.func]}({self.p(ex.args[0])})"
+        if ex.func in _HELPER_CALLS:
+            return f"{self.use(_HELPER_CALLS[ex.func])}({self.p(ex.args[0])})"
+        raise NotImplementedError(f"no Triton spelling for {ex.func.__name__} in {ex}")
+
+    def _wrap(self, ex) -> str:
+        return self.p(ex)
+
+    def _mul(self, ex) -> str:
+        coeff, rest = ex.as_coeff_Mul()
+        if coeff == -1:
+            return f"(-{self.p(rest)})"
+        num, den = [], []
+        for f in sympy.Mul.make_args(ex):
+            if f.is_Pow and f.exp.is_Number and f.exp < 0:
+                den.append(f.base if f.exp == -1 else f.base ** -f.exp)
+            elif f.is_Rational and not f.is_Integer:
+                num.append(f)
+            else:
+                num.append(f)
+        text = " * ".join(self.p(f) for f in num) if num else "1.0"
+        for d in den:
+            text = f"{text} / {self.p(d)}"
+        return f"({text})"
+
+    def _pow(self, ex) -> str:
+        base, exp = ex.args
+        if exp == sympy.Rational(1, 2):
+            return f"tl.sqrt({self.p(base)})"
+        if exp == -1:
+            return f"(1.0 / {self.p(base)})"
+        if exp.is_Integer and 0 < exp <= 4:
+            b = self.p(base)
+            return "(" + " * ".join([b] * int(exp)) + ")"
+        if exp.is_Integer and -4 <= exp < 0:
+            b = self.p(base)
+            return "(1.0 / (" + " * ".join([b] * int(-exp)) + "))"
+        return f"{self.use('_pow')}({self.p(base)}, {self.p(exp)})"

@@ -1,0 +1,28 @@
+"""tile: schedule a one-pass cascade as a grid over (b, h, query tiles) with a sequential loop
+over key tiles. Refuses (CompileError) a cascade that still needs more than one pass over n,
+since its intermediates would have to be materialized between passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from attnc.errors import CompileError
+from attnc.ir import Cascade, OnlineSoftmax, Schedule
+from attnc.passes import pass_count
+
+NAME = "tile"
+
+
+def run(c: Cascade) -> Cascade:
+    passes = pass_count.count(c)
+    if passes > 1:
+        raise CompileError(
+            f"{c.name}: the cascade needs {passes} passes over n after rewriting; attnc fuses "
+            "one-pass cascades only. A softmax written as max / exp / sum / divide over a score "
+            "tensor is rewritten to one pass; other multi-pass forms are not supported yet")
+    if not any(isinstance(nd, OnlineSoftmax) for nd in c.nodes):
+        raise CompileError(f"{c.name}: no softmax over n found; attnc compiles softmax attention "
+                           "(GM = max(n) x, SN = exp(x - GM), SD = sum(n) SN, A = SN/SD, "
+                           "AV = sum(n) A*V)")
+    return replace(c, schedule=Schedule())
