@@ -10,6 +10,7 @@ with importlib from the cache path so Triton (and tracebacks) can read their sou
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -18,7 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-CODEGEN_VERSION = "1"  # bump when generated source changes for the same kernel IR
 
 
 def cache_dir() -> Path:
@@ -31,8 +31,15 @@ def versions() -> dict[str, str]:
     import triton
 
     from attnc import __version__
-    return {"attnc": __version__, "codegen": CODEGEN_VERSION, "triton": triton.__version__,
+    return {"attnc": __version__, "codegen": codegen_fingerprint(), "triton": triton.__version__,
             "torch": torch.__version__}
+
+
+@functools.lru_cache(maxsize=1)
+def codegen_fingerprint() -> str:
+    """Hash of the code generator's own source: a generator change invalidates old kernels."""
+    from attnc.backends.triton import codegen, printer
+    return digest(*(Path(m.__file__).read_text() for m in (codegen, printer)))[:16]
 
 
 def digest(*parts: str) -> str:

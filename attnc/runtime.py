@@ -161,8 +161,8 @@ class Kernel:
             if t.is_complex():
                 raise ValueError(f"{self.name}: {decl.name} must be real, got {t.dtype}")
             extras.append(t.to(torch.uint8) if t.dtype == torch.bool else t)
-        for load, dim, fn, extent in self._checks:
-            lo, hi = _index_range(fn, {"B": B, "H": H, "M": M, "N": k.shape[2]})
+        for load, dim, fn, extent, at_corners in self._checks:
+            lo, hi = _index_range(fn, {"B": B, "H": H, "M": M, "N": k.shape[2]}, at_corners)
             size = int(sympy.sympify(extent).xreplace(sizes))
             if min(M, k.shape[2]) > 0 and (lo < 0 or hi >= size):
                 raise ValueError(
@@ -178,15 +178,23 @@ def _index_checks(k: AttentionKernel):
     decls = {d.name: d for d in k.inputs}
     for ld in k.loads:
         for dim, ix in enumerate(ld.index):
-            if all(monotone(sympy.sympify(ix), s) is not None for s in (S.b, S.h, S.m, S.n)):
+            ix = sympy.sympify(ix)
+            corners = all(monotone(ix, s) is not None for s in (S.b, S.h, S.m, S.n))
+            if corners or not (ix.has(S.m) or ix.has(S.n)):
                 fn = sympy.lambdify((S.b, S.h, S.m, S.n, S.B, S.H, S.M, S.N), ix, "math")
-                checks.append((ld, dim, fn, decls[ld.tensor].dims[dim]))
+                checks.append((ld, dim, fn, decls[ld.tensor].dims[dim], corners))
     return checks
 
 
-def _index_range(fn, size: dict) -> tuple[int, int]:
-    corners = itertools.product((0, size["B"] - 1), (0, size["H"] - 1), (0, size["M"] - 1),
-                                (0, size["N"] - 1))
+def _index_range(fn, size: dict, corners: bool) -> tuple[int, int]:
+    """Range of an index over the valid box: at the corners when it is monotone in every
+    variable, else (it depends on b and h only) over every (b, h)."""
+    if corners:
+        points = itertools.product((0, size["B"] - 1), (0, size["H"] - 1), (0, size["M"] - 1),
+                                   (0, size["N"] - 1))
+    else:
+        points = itertools.product(range(size["B"]), range(size["H"]), (0,), (0,))
+    corners = points
     vals = [math.floor(fn(b, h, m, n, size["B"], size["H"], size["M"], size["N"]))
             for b, h, m, n in corners]
     return min(vals), max(vals)

@@ -55,9 +55,14 @@ def _load_stmt(ld, k: AttentionKernel, pr: TritonPrinter) -> str:
     decl = next(d for d in k.inputs if d.name == ld.tensor)
     idx = [pr(i) for i in ld.index]
     addr = " + ".join([ld.tensor] + [f"{i} * {ld.tensor}_s{j}" for j, i in enumerate(idx)])
-    inside = " & ".join(f"({i} >= 0) & ({i} < {pr(d)})" for i, d in zip(idx, decl.dims))
+    # Padding rows/keys may index out of range, so dims indexed by m or n are bounds-checked.
+    # Dims indexed by b and h alone are validated at call time (attnc.runtime); checking them
+    # here would mix scalar and tensor masks, which Triton's interpreter rejects.
+    checks = [f"({i} >= 0) & ({i} < {pr(d)})" for i, d, ix in zip(idx, decl.dims, ld.index)
+              if ld.level == "program" or ix.has(S.m) or ix.has(S.n)]
+    mask = f", mask={' & '.join(checks)}, other=0" if checks else ""
     cast = ".to(tl.float32)" if decl.kind == "param" else ""
-    return f"{ld.name} = tl.load({addr}, mask={inside}, other=0){cast}"
+    return f"{ld.name} = tl.load({addr}{mask}){cast}"
 
 
 def generate(k: AttentionKernel, header: str = "") -> str:
