@@ -47,6 +47,10 @@ class Kernel:
         self.inputs = tuple(d.name for d in self.kernel_ir.inputs)
         self._op = _make_op(self)
         self._checks = _index_checks(self.kernel_ir)
+        # Shapes as plain functions of (B, H, M, N): the call path runs no sympy, so dynamo can
+        # trace it under torch.compile.
+        self._shapes = [sympy.lambdify((S.B, S.H, S.M, S.N), list(d.dims), "math")
+                        for d in self.kernel_ir.inputs]
 
     def __repr__(self) -> str:
         extra = f", inputs={list(self.inputs)}" if self.inputs else ""
@@ -141,16 +145,16 @@ class Kernel:
         if unknown:
             raise ValueError(f"{self.name}: unexpected input {unknown[0]!r}; this kernel takes "
                              f"{', '.join(self.inputs) or 'no extra inputs'}")
-        sizes = {S.B: B, S.H: H, S.M: M, S.N: k.shape[2]}
+        N = k.shape[2]
         extras = []
-        for decl in self.kernel_ir.inputs:
+        for decl, shape_of in zip(self.kernel_ir.inputs, self._shapes):
             if decl.name not in inputs:
                 raise ValueError(f"{self.name}: missing {decl.kind} {decl.name!r} "
                                  f"(shape [{', '.join(map(str, decl.dims))}])")
             t = inputs[decl.name]
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{self.name}: {decl.name} must be a torch.Tensor")
-            want = tuple(int(sympy.sympify(d).xreplace(sizes)) for d in decl.dims)
+            want = tuple(int(d) for d in shape_of(B, H, M, N))
             if tuple(t.shape) != want:
                 raise ValueError(f"{self.name}: {decl.name} has shape {tuple(t.shape)}, expected "
                                  f"{want} ([{', '.join(map(str, decl.dims))}])")
@@ -162,9 +166,9 @@ class Kernel:
                 raise ValueError(f"{self.name}: {decl.name} must be real, got {t.dtype}")
             extras.append(t.to(torch.uint8) if t.dtype == torch.bool else t)
         for load, dim, fn, extent, at_corners in self._checks:
-            lo, hi = _index_range(fn, {"B": B, "H": H, "M": M, "N": k.shape[2]}, at_corners)
-            size = int(sympy.sympify(extent).xreplace(sizes))
-            if min(M, k.shape[2]) > 0 and (lo < 0 or hi >= size):
+            lo, hi = _index_range(fn, {"B": B, "H": H, "M": M, "N": N}, at_corners)
+            size = int(extent(B, H, M, N))
+            if min(M, N) > 0 and (lo < 0 or hi >= size):
                 raise ValueError(
                     f"{self.name}: index {dim} of {load.tensor} ({load.index[dim]}) ranges over "
                     f"[{lo}, {hi}] for these shapes but the dimension has size {size}; clamp the "
@@ -182,7 +186,8 @@ def _index_checks(k: AttentionKernel):
             corners = all(monotone(ix, s) is not None for s in (S.b, S.h, S.m, S.n))
             if corners or not (ix.has(S.m) or ix.has(S.n)):
                 fn = sympy.lambdify((S.b, S.h, S.m, S.n, S.B, S.H, S.M, S.N), ix, "math")
-                checks.append((ld, dim, fn, decls[ld.tensor].dims[dim], corners))
+                extent = sympy.lambdify((S.B, S.H, S.M, S.N), decls[ld.tensor].dims[dim], "math")
+                checks.append((ld, dim, fn, extent, corners))
     return checks
 
 

@@ -219,9 +219,55 @@ def _apply_bounds(c: Cascade, run: _Run, scores, tiles):
 
     bm, bn = tiles
     plan = torch.zeros(run.M, run.N, dtype=torch.int8, device=scores.device)
-    for i, visits in enumerate(tile_schedule(c.bounds, run.M, run.N, bm, bn)):
+    for i, visits in enumerate(tile_schedule(c.bounds.segments, run.M, run.N, bm, bn)):
         for start, masked in visits:
             plan[i * bm:(i + 1) * bm, start:start + bn] = 2 if masked else 1
     unmasked = run.full(run.evaluator(("m", "n"))(c.bounds.score), ("m", "n"))
     eff = torch.where(plan == 1, unmasked, scores)
     return torch.where(plan == 0, torch.full_like(eff, -math.inf), eff)
+
+
+def run_kernel(kernel, q, k, v, *, scale: float | None = None, inputs: dict | None = None,
+               tiles: tuple[int, int] = (16, 16)) -> dict[str, torch.Tensor]:
+    """Execute an AttentionKernel tile by tile, as the generated code does: the same key-tile
+    schedule, the mask only on masked tiles, the same online-softmax update."""
+    from attnc.passes.mask_bounds import tile_schedule
+
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    run = _Run((), q, k, v, scale, inputs or {})
+    bm, bn = tiles
+    B, H, M, N = run.B, run.H, run.M, run.N
+    out = torch.zeros(B, H, M, run.Dv, dtype=q.dtype, device=q.device)
+    lse = torch.full((B, H, M), -math.inf, dtype=q.dtype, device=q.device)
+    view = lambda x, pos: x.view([-1 if i == pos else 1 for i in range(4)])  # noqa: E731
+    for i, visits in enumerate(tile_schedule(kernel.segments, M, N, bm, bn)):
+        rows = torch.arange(i * bm, min(i * bm + bm, M), device=q.device)
+        m_i = torch.full((B, H, len(rows)), -math.inf, dtype=q.dtype, device=q.device)
+        l_i = torch.zeros_like(m_i)
+        acc = torch.zeros(B, H, len(rows), run.Dv, dtype=q.dtype, device=q.device)
+        for start, masked in visits:
+            cols = torch.arange(start, min(start + bn, N), device=q.device)
+            syms = {S.b: view(torch.arange(B, device=q.device), 0),
+                    S.h: view(torch.arange(H, device=q.device), 1),
+                    S.m: view(rows, 2), S.n: view(cols, 3), S.M: M, S.N: N, S.B: B, S.H: H,
+                    S.scale: scale,
+                    S.qk: run.q[:, :, rows] @ run.k[:, :, cols].transpose(-1, -2)}
+            ev = Evaluator(syms, None, q)
+            for ld in kernel.loads:
+                syms[sympy.Symbol(ld.name, real=True)] = gather(run.inputs[ld.tensor],
+                                                                [ev(x) for x in ld.index])
+            s = _t(ev(kernel.score), q).expand(B, H, len(rows), len(cols))
+            if masked and kernel.mask is not None:
+                s = torch.where(_t(ev(kernel.mask), q), s, torch.full_like(s, -math.inf))
+            new = torch.maximum(m_i, s.amax(-1))
+            safe = torch.where(new == -math.inf, torch.zeros_like(new), new)
+            p = torch.exp(s - safe[..., None])
+            alpha = torch.exp(m_i - safe)
+            l_i = l_i * alpha + p.sum(-1)
+            acc = acc * alpha[..., None] + p @ run.v[:, :, cols]
+            m_i = new
+        empty = l_i == 0
+        l_safe = torch.where(empty, torch.ones_like(l_i), l_i)
+        out[:, :, rows] = acc / l_safe[..., None]
+        lse[:, :, rows] = torch.where(empty, torch.full_like(l_i, -math.inf), m_i + torch.log(l_safe))
+    return {"out": out, "lse": lse}

@@ -72,7 +72,7 @@ class _Lowerer:
                     self._option(od, scope)
             elif st.data in ("param", "input"):
                 for td in st.children:
-                    decl = self._tensor_decl(td, st.data, scope)
+                    decl = self._tensor_decl(td, str(st.data), scope)
                     scope.tensors[decl.name] = decl
             else:
                 rest.append(st)

@@ -289,9 +289,10 @@ def _numeric(ex: sympy.Expr, env: dict) -> int:
     return int(val) if val.is_Integer else int(sympy.floor(sympy.N(val)))
 
 
-def tile_schedule(bounds: KeyBounds, M: int, N: int, block_m: int, block_n: int,
+def tile_schedule(segments, M: int, N: int, block_m: int, block_n: int,
                   env: dict | None = None) -> list[list[tuple[int, bool]]]:
-    """For each query tile, the key tiles visited in order as (start, masked).
+    """For each query tile, the key tiles visited in order as (start, masked); `segments` are
+    KeySegments (a KeyBounds' or an AttentionKernel's).
 
     Per segment, with everything rounded out to whole key tiles and clamped to start after the
     previous segment: masked tiles up to the first full tile, full tiles, masked tiles after.
@@ -303,7 +304,7 @@ def tile_schedule(bounds: KeyBounds, M: int, N: int, block_m: int, block_n: int,
         sub = {S.m_lo: m_lo, S.m_hi: m_hi, S.M: M, S.N: N, **(env or {})}
         visits: list[tuple[int, bool]] = []
         prev_end = 0
-        for seg in bounds.segments:
+        for seg in segments:
             lo, hi, flo, fhi = (_numeric(x, sub) for x in (seg.lo, seg.hi, seg.full_lo, seg.full_hi))
             t0, t1, t2, t3 = tile_ranges(lo, hi, flo, fhi, prev_end, N, block_n)
             visits += [(s, True) for s in range(t0, t1, block_n)]

@@ -1,0 +1,227 @@
+"""The `attnc` command line.
+
+    attnc list                          library variants and what they are
+    attnc passes                        the pipeline, in order
+    attnc show SPEC [--stage STAGE]     the IR after a stage (default: kernel)
+    attnc compile SPEC [-o FILE]        the generated Triton source
+    attnc check SPEC [--dtype ...]      run the kernel against the reference interpreter
+    attnc cache info | clear            the on-disk kernel cache
+
+SPEC is a path to a `.attn` file, a library variant name (see `attnc list`) or DSL text.
+`-O name=value` (repeatable) overrides a spec `option` for show, compile and check.
+
+Exit status: 0 success, 1 `check` over tolerance, 2 a malformed spec, a spec attnc cannot
+compile, or bad arguments. Spec errors print as `file:line:col: message` with the source line
+and a caret, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from attnc.errors import CompileError, SpecError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _option(text: str) -> tuple[str, int | float]:
+    """Parse `name=value` with a numeric value (int if it reads as one, else float)."""
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not name.isidentifier() or not value:
+        raise argparse.ArgumentTypeError(f"expected name=value, got {text!r}")
+    try:
+        return name, int(value)
+    except ValueError:
+        pass
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"option {name}: value must be a number, got {value!r}") from None
+
+
+def _options(args) -> dict:
+    out: dict = {}
+    for name, value in getattr(args, "option", None) or ():
+        out[name] = value  # the last -O for a name wins
+    return out
+
+
+def _emit(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+# --- subcommands --------------------------------------------------------------------------------
+
+def _cmd_list(args) -> int:
+    from attnc.library import describe, variants
+
+    names = variants()
+    if not names:
+        print("no library variants installed", file=sys.stderr)
+        return 0
+    width = max(map(len, names))
+    for name in names:
+        desc = describe(name)
+        if desc.startswith(name + ":"):  # files open with "# name: what it is (source)"
+            desc = desc[len(name) + 1:].strip()
+        print(f"{name:<{width}}  {desc}".rstrip())
+    return 0
+
+
+def _cmd_passes(args) -> int:
+    from attnc.pipeline import PASS_DOCS, PASSES
+
+    print("parse -> cascade -> " + " -> ".join(p.NAME for p in PASSES) + " -> kernel -> triton")
+    width = max(len(p.NAME) for p in PASSES)
+    for i, p in enumerate(PASSES, 1):
+        doc = PASS_DOCS.get(p.NAME) or ((p.__doc__ or "").strip().splitlines() or [""])[0]
+        print(f"{i:>2}. {p.NAME:<{width}}  {doc}".rstrip())
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from attnc.pipeline import read_spec, show
+
+    options = _options(args)
+    if options:
+        # launch options (block sizes, warps, stages) do not change any IR
+        from attnc.runtime import LAUNCH_OPTIONS
+        options = {k: v for k, v in options.items() if k not in LAUNCH_OPTIONS}
+    _emit(show(read_spec(args.spec), args.stage, options))
+    return 0
+
+
+def _cmd_compile(args) -> int:
+    import attnc
+
+    kernel = attnc.compile(args.spec, **_options(args))
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(kernel.source)
+        print(f"wrote {args.output} ({kernel.name})", file=sys.stderr)
+    else:
+        _emit(kernel.source)
+    return 0
+
+
+def _cmd_check(args) -> int:
+    import torch
+
+    import attnc
+    from attnc import testing
+
+    dtype = getattr(torch, args.dtype)
+    kernel = attnc.compile(args.spec, **_options(args))
+    shape = {k: getattr(args, k) for k in ("B", "H", "Hkv", "M", "N", "D", "Dv")
+             if getattr(args, k) is not None}
+    for k, v in shape.items():
+        least = 0 if k in ("M", "N") else 1
+        if v < least:
+            raise ValueError(f"--{k} must be at least {least}, got {v}")
+    res = testing.check(kernel, dtype=dtype, seed=args.seed, **shape)
+    verdict = "ok" if res["ok"] else "FAILED"
+    cmp = "<=" if res["rel_error"] <= res["tolerance"] else ">"
+    print(f"{kernel.name} ({args.dtype}): relative error {res['rel_error']:.3e} {cmp} "
+          f"tolerance {res['tolerance']:.0e}; lse max abs error "
+          f"{res['lse_max_abs_error']:.3e}: {verdict}")
+    return 0 if res["ok"] else 1
+
+
+def _cmd_cache(args) -> int:
+    from attnc import cache
+
+    if args.action == "info":
+        info = cache.info()
+        print(f"path:    {info['path']}")
+        print(f"kernels: {info['kernels']}")
+        print(f"configs: {info['configs']}")
+        print(f"bytes:   {info['bytes']}")
+    else:
+        removed = cache.clear()
+        print(f"removed {removed} file{'s' * (removed != 1)} from {cache.cache_dir()}")
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from attnc import __version__
+
+    # STAGES is a constant of the pipeline; listed here so `--help` works without importing it
+    stages = ("parse", "cascade", "desugar", "pass_count", "online_softmax", "mask_bounds",
+              "tile", "fuse", "kernel", "triton")
+    parser = argparse.ArgumentParser(
+        prog="attnc", description="A compiler for attention variants: specs in, fused Triton "
+        "kernels out. SPEC is a .attn file, a library variant name or DSL text.")
+    parser.add_argument("--version", action="version", version=f"attnc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def with_spec(p):
+        p.add_argument("spec", metavar="SPEC", help="a .attn file, a library variant or DSL text")
+        p.add_argument("-O", "--option", action="append", type=_option, metavar="NAME=VALUE",
+                       help="override a spec option (repeatable)")
+        return p
+
+    p = sub.add_parser("list", help="library variants and their descriptions")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("passes", help="the compiler pipeline, in order")
+    p.set_defaults(func=_cmd_passes)
+
+    p = with_spec(sub.add_parser("show", help="print the IR after a stage"))
+    p.add_argument("--stage", "-s", default="kernel", choices=stages,
+                   help="stage to print after (default: kernel)")
+    p.set_defaults(func=_cmd_show)
+
+    p = with_spec(sub.add_parser("compile", help="print (or write) the generated Triton source"))
+    p.add_argument("-o", "--output", metavar="FILE", help="write the source to FILE")
+    p.set_defaults(func=_cmd_compile)
+
+    p = with_spec(sub.add_parser("check", help="run the kernel on random inputs against the "
+                                 "reference interpreter; exit 1 over tolerance"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--seed", type=int, default=0)
+    for name in ("B", "H", "Hkv", "M", "N", "D", "Dv"):
+        p.add_argument(f"--{name}", type=int, default=None, metavar="INT",
+                       help=f"size {name} (default: attnc.testing.check's)")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("cache", help="the on-disk kernel cache ($ATTNC_CACHE_DIR)")
+    p.add_argument("action", choices=("info", "clear"))
+    p.set_defaults(func=_cmd_cache)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors (argparse exits 2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        return args.func(args)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except (CompileError, ValueError) as err:
+        print(f"attnc: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if isinstance(err, BrokenPipeError):  # e.g. `attnc compile SPEC | head`
+            # the recipe from the `signal` docs: point stdout at devnull so the flush at exit
+            # does not raise again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 1
+        print(f"attnc: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
