@@ -31,10 +31,11 @@ _LOCK = threading.Lock()
 class Kernel:
     """A compiled attention variant: `kernel(q, k, v, *, scale=None, return_lse=False, **inputs)`."""
 
-    def __init__(self, src: Source, frontend_ir, trail, key: str, source: str,
+    def __init__(self, src: Source, options: dict, frontend_ir, trail, key: str, source: str,
                  cache_hit: bool, launch_overrides: dict):
         self.name = trail[-1][1].name
         self.spec = src
+        self._options = options
         self.kernel_ir: AttentionKernel = trail[-1][1]
         self.key = key
         self.source = source
@@ -68,7 +69,7 @@ class Kernel:
             if name == stage:
                 return format_ir(ir)
         from attnc.pipeline import show
-        return show(self.spec, stage)
+        return show(self.spec, stage, self._options)
 
     # --- running ----------------------------------------------------------------------------
     def _function(self):
@@ -249,4 +250,4 @@ def compile_spec(src: Source, options: dict) -> Kernel:
                   f"key {key[:16]}. Regenerate with `attnc compile`.")
         text = generate(kernel_ir, header=header)
         cache.write_kernel(key, text)
-    return Kernel(src, ir, trail, key, text, hit, launch_overrides)
+    return Kernel(src, options, ir, trail, key, text, hit, launch_overrides)

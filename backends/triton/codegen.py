@@ -29,14 +29,50 @@ class CodeBuilder:
         self.lines.append(("    " * self.depth + text) if text else "")
 
     @contextmanager
-    def block(self, header: str):
-        self(header)
+    def indented(self):
         self.depth += 1
         yield
         self.depth -= 1
 
+    @contextmanager
+    def block(self, header: str):
+        self(header)
+        with self.indented():
+            yield
+
+    def call(self, head: str, args: list[str], tail: str = ")") -> None:
+        """`head` + comma-separated args + `tail`, wrapped at 100 columns under the paren."""
+        indent = "    " * self.depth
+        line = indent + head
+        pad = " " * len(line)
+        for i, arg in enumerate(args):
+            piece = arg + (", " if i < len(args) - 1 else "")
+            if len(line) + len(piece.rstrip()) > 100 and line.strip() != head.strip():
+                self.lines.append(line.rstrip())
+                line = pad
+            line += piece
+        self.lines.append(line + tail)
+
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
+
+
+# The tile schedule of attnc.passes.mask_bounds.tile_ranges; keep the two in step.
+KEY_TILES = '''
+@triton.jit
+def _key_tiles(lo, hi, flo, fhi, prev_end, N, BLOCK_N: tl.constexpr):
+    """Key tiles of one segment: [t0, t1) masked, [t1, t2) full, [t2, t3) masked; aligned to
+    BLOCK_N, clamped to [0, N) and starting after the previous segment's tiles (prev_end)."""
+    lo = tl.minimum(tl.maximum(lo, 0), N)
+    hi = tl.minimum(tl.maximum(hi, 0), N)
+    flo = tl.minimum(tl.maximum(flo, lo), hi)
+    fhi = tl.minimum(tl.maximum(fhi, flo), hi)
+    t0 = tl.maximum(lo // BLOCK_N * BLOCK_N, prev_end)
+    t3 = tl.maximum((hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N, t0)
+    t1 = tl.minimum(tl.maximum((flo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, t0), t3)
+    t2 = tl.maximum(tl.minimum(fhi // BLOCK_N * BLOCK_N, t3), t1)
+    return t0, t1, t2, t3
+'''
 
 
 def kernel_names(k: AttentionKernel) -> tuple[str, str]:
@@ -77,6 +113,9 @@ def generate(k: AttentionKernel, header: str = "") -> str:
     out("import triton")
     out("import triton.language as tl")
     out()
+    for line in KEY_TILES.rstrip("\n").split("\n"):
+        out(line)
+    out()
     for name in ("_floor_div", "_floor_mod", "_tanh", "_softplus", "_pow"):
         if name in pr.helpers:
             out()
@@ -102,7 +141,8 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
             + ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "MASKED: tl.constexpr", "IEEE: tl.constexpr",
                "UPCAST: tl.constexpr"])
     c("@triton.jit")
-    with c.block(f"def {step}(" + ", ".join(args) + "):"):
+    c.call(f"def {step}(", args, "):")
+    with c.indented():
         c('"""One key tile: scores, optional mask, online-softmax update."""')
         c("offs_n = start_n + tl.arange(0, BLOCK_N)")
         c("kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd")
@@ -161,7 +201,8 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None
                "BLOCK_DV: tl.constexpr", "IEEE: tl.constexpr", "UPCAST: tl.constexpr"])
     scalar = TritonPrinter({})
     c("@triton.jit")
-    with c.block(f"def {fwd}(" + ", ".join(args) + "):"):
+    c.call(f"def {fwd}(", args, "):")
+    with c.indented():
         c(f'"""{k.name}: softmax attention forward; one program per (query tile, b * h)."""')
         c("pid_m = tl.program_id(0)")
         c("pid_bh = tl.program_id(1)")
@@ -195,19 +236,16 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None
         c("prev_end = zero")
         for i, seg in enumerate(k.segments):
             c(f"# segment {i}: keys [{seg.lo}, {seg.hi}), every row sees [{seg.full_lo}, {seg.full_hi})")
-            c(f"lo = tl.minimum(tl.maximum({scalar(seg.lo)} + zero, 0), N)")
-            c(f"hi = tl.minimum(tl.maximum({scalar(seg.hi)} + zero, 0), N)")
-            c(f"flo = tl.minimum(tl.maximum({scalar(seg.full_lo)} + zero, lo), hi)")
-            c(f"fhi = tl.minimum(tl.maximum({scalar(seg.full_hi)} + zero, flo), hi)")
-            c("t0 = tl.maximum(lo // BLOCK_N * BLOCK_N, prev_end)")
-            c("t3 = tl.maximum((hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N, t0)")
-            c("t1 = tl.minimum(tl.maximum((flo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, t0), t3)")
-            c("t2 = tl.maximum(tl.minimum(fhi // BLOCK_N * BLOCK_N, t3), t1)")
+            c(f"lo = {scalar(seg.lo)} + zero")
+            c(f"hi = {scalar(seg.hi)} + zero")
+            c(f"flo = {scalar(seg.full_lo)} + zero")
+            c(f"fhi = {scalar(seg.full_hi)} + zero")
+            c("t0, t1, t2, t3 = _key_tiles(lo, hi, flo, fhi, prev_end, N, BLOCK_N)")
             for lo_name, hi_name, masked in (("t0", "t1", True), ("t1", "t2", False),
                                              ("t2", "t3", True)):
                 with c.block(f"for start_n in range({lo_name}, {hi_name}, BLOCK_N):"):
-                    c(f"acc, l_i, m_i = {step}(" + ", ".join(call_args)
-                      + f", MASKED={masked}, IEEE=IEEE, UPCAST=UPCAST)")
+                    c.call(f"acc, l_i, m_i = {step}(", call_args + [
+                        f"MASKED={masked}", "IEEE=IEEE", "UPCAST=UPCAST"])
             c("prev_end = t3")
         c("empty = l_i == 0.0")
         c("l_safe = tl.where(empty, 1.0, l_i)")
