@@ -315,7 +315,7 @@ def tile_schedule(segments, M: int, N: int, block_m: int, block_n: int,
     return plan
 
 
-def tile_ranges(lo, hi, flo, fhi, prev_end, N, bn):  # mirrored by codegen.KEY_TILES
+def tile_ranges(lo, hi, flo, fhi, prev_end, N, bn):  # mirrored by codegen.PRELUDE
     """[t0, t1) masked, [t1, t2) full, [t2, t3) masked: tile-aligned, after prev_end."""
     lo, hi = min(max(lo, 0), N), min(max(hi, 0), N)
     flo = min(max(flo, lo), hi)

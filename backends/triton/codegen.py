@@ -57,8 +57,9 @@ class CodeBuilder:
         return "\n".join(self.lines) + "\n"
 
 
-# The tile schedule of attnc.passes.mask_bounds.tile_ranges; keep the two in step.
-KEY_TILES = '''
+# Helpers every kernel uses. _key_tiles is the schedule of
+# attnc.passes.mask_bounds.tile_ranges; keep the two in step.
+PRELUDE = '''
 @triton.jit
 def _key_tiles(lo, hi, flo, fhi, prev_end, N, BLOCK_N: tl.constexpr):
     """Key tiles of one segment: [t0, t1) masked, [t1, t2) full, [t2, t3) masked; aligned to
@@ -72,6 +73,20 @@ def _key_tiles(lo, hi, flo, fhi, prev_end, N, BLOCK_N: tl.constexpr):
     t1 = tl.minimum(tl.maximum((flo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, t0), t3)
     t2 = tl.maximum(tl.minimum(fhi // BLOCK_N * BLOCK_N, t3), t1)
     return t0, t1, t2, t3
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. IEEE: exact fp32 products (no tf32). UPCAST: multiply in
+    fp32, for Triton's interpreter whose low-precision dot is unreliable; fp16/bf16 products
+    are exact in fp32, so this matches the compiled path."""
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
 '''
 
 
@@ -113,7 +128,7 @@ def generate(k: AttentionKernel, header: str = "") -> str:
     out("import triton")
     out("import triton.language as tl")
     out()
-    for line in KEY_TILES.rstrip("\n").split("\n"):
+    for line in PRELUDE.rstrip("\n").split("\n"):
         out(line)
     out()
     for name in ("_floor_div", "_floor_mod", "_tanh", "_softplus", "_pow"):
@@ -126,20 +141,26 @@ def generate(k: AttentionKernel, header: str = "") -> str:
     return out.text() + body.text()
 
 
-def _row_and_program_loads(k: AttentionKernel) -> list[str]:
-    return [ld.name for ld in k.loads if ld.level in ("program", "row")]
+def _inner_loads(k: AttentionKernel) -> list:
+    return [ld for ld in k.loads if ld.level in ("key", "tile")]
+
+
+def _step_args(k: AttentionKernel) -> list[str]:
+    """What the key-tile step reads from the program: state, operands, indices, hoisted loads,
+    and the tensors (with strides) it loads per key; the constexprs follow."""
+    tensors = sorted({ld.tensor for ld in _inner_loads(k)})
+    strides = [f"{d.name}_s{i}" for d in k.inputs if d.name in tensors for i in range(len(d.dims))]
+    hoisted = [ld.name for ld in k.loads if ld.level in ("program", "row")]
+    return (["acc", "l_i", "m_i", "q", "k_base", "v_base", "start_n", "offs_m", "offs_d",
+             "offs_dv", "stride_kn", "stride_kd", "stride_vn", "stride_vd", "b", "h", "B", "H", "M",
+             "N", "D", "DV", "scale"] + hoisted + tensors + strides + ["BLOCK_M", "BLOCK_N"])
 
 
 def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
     _, step = kernel_names(k)
-    inner = [ld for ld in k.loads if ld.level in ("key", "tile")]
-    tensors = sorted({ld.tensor for ld in inner})
-    strides = [f"{d.name}_s{i}" for d in k.inputs if d.name in tensors for i in range(len(d.dims))]
-    args = (["acc", "l_i", "m_i", "q", "k_base", "v_base", "start_n", "offs_m", "offs_d", "offs_dv",
-             "stride_kn", "stride_kd", "stride_vn", "stride_vd", "b", "h", "B", "H", "M", "N",
-             "D", "DV", "scale"] + _row_and_program_loads(k) + tensors + strides
-            + ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "MASKED: tl.constexpr", "IEEE: tl.constexpr",
-               "UPCAST: tl.constexpr"])
+    inner = _inner_loads(k)
+    args = [a if not a.startswith("BLOCK") else f"{a}: tl.constexpr" for a in _step_args(k)]
+    args += ["MASKED: tl.constexpr", "IEEE: tl.constexpr", "UPCAST: tl.constexpr"]
     c("@triton.jit")
     c.call(f"def {step}(", args, "):")
     with c.indented():
@@ -153,14 +174,7 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
         with c.block("else:"):
             c("kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)")
             c("v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)")
-        c("# the interpreter's low-precision tl.dot is unreliable: it multiplies in fp32, which")
-        c("# is exact for fp16/bf16 products, so results match the compiled path")
-        with c.block("if UPCAST:"):
-            c("qk = tl.dot(q.to(tl.float32), kt.to(tl.float32))")
-        with c.block("elif IEEE:"):
-            c('qk = tl.dot(q, kt, input_precision="ieee")')
-        with c.block("else:"):
-            c("qk = tl.dot(q, kt)")
+        c("qk = _dot(q, kt, IEEE, UPCAST)")
         for ld in inner:
             c(_load_stmt(ld, k, pr))
         if k.score.has(S.qk):
@@ -178,13 +192,7 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
         c("p = tl.exp(s - m_safe[:, None])")
         c("alpha = tl.exp(m_i - m_safe)")
         c("l_i = l_i * alpha + tl.sum(p, 1)")
-        with c.block("if UPCAST:"):
-            c("pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))")
-        with c.block("elif IEEE:"):
-            c('pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")')
-        with c.block("else:"):
-            c("pv = tl.dot(p.to(v.dtype), v)")
-        c("acc = acc * alpha[:, None] + pv")
+        c("acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)")
         c("return acc, l_i, m_new")
 
 
@@ -226,13 +234,7 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None
         c('m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)')
         c("l_i = tl.zeros([BLOCK_M], tl.float32)")
         c("acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)")
-        inner = [ld for ld in k.loads if ld.level in ("key", "tile")]
-        tensors = sorted({ld.tensor for ld in inner})
-        strides = [f"{d.name}_s{i}" for d in k.inputs if d.name in tensors for i in range(len(d.dims))]
-        call_args = (["acc", "l_i", "m_i", "q", "k_base", "v_base", "start_n", "offs_m", "offs_d",
-                      "offs_dv", "stride_kn", "stride_kd", "stride_vn", "stride_vd", "b", "h", "B",
-                      "H", "M", "N", "D", "DV", "scale"] + _row_and_program_loads(k) + tensors
-                     + strides + ["BLOCK_M", "BLOCK_N"])
+        call_args = _step_args(k)
         c("prev_end = zero")
         for i, seg in enumerate(k.segments):
             c(f"# segment {i}: keys [{seg.lo}, {seg.hi}), every row sees [{seg.full_lo}, {seg.full_hi})")
