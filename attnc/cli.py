@@ -114,14 +114,14 @@ def _cmd_check(args) -> int:
     import attnc
     from attnc import testing
 
-    dtype = getattr(torch, args.dtype)
-    kernel = attnc.compile(args.spec, **_options(args))
     shape = {k: getattr(args, k) for k in ("B", "H", "Hkv", "M", "N", "D", "Dv")
              if getattr(args, k) is not None}
     for k, v in shape.items():
         least = 0 if k in ("M", "N") else 1
         if v < least:
             raise ValueError(f"--{k} must be at least {least}, got {v}")
+    dtype = getattr(torch, args.dtype)
+    kernel = attnc.compile(args.spec, **_options(args))
     res = testing.check(kernel, dtype=dtype, seed=args.seed, **shape)
     verdict = "ok" if res["ok"] else "FAILED"
     cmp = "<=" if res["rel_error"] <= res["tolerance"] else ">"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def _root() -> Path:
-    return Path(str(resources.files("attnc.variants")))
+    return Path(str(resources.files("attnc.variant_files")))
 
 
 def variants() -> list[str]:

@@ -167,6 +167,14 @@ class _Run:
                                     else _t(value, self.q).dtype).expand(shape)
 
 
+def _extremum(val: torch.Tensor, axes: tuple[int, ...], reduce: str) -> torch.Tensor:
+    """max/min over `axes`; over an empty range they are -inf/+inf, the identities of the monoid."""
+    if any(val.shape[a] == 0 for a in axes):
+        shape = [d for i, d in enumerate(val.shape) if i not in axes]
+        return val.new_full(shape, -math.inf if reduce == "max" else math.inf)
+    return val.amax(dim=axes) if reduce == "max" else val.amin(dim=axes)
+
+
 def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict | None = None,
               tiles: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Run a cascade; returns {role: tensor} for its outputs (out [B,H,M,Dv], lse [B,H,M])."""
@@ -180,7 +188,7 @@ def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict |
             if nd.reduce == "sum":
                 val = val.sum(dim=axes)
             elif nd.reduce in ("max", "min"):
-                val = val.amax(dim=axes) if nd.reduce == "max" else val.amin(dim=axes)
+                val = _extremum(val, axes, nd.reduce)
             run.env[nd.name] = (val, nd.ranks)
         else:
             scores = run.full(run.evaluator(("m", "n"))(nd.scores), ("m", "n"))

@@ -82,8 +82,10 @@ def parse(source: str, filename: str = "<spec>") -> lark.Tree:
                             hint=f"expected {expected}; is a closing '}}' missing?") from None
         found = "end of line" if tok.type == "_NL" else repr(str(tok))
         hint = f"expected {expected}"
-        if tok.type == "_NL" and "'}'" in expected:
-            hint += "; the last statement of a block needs a newline before '}'"
+        if "end of line" in expected and str(tok) == "}":
+            hint = "each statement ends at a newline; put '}' on its own line"
+        elif expected == "end of line":
+            hint += "; each statement goes on a line of its own"
         raise SpecError(f"unexpected {found}", source=source, filename=filename,
                         line=tok.line, column=tok.column, hint=hint) from None
     except lark.exceptions.UnexpectedEOF as err:  # pragma: no cover - LALR reports tokens

@@ -141,12 +141,38 @@ def test_bool_and_int_inputs():
     torch.testing.assert_close(kern(q, k, v, doc=doc.bool()).double(), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("joint", ["and", "or", None])
+def test_mask_on_a_per_head_param(joint):
+    """A mask term that depends only on h (a scalar in the program) mixed with tile terms."""
+    mask = "p[h] > 1" if joint is None else f"p[h] > 1 {joint} n <= m"
+    kern = attnc.compile(f"attention ph {{\n  param p[h]\n  mask = {mask}\n}}\n")
+    q, k, v = _qkv(H=4, Hkv=2, M=20, N=24)
+    p = torch.tensor([0.5, 2.0, 3.0, -1.0])
+    head = (p > 1).view(1, 4, 1, 1)
+    causal = torch.ones(20, 24).tril().bool()
+    dense = {"and": head & causal, "or": head | causal, None: head.expand(1, 4, 20, 24)}[joint]
+    ref, ref_lse = _dense(q, k, v, mask=dense.expand(1, 4, 20, 24))
+    out, lse = kern(q, k, v, p=p, return_lse=True)
+    ref = torch.nan_to_num(ref)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+
+
 def test_empty_keys_and_queries():
     kern = attnc.compile(CAUSAL)
     q, k, v = _qkv(M=5, N=7)
     out, lse = kern(q, k[:, :, :0], v[:, :, :0], return_lse=True)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
     assert kern(q[:, :, :0], k, v).shape == (1, 2, 0, 16)
+
+
+@pytest.mark.parametrize("N", [0, 7])
+def test_testing_check_handles_empty_and_nonempty_keys(N):
+    """`attnc check` compares against the cascade interpreter, whose max over no keys is -inf."""
+    from attnc import testing
+
+    res = testing.check(attnc.compile(CAUSAL), B=1, H=2, Hkv=1, M=5, N=N, D=16, Dv=16)
+    assert res["ok"], res
 
 
 def test_kernel_is_a_torch_op():

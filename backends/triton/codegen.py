@@ -117,7 +117,9 @@ def _load_stmt(ld, k: AttentionKernel, pr: TritonPrinter) -> str:
 
 
 def generate(k: AttentionKernel, header: str = "") -> str:
-    pr = TritonPrinter(dict(TILE_NAMES))
+    tiled = {S.m, S.n, S.qk} | {sympy.Symbol(ld.name, real=True) for ld in k.loads
+                                if ld.level != "program"}
+    pr = TritonPrinter(dict(TILE_NAMES), frozenset(tiled))
     body = CodeBuilder()
     _emit_step(body, k, pr)
     body()
@@ -182,10 +184,8 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
         else:  # a score without q.k still needs the tile's shape
             c(f"s = {pr(k.score)} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32)")
         with c.block("if MASKED:"):
-            visible = "offs_n[None, :] < N"
-            if k.mask is not None:
-                visible = f"({visible}) & {pr(k.mask)}"
-            c(f"s = tl.where({visible}, s, float(\"-inf\"))")
+            visible = S.n < S.N if k.mask is None else sympy.And(S.n < S.N, k.mask)
+            c(f"s = tl.where({pr(visible)}, s, float(\"-inf\"))")
         c("m_new = tl.maximum(m_i, tl.max(s, 1))")
         c("# rows that have seen no visible key keep max -inf; shift by 0 there to avoid inf - inf")
         c('m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)')

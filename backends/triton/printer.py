@@ -4,6 +4,10 @@
 scalar bound expressions). Integer floor division and modulo go through helpers that are correct
 whether the backend's `//` truncates (compiled Triton) or floors (the interpreter). Helpers a
 printed expression needs are collected in `helpers` so the code generator emits only those.
+
+`tiled` names the symbols that are tensors inside a tile. A conjunction that mixes a scalar
+condition (say `p[h] > 1`) with tile conditions is printed as `tl.where(scalar, tile, False)`:
+compiled Triton accepts `scalar & tile`, but Triton's interpreter rejects it.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ HELPER_DEPS = {"_floor_mod": ("_floor_div",)}
 
 
 class TritonPrinter:
-    def __init__(self, names: dict):
+    def __init__(self, names: dict, tiled: frozenset = frozenset()):
         self.names = names
+        self.tiled = tiled
         self.helpers: set[str] = set()
 
     def use(self, helper: str) -> str:
@@ -116,8 +121,7 @@ class TritonPrinter:
         if ex.func in _REL:
             return f"({self.p(ex.lhs)} {_REL[ex.func]} {self.p(ex.rhs)})"
         if isinstance(ex, (sympy.And, sympy.Or)):
-            op = " & " if isinstance(ex, sympy.And) else " | "
-            return "(" + op.join(self.p(a) for a in sorted(ex.args, key=sympy.default_sort_key)) + ")"
+            return self._logic(ex)
         if isinstance(ex, sympy.Not):
             return f"(~{self.p(ex.args[0])})"
         if ex.func in _CALLS:
@@ -125,6 +129,17 @@ class TritonPrinter:
         if ex.func in _HELPER_CALLS:
             return f"{self.use(_HELPER_CALLS[ex.func])}({self.p(ex.args[0])})"
         raise NotImplementedError(f"no Triton spelling for {ex.func.__name__} in {ex}")
+
+    def _logic(self, ex) -> str:
+        conj = isinstance(ex, sympy.And)
+        args = sorted(ex.args, key=sympy.default_sort_key)
+        tile = [a for a in args if a.free_symbols & self.tiled]
+        scalar = [a for a in args if not a.free_symbols & self.tiled]
+        if tile and scalar:
+            s, t = self.p(ex.func(*scalar)), self.p(ex.func(*tile))
+            return f"tl.where({s}, {t}, False)" if conj else f"tl.where({s}, True, {t})"
+        op = " & " if conj else " | "
+        return "(" + op.join(self.p(a) for a in args) + ")"
 
     def _wrap(self, ex) -> str:
         return self.p(ex)

@@ -1,0 +1,76 @@
+"""Golden IR dumps: `attnc.pipeline.show` after every stage but `triton`, for three small specs,
+compared with tests/golden/<spec>/<stage>.txt.
+
+After an intended change to a pass or a printer, rewrite the files and review the diff:
+
+    python -m pytest tests/test_golden.py --update-golden
+    git diff tests/golden
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import pytest
+
+from attnc.pipeline import STAGES, read_spec, show
+from tests.specs import FUSEMAX_3PASS
+
+GOLDEN = Path(__file__).parent / "golden"
+
+SPECS = {
+    "causal": """\
+attention causal {
+  mask = n <= m
+}
+""",
+    "alibi": """\
+attention alibi {
+  param slopes[h]
+  score = dot(q, k) * scale + slopes[h] * (n - m)
+  mask = n <= m
+}
+""",
+    "attention_3pass": FUSEMAX_3PASS,  # FuseMax's 3-pass softmax cascade, written out by hand
+}
+
+# the generated Triton source is covered by the runtime tests, not pinned here
+GOLDEN_STAGES = tuple(s for s in STAGES if s != "triton")
+
+
+@pytest.fixture(scope="module")
+def update_golden(request) -> bool:
+    return request.config.getoption("--update-golden")
+
+
+def dump(spec: str, stage: str) -> str:
+    text = show(read_spec(SPECS[spec]), stage)
+    return text if text.endswith("\n") else text + "\n"
+
+
+@pytest.mark.parametrize("stage", GOLDEN_STAGES)
+@pytest.mark.parametrize("spec", SPECS)
+def test_golden(spec, stage, update_golden):
+    path = GOLDEN / spec / f"{stage}.txt"
+    actual = dump(spec, stage)
+    if update_golden:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.is_file() or path.read_text() != actual:
+            path.write_text(actual)
+        return
+    if not path.is_file():
+        pytest.fail(f"{path} is missing; create it with `pytest tests/test_golden.py "
+                    "--update-golden`")
+    expected = path.read_text()
+    if actual != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True),
+                                            f"golden/{spec}/{stage}.txt", "actual"))
+        pytest.fail(f"{spec} after {stage} differs from its golden file (if intended, rerun "
+                    f"with --update-golden and review the diff):\n{diff}", pytrace=False)
+
+
+def test_no_stale_golden_files():
+    expected = {(spec, f"{stage}.txt") for spec in SPECS for stage in GOLDEN_STAGES}
+    found = {(p.parent.name, p.name) for p in GOLDEN.glob("*/*.txt")}
+    assert found - expected == set(), "golden files for no spec/stage; delete them"
