@@ -116,6 +116,11 @@ def gather(value: torch.Tensor, index: list) -> torch.Tensor:
     return value[tuple(idx)]
 
 
+def _axis(values: torch.Tensor, pos: int, nd: int) -> torch.Tensor:
+    """`values` laid along axis `pos` of an nd-dimensional broadcast shape."""
+    return values.view([-1 if i == pos else 1 for i in range(nd)])
+
+
 class _Run:
     """Shared state of one interpretation: operands, extra inputs, sizes."""
 
@@ -133,18 +138,14 @@ class _Run:
         self.scale = scale
 
     def evaluator(self, ranks: tuple[str, ...], extra: dict | None = None) -> Evaluator:
+        """An Evaluator over [B, H, *ranks]; `extra` adds or overrides symbols."""
         nd = 2 + len(ranks)
         dev = self.q.device
-
-        def axis(size, pos):
-            shape = [1] * nd
-            shape[pos] = size
-            return torch.arange(size, device=dev).view(shape)
-
-        syms = {S.b: axis(self.B, 0), S.h: axis(self.H, 1), S.M: self.M, S.N: self.N,
-                S.scale: self.scale, S.B: self.B, S.H: self.H}
+        syms = {S.b: _axis(torch.arange(self.B, device=dev), 0, nd),
+                S.h: _axis(torch.arange(self.H, device=dev), 1, nd),
+                S.M: self.M, S.N: self.N, S.scale: self.scale, S.B: self.B, S.H: self.H}
         for i, r in enumerate(ranks):
-            syms[S.RANKS[r]] = axis(self.size[r], 2 + i)
+            syms[S.RANKS[r]] = _axis(torch.arange(self.size[r], device=dev), 2 + i, nd)
         syms.update(extra or {})
 
         def tensor(acc: sympy.Indexed):
@@ -203,18 +204,30 @@ def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict |
 
 def online_softmax_scan(scores: torch.Tensor, value: torch.Tensor):
     """The OnlineSoftmax node's semantics, literally: one key at a time."""
-    rm = torch.full(scores.shape[:-1], -math.inf, dtype=scores.dtype, device=scores.device)
-    rd = torch.zeros_like(rm)
-    rnv = torch.zeros(*scores.shape[:-1], value.shape[-1], dtype=scores.dtype,
-                      device=scores.device)
+    state = _softmax_start(scores.shape[:-1], value.shape[-1], scores)
     for j in range(scores.shape[-1]):
-        s = scores[..., j]
-        new = torch.maximum(rm, s)
-        safe = torch.where(new == -math.inf, torch.zeros_like(new), new)
-        c, p = torch.exp(rm - safe), torch.exp(s - safe)
-        rd = rd * c + p
-        rnv = rnv * c[..., None] + p[..., None] * value[..., j, None, :]
-        rm = new
+        state = _softmax_update(*state, scores[..., j:j + 1], value[..., j:j + 1, :])
+    return _softmax_finish(*state)
+
+
+def _softmax_start(rows: torch.Size, dv: int, like: torch.Tensor):
+    """Running max, denominator and numerator before any key."""
+    rm = torch.full(rows, -math.inf, dtype=like.dtype, device=like.device)
+    return rm, torch.zeros_like(rm), torch.zeros(*rows, dv, dtype=like.dtype, device=like.device)
+
+
+def _softmax_update(rm, rd, rnv, s, value):
+    """Fold keys in: scores `s` [..., rows, keys], `value` [..., keys, f]."""
+    new = torch.maximum(rm, s.amax(-1))
+    # rows that have seen no visible key keep max -inf; shift by 0 there to avoid inf - inf
+    safe = torch.where(new == -math.inf, torch.zeros_like(new), new)
+    p = torch.exp(s - safe[..., None])
+    alpha = torch.exp(rm - safe)
+    return new, rd * alpha + p.sum(-1), rnv * alpha[..., None] + p @ value
+
+
+def _softmax_finish(rm, rd, rnv):
+    """(out, lse); a row with no visible key gets zeros and -inf."""
     empty = rd == 0
     out = torch.where(empty[..., None], torch.zeros_like(rnv), rnv / rd[..., None])
     lse = torch.where(empty, torch.full_like(rd, -math.inf), rm + torch.log(rd))
@@ -247,35 +260,20 @@ def run_kernel(kernel, q, k, v, *, scale: float | None = None, inputs: dict | No
     B, H, M, N = run.B, run.H, run.M, run.N
     out = torch.zeros(B, H, M, run.Dv, dtype=q.dtype, device=q.device)
     lse = torch.full((B, H, M), -math.inf, dtype=q.dtype, device=q.device)
-    view = lambda x, pos: x.view([-1 if i == pos else 1 for i in range(4)])  # noqa: E731
     for i, visits in enumerate(tile_schedule(kernel.segments, M, N, bm, bn)):
         rows = torch.arange(i * bm, min(i * bm + bm, M), device=q.device)
-        m_i = torch.full((B, H, len(rows)), -math.inf, dtype=q.dtype, device=q.device)
-        l_i = torch.zeros_like(m_i)
-        acc = torch.zeros(B, H, len(rows), run.Dv, dtype=q.dtype, device=q.device)
+        state = _softmax_start((B, H, len(rows)), run.Dv, q)
         for start, masked in visits:
             cols = torch.arange(start, min(start + bn, N), device=q.device)
-            syms = {S.b: view(torch.arange(B, device=q.device), 0),
-                    S.h: view(torch.arange(H, device=q.device), 1),
-                    S.m: view(rows, 2), S.n: view(cols, 3), S.M: M, S.N: N, S.B: B, S.H: H,
-                    S.scale: scale,
-                    S.qk: run.q[:, :, rows] @ run.k[:, :, cols].transpose(-1, -2)}
-            ev = Evaluator(syms, None, q)
+            ev = run.evaluator(("m", "n"), {
+                S.m: _axis(rows, 2, 4), S.n: _axis(cols, 3, 4),
+                S.qk: run.q[:, :, rows] @ run.k[:, :, cols].transpose(-1, -2)})
             for ld in kernel.loads:
-                syms[sympy.Symbol(ld.name, real=True)] = gather(run.inputs[ld.tensor],
-                                                                [ev(x) for x in ld.index])
+                ev.symbols[sympy.Symbol(ld.name, real=True)] = gather(
+                    run.inputs[ld.tensor], [ev(x) for x in ld.index])
             s = _t(ev(kernel.score), q).expand(B, H, len(rows), len(cols))
             if masked and kernel.mask is not None:
                 s = torch.where(_t(ev(kernel.mask), q), s, torch.full_like(s, -math.inf))
-            new = torch.maximum(m_i, s.amax(-1))
-            safe = torch.where(new == -math.inf, torch.zeros_like(new), new)
-            p = torch.exp(s - safe[..., None])
-            alpha = torch.exp(m_i - safe)
-            l_i = l_i * alpha + p.sum(-1)
-            acc = acc * alpha[..., None] + p @ run.v[:, :, cols]
-            m_i = new
-        empty = l_i == 0
-        l_safe = torch.where(empty, torch.ones_like(l_i), l_i)
-        out[:, :, rows] = acc / l_safe[..., None]
-        lse[:, :, rows] = torch.where(empty, torch.full_like(l_i, -math.inf), m_i + torch.log(l_safe))
+            state = _softmax_update(*state, s, run.v[:, :, cols])
+        out[:, :, rows], lse[:, :, rows] = _softmax_finish(*state)
     return {"out": out, "lse": lse}

@@ -22,18 +22,15 @@ def jobs_for(kernel, dtype: str = "bf16", arch: int = 90, block_m: int = 128, bl
              block_d: int = 128, ieee: bool = False) -> dict:
     """A job for an attnc.Kernel: its cached source, entry point and a launch signature."""
     from attnc import cache
-    from attnc.backends.triton.codegen import kernel_names
+    from attnc.backends.triton.codegen import PROGRAM_CONSTEXPRS, kernel_names, program_args
 
     ir = kernel.kernel_ir
-    sig = {name: f"*{dtype}" for name in ("Q", "K", "V", "Out")}
-    sig["Lse"] = "*fp32"
-    for d in ir.inputs:
-        sig[d.name] = "*fp32" if d.kind == "param" else "*i64"
-    strides = [f"stride_{t}{r}" for t, rs in (("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd"),
-                                              ("o", "bhmd")) for r in rs]
-    strides += [f"{d.name}_s{i}" for d in ir.inputs for i in range(len(d.dims))]
-    sig.update({s: "i32" for s in strides + ["B", "H", "M", "N", "D", "DV", "GROUP"]})
-    sig["scale"] = "fp32"
+    # one representative launch: fp32 params, int64 ids
+    types = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": f"*{dtype}",
+             "Lse": "*fp32", "scale": "fp32"}
+    types.update({d.name: "*fp32" if d.kind == "param" else "*i64" for d in ir.inputs})
+    sig = {name: types.get(name, "i32") for name in program_args(ir)
+           if name not in PROGRAM_CONSTEXPRS}
     constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
                   "BLOCK_DV": block_d, "IEEE": ieee, "UPCAST": False}
     return {"path": str(cache.kernel_path(kernel.key)), "function": kernel_names(ir)[0],

@@ -196,17 +196,21 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
         c("return acc, l_i, m_new")
 
 
+PROGRAM_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "IEEE", "UPCAST")
+
+
+def program_args(k: AttentionKernel) -> list[str]:
+    """The forward kernel's parameters in order (the launcher passes them positionally):
+    pointers, strides, sizes, scale, then PROGRAM_CONSTEXPRS."""
+    strides = [f"stride_{t}{r}" for t, ranks in (("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd"),
+                                                 ("o", "bhmd")) for r in ranks]
+    return (["Q", "K", "V", "Out", "Lse"] + _ptr_args(k) + strides + _stride_args(k)
+            + ["B", "H", "M", "N", "D", "DV", "GROUP", "scale"] + list(PROGRAM_CONSTEXPRS))
+
+
 def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
     fwd, step = kernel_names(k)
-    args = (["Q", "K", "V", "Out", "Lse"] + _ptr_args(k)
-            + ["stride_qb", "stride_qh", "stride_qm", "stride_qd",
-               "stride_kb", "stride_kh", "stride_kn", "stride_kd",
-               "stride_vb", "stride_vh", "stride_vn", "stride_vd",
-               "stride_ob", "stride_oh", "stride_om", "stride_od"]
-            + _stride_args(k)
-            + ["B", "H", "M", "N", "D", "DV", "GROUP", "scale",
-               "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
-               "BLOCK_DV: tl.constexpr", "IEEE: tl.constexpr", "UPCAST: tl.constexpr"])
+    args = [f"{a}: tl.constexpr" if a in PROGRAM_CONSTEXPRS else a for a in program_args(k)]
     scalar = TritonPrinter({})
     c("@triton.jit")
     c.call(f"def {fwd}(", args, "):")
