@@ -3,17 +3,34 @@
     kernel = attnc.compile(spec_text_or_path, **options)
     out = kernel(q, k, v, scale=None, return_lse=False, **inputs)
     attnc.load("sliding_window", window=256); attnc.variants()
+
+FlexAttention's API, on the same compiler:
+
+    out = attnc.flex_attention(q, k, v, score_mod=..., block_mask=...)
+    block_mask = attnc.create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN)
+    attnc.and_masks / attnc.or_masks / attnc.noop_mask / attnc.BlockMask
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import sys
 import threading
 
 from attnc.errors import CompileError, SpecError
 
-__all__ = ["compile", "load", "variants", "Kernel", "SpecError", "CompileError", "__version__"]
+__all__ = ["compile", "load", "variants", "Kernel", "SpecError", "CompileError", "__version__",
+           "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks",
+           "noop_mask"]
+
+_LAZY = {"Kernel": "attnc.runtime", "flex_attention": "attnc.flex",
+         "create_block_mask": "attnc.block_mask", "BlockMask": "attnc.block_mask",
+         "and_masks": "attnc.block_mask", "or_masks": "attnc.block_mask",
+         "noop_mask": "attnc.block_mask"}
+
+if "torch" in sys.modules:  # pick Triton's mode (interpreter without CUDA) before others import it
+    import attnc.backends.triton  # noqa: F401
 
 _MEMO: dict = {}
 _MEMO_LOCK = threading.Lock()
@@ -56,7 +73,7 @@ def variants() -> list[str]:
 
 
 def __getattr__(name):
-    if name == "Kernel":
-        from attnc.runtime import Kernel
-        return Kernel
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(name)

@@ -102,7 +102,9 @@ class KeyBounds:
     """mask_bounds' result: ordered segments (by lo) and the score/mask they came from."""
 
     segments: tuple[KeySegment, ...]
-    exact: bool  # every atom of the mask was analyzed (no data-dependent fallback)
+    # For a single row (m_lo = m_hi) the segments are exactly its visible keys: every atom was
+    # analyzed (nothing data-dependent) and no union had to be widened to a hull.
+    exact: bool
     mask: sympy.Expr | None  # the mask, inlined; None: every key visible
     score: sympy.Expr | None  # the unmasked score, inlined
 
@@ -115,17 +117,22 @@ class KeyBounds:
 
 @dataclass(frozen=True)
 class Schedule:
-    """tile's result: which ranks are parallel, which rank is the sequential loop, block names."""
+    """tile's result: which ranks are parallel, which rank is the sequential loop, block names,
+    and where a query tile's key tiles come from: "segments" (mask_bounds, decided at compile
+    time) or "block_mask" (per (b, h, query block) lists of key blocks, given at call time)."""
 
     parallel: tuple[str, ...] = ("b", "h", "m")
     loop: str = "n"
     blocks: tuple[tuple[str, str], ...] = (("m", "BLOCK_M"), ("n", "BLOCK_N"),
                                            ("e", "BLOCK_D"), ("f", "BLOCK_DV"))
+    keys: str = "segments"
 
     def __str__(self) -> str:
         blocks = ", ".join(f"{r}:{b}" for r, b in self.blocks)
+        source = ("key tiles from the mask bounds" if self.keys == "segments"
+                  else "key blocks from the call's block mask (partial: masked, full: unmasked)")
         return (f"schedule: grid over ({', '.join(self.parallel)}), "
-                f"sequential loop over {self.loop}; tiles {blocks}")
+                f"sequential loop over {self.loop}; tiles {blocks}; {source}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,7 @@ class Cascade:
     outputs: tuple[tuple[str, str], ...]  # (role, tensor): ("out", ...), ("lse", ...)
     options: tuple[tuple[str, object], ...] = ()
     source_kind: str = "cascade"  # "attention" or "cascade": the block it came from
+    block_sparse: bool = False  # visit the key blocks a call's block mask lists
     bounds: KeyBounds | None = None
     schedule: Schedule | None = None
 
@@ -212,7 +220,8 @@ def verify(c: Cascade) -> None:
 
 def format_cascade(c: Cascade, passes: int | None = None) -> str:
     """Deterministic math view of a cascade (one einsum per line, FuseMax style)."""
-    lines = [f"cascade {c.name}  # from {c.source_kind} block"]
+    lines = [f"cascade {c.name}  # from {c.source_kind} block"
+             + (", block-sparse" if c.block_sparse else "")]
     if passes is not None:
         lines.append(f"# passes over n: {passes}")
     if c.options:
@@ -244,9 +253,10 @@ class AttentionSpec:
     mask: sympy.Expr | None
     normalize: str
     options: tuple[tuple[str, object], ...] = ()
+    block_sparse: bool = False
 
     def __str__(self) -> str:
-        lines = [f"attention {self.name}"]
+        lines = [f"attention {self.name}" + ("  # block-sparse" if self.block_sparse else "")]
         if self.options:
             lines.append("option " + ", ".join(f"{k} = {v}" for k, v in self.options))
         lines += [str(d) for d in self.decls]

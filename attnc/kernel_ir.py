@@ -3,7 +3,9 @@
 A program owns one query tile (BLOCK_M rows) of one (b, h). It loads its q tile, then the `loads`
 that depend only on (b, h) ("program") or on the row ("row"), walks the key tiles of each
 `segments` entry (masked tiles, then full tiles without evaluating the mask, then masked tiles),
-updating the running max/sum/accumulator of the normalizer, and stores out and lse. Key-dependent
+updating the running max/sum/accumulator of the normalizer, and stores out and lse. A
+block-sparse kernel (schedule.keys == "block_mask") walks instead the key blocks a block mask lists
+for its (b, h, query block): partial blocks masked, full blocks without the mask. Key-dependent
 loads ("key", "tile") happen inside the key loop. Expressions are sympy over qk, b, h, m, n, M,
 N, scale and the load symbols; tile sizes are symbolic and chosen at launch.
 """
@@ -51,8 +53,11 @@ def format_kernel(k: AttentionKernel) -> str:
             if ld.level == level:
                 lines.append(f"  {ld}")
     lines.append("  for each query tile [m_lo, m_hi]:")
-    for i, seg in enumerate(k.segments):
-        lines.append(f"    segment {i}: {seg}")
+    if k.schedule.keys == "block_mask":
+        lines.append("    key blocks: the block mask's partial list (masked), then its full list")
+    else:
+        for i, seg in enumerate(k.segments):
+            lines.append(f"    segment {i}: {seg}")
     lines.append(f"    per key tile: s = {k.score}")
     lines.append(f"    masked tiles: s = where({k.mask if k.mask is not None else 'n < N'}, s, -oo)")
     lines.append(f"    normalizer: {k.normalizer} (online: running max, sum, rescaled acc)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+from dataclasses import replace
 
 import sympy
 import torch
@@ -25,11 +26,14 @@ from attnc.pipeline import Source, format_ir, frontend, run_passes
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAUNCH_OPTIONS = ("block_m", "block_n", "num_warps", "num_stages")
 _OPS: dict[str, object] = {}
+TRACED = "<traced mods>"  # the Source filename of kernels built from Python mods
 _LOCK = threading.Lock()
 
 
 class Kernel:
-    """A compiled attention variant: `kernel(q, k, v, *, scale=None, return_lse=False, **inputs)`."""
+    """A compiled attention variant:
+    `kernel(q, k, v, *, scale=None, return_lse=False, block_mask=None, **inputs)`; a block-sparse
+    kernel (compiled with block_sparse=True) requires `block_mask`, others refuse it."""
 
     def __init__(self, src: Source, options: dict, frontend_ir, trail, key: str, source: str,
                  cache_hit: bool, launch_overrides: dict):
@@ -46,6 +50,7 @@ class Kernel:
         self._fn = None
         self._configs: dict = {}
         self.inputs = tuple(d.name for d in self.kernel_ir.inputs)
+        self.block_sparse = self.kernel_ir.schedule.keys == "block_mask"
         self._op = _make_op(self)
         self._checks = _index_checks(self.kernel_ir)
         # Shapes as plain functions of (B, H, M, N): the call path runs no sympy, so dynamo can
@@ -61,7 +66,7 @@ class Kernel:
         """The IR after a stage (see attnc.pipeline.STAGES), printed."""
         if stage == "triton":
             return self.source
-        if stage == "cascade":
+        if stage == "cascade" or (stage == "parse" and self.spec.filename == TRACED):
             return format_ir(self._frontend_ir)
         if stage == "kernel":
             return format_ir(self.kernel_ir)
@@ -74,6 +79,7 @@ class Kernel:
     # --- running ----------------------------------------------------------------------------
     def _function(self):
         if self._fn is None:
+            triton_backend.check_interpreter()
             module = cache.import_kernel(self.key)
             from attnc.backends.triton.codegen import kernel_names
             self._fn = getattr(module, kernel_names(self.kernel_ir)[0])
@@ -95,11 +101,52 @@ class Kernel:
             self._configs[key] = cfg
         return self._configs[key]
 
-    def __call__(self, q, k, v, *, scale=None, return_lse=False, **inputs):
+    def __call__(self, q, k, v, *, scale=None, return_lse=False, block_mask=None, **inputs):
         extras = self._validate(q, k, v, scale, inputs)
+        lists, sizes = self._block_lists(q, k, block_mask)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        out, lse = self._op(q, k, v, extras, scale)
+        out, lse = self._op(q, k, v, extras, lists, sizes, scale)
         return (out, lse) if return_lse else out
+
+    def _block_lists(self, q, k, block_mask) -> tuple[list[torch.Tensor], list[int]]:
+        """The block mask's four lists broadcast to [B, H, ...], and its block sizes."""
+        if not self.block_sparse:
+            if block_mask is not None:
+                raise ValueError(f"{self.name}: this kernel takes no block_mask; compile the spec "
+                                 "with block_sparse=True to visit a block mask's key blocks")
+            return [], []
+        from attnc.block_mask import BlockMask
+        if block_mask is None:
+            raise ValueError(f"{self.name}: a block-sparse kernel needs block_mask=")
+        if not isinstance(block_mask, BlockMask):
+            if not hasattr(block_mask, "kv_num_blocks"):
+                raise ValueError(f"{self.name}: block_mask must be an attnc.BlockMask or a torch "
+                                 f"BlockMask, got {type(block_mask).__name__}")
+            block_mask = BlockMask.from_torch(block_mask)
+        B, H, M, _ = q.shape
+        N = k.shape[2]
+        bq, bkv = block_mask.BLOCK_SIZE
+        for name, size in (("query", bq), ("key", bkv)):
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"{self.name}: the block mask's {name} block size is {size}; "
+                                 "kernels need a power of two >= 16")
+        if tuple(block_mask.seq_lengths) != (M, N):
+            raise ValueError(f"{self.name}: the block mask is for lengths "
+                             f"{tuple(block_mask.seq_lengths)}, the call has (M, N) = ({M}, {N})")
+        mb, mh, qblocks, kblocks = block_mask.kv_indices.shape
+        if mb not in (1, B) or mh not in (1, H):
+            raise ValueError(f"{self.name}: the block mask has B={mb}, H={mh}; expected 1 or "
+                             f"the call's B={B}, H={H} (query heads)")
+        if qblocks < -(-M // bq) or kblocks < -(-N // bkv):
+            raise ValueError(f"{self.name}: the block mask has {qblocks} x {kblocks} blocks, too "
+                             f"few for lengths ({M}, {N}) with blocks {(bq, bkv)}")
+        if block_mask.device != q.device:
+            raise ValueError(f"{self.name}: the block mask is on {block_mask.device}, q is on "
+                             f"{q.device}; use block_mask.to(device)")
+        lists = [t.expand(B, H, *t.shape[2:]) for t in (
+            block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+            block_mask.full_kv_indices)]
+        return lists, [bq, bkv]
 
     def _validate(self, q, k, v, scale, inputs) -> list[torch.Tensor]:
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -214,14 +261,16 @@ def _make_op(kernel: Kernel):
             return _OPS[name]
 
         def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    extras: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    extras: list[torch.Tensor], block_lists: list[torch.Tensor],
+                    block_sizes: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
             from attnc.backends.triton.launcher import launch
-            return launch(kernel._function(), q, k, v, list(extras), scale, kernel.config(q, k, v))
+            return launch(kernel._function(), q, k, v, list(extras), scale, kernel.config(q, k, v),
+                          list(block_lists), tuple(block_sizes) if block_sizes else None)
 
         op = torch.library.custom_op(name, forward, mutates_args=())
 
         @op.register_fake
-        def _(q, k, v, extras, scale):
+        def _(q, k, v, extras, block_lists, block_sizes, scale):
             B, H, M, _ = q.shape
             return (q.new_empty(B, H, M, v.shape[-1]),
                     q.new_empty(B, H, M, dtype=torch.float32))
@@ -230,16 +279,33 @@ def _make_op(kernel: Kernel):
         return op
 
 
-def compile_spec(src: Source, options: dict) -> Kernel:
-    from attnc.backends.triton.codegen import generate
-
+def launch_options(options: dict) -> dict:
+    """Pop and check the launch options (tile sizes, warps, stages) from `options`."""
     launch_overrides = {k: options.pop(k) for k in LAUNCH_OPTIONS if k in options}
     for k, v in launch_overrides.items():
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or (
                 k.startswith("block") and (v < 16 or v & (v - 1))):
             raise ValueError(f"{k} must be " + ("a power of two >= 16" if k.startswith("block")
                                                 else "a positive integer") + f", got {v!r}")
+    return launch_overrides
+
+
+def compile_spec(src: Source, options: dict) -> Kernel:
+    """Compile DSL text; `block_sparse=True` makes a kernel that visits a block mask's blocks."""
+    launch_overrides = launch_options(options)
+    block_sparse = options.pop("block_sparse", False)
+    if not isinstance(block_sparse, bool):
+        raise ValueError(f"block_sparse must be True or False, got {block_sparse!r}")
     _, ir = frontend(src, options)
+    if block_sparse:
+        ir = replace(ir, block_sparse=True)
+    return compile_ir(ir, src, options, launch_overrides)
+
+
+def compile_ir(ir, src: Source, options: dict, launch_overrides: dict) -> Kernel:
+    """Run the passes on frontend IR (an AttentionSpec or Cascade) and build the kernel."""
+    from attnc.backends.triton.codegen import generate
+
     trail = run_passes(ir)
     kernel_ir = trail[-1][1]
     key = cache.digest(repr(kernel_ir), repr(sorted(cache.versions().items())), "triton")

@@ -56,5 +56,13 @@ class softplus(sympy.Function):
         return None
 
 
+def compare(op: str, a, b) -> sympy.Expr:
+    """a <op> b for op in < <= > >= == !=, in one canonical form: > and >= are written as < and
+    <= with the sides swapped, so `q_idx >= kv_idx` and `n <= m` are the same IR."""
+    if op in (">", ">="):
+        a, b, op = b, a, op.replace(">", "<")
+    return {"<": sympy.Lt, "<=": sympy.Le, "==": sympy.Eq, "!=": sympy.Ne}[op](a, b)
+
+
 def access(name: str, *index) -> sympy.Indexed:
     return sympy.IndexedBase(name)[tuple(index)]

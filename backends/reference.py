@@ -19,7 +19,7 @@ from attnc.ir import Cascade, Einsum, OnlineSoftmax
 
 _UNARY = {
     sympy.exp: torch.exp, sympy.log: torch.log, sympy.tanh: torch.tanh, sympy.Abs: torch.abs,
-    sympy.sin: torch.sin, sympy.cos: torch.cos, S.sigmoid: torch.sigmoid,
+    sympy.sin: torch.sin, sympy.cos: torch.cos, sympy.tan: torch.tan, S.sigmoid: torch.sigmoid,
     S.softplus: torch.nn.functional.softplus, sympy.floor: torch.floor,
     sympy.ceiling: torch.ceil,
 }

@@ -23,11 +23,10 @@ RESERVED = {"b", "h", "m", "n", "e", "f", "B", "H", "M", "N", "q", "k", "v", "sc
 _FUNCS = {
     "exp": (1, sympy.exp), "log": (1, sympy.log), "tanh": (1, sympy.tanh),
     "sqrt": (1, sympy.sqrt), "abs": (1, sympy.Abs), "sin": (1, sympy.sin),
-    "cos": (1, sympy.cos), "sigmoid": (1, S.sigmoid), "softplus": (1, S.softplus),
+    "cos": (1, sympy.cos), "tan": (1, sympy.tan), "exp2": (1, lambda x: 2 ** x),
+    "sigmoid": (1, S.sigmoid), "softplus": (1, S.softplus),
     "relu": (1, lambda x: sympy.Max(x, 0)), "clamp": (3, lambda x, lo, hi: sympy.Min(sympy.Max(x, lo), hi)),
 }
-_COMPARE = {"<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge,
-            "==": sympy.Eq, "!=": sympy.Ne}
 
 
 @dataclass
@@ -248,7 +247,7 @@ class _Lowerer:
         if rule == "compare":
             a = self.expect(kids[0], scope, NUM, "comparison operand", decl)
             c = self.expect(kids[2], scope, NUM, "comparison operand", decl)
-            return _COMPARE[str(kids[1])](a, c), BOOL
+            return S.compare(str(kids[1]), a, c), BOOL
         if rule in ("and_", "or_"):
             a = self.expect(kids[0], scope, BOOL, f"operand of '{rule[:-1]}'", decl)
             c = self.expect(kids[1], scope, BOOL, f"operand of '{rule[:-1]}'", decl)

@@ -20,6 +20,7 @@ from attnc import symbols as S
 from attnc.ir import AttentionSpec, Cascade, Einsum, TensorDecl
 
 NAME = "desugar"
+MASK_NODE = "SM"  # the masking einsum; mask_bounds finds a block-sparse kernel's mask here
 
 
 def _t(name: str, *ranks) -> sympy.Indexed:
@@ -53,12 +54,12 @@ def run(spec: AttentionSpec | Cascade) -> Cascade:
         nodes.append(Einsum("S", ("m", "n"), spec.score))
         current = "S"
     if spec.mask is not None:
-        nodes.append(Einsum("SM", ("m", "n"),
+        nodes.append(Einsum(MASK_NODE, ("m", "n"),
                             sympy.Piecewise((_t(current, m, n), spec.mask), (-sympy.oo, True))))
-        current = "SM"
+        current = MASK_NODE
     nodes += softmax_cascade(current)
     operands = tuple(TensorDecl(t, "operand", tuple(S.RANKS[r] for r in rk))
                      for t, rk in S.OPERANDS.items())
     return Cascade(name=spec.name, decls=operands + spec.decls, nodes=tuple(nodes),
                    outputs=(("out", "O"), ("lse", "LSE")), options=spec.options,
-                   source_kind="attention")
+                   source_kind="attention", block_sparse=spec.block_sparse)

@@ -6,7 +6,9 @@ gives, for a query tile with rows [m_lo, m_hi], a key range [lo, hi) that holds 
 (the hull over the tile's rows) and a range [full_lo, full_hi) visible to every row. `and`
 intersects ranges; `or` keeps an ordered list of ranges when their order is provable, else merges
 them. Conditions on m alone become all-or-nothing ranges; anything else (data-dependent, modulo)
-is the whole key range with no full part — correct, just not pruned.
+is the whole key range with no full part — correct, just not pruned. The result is `exact` when
+no atom fell back this way and no union was widened to its hull: then, for one row, the segments
+are precisely the visible keys (what static block-mask construction relies on).
 
 `tile_schedule` turns segments into the exact list of key tiles a kernel visits and whether each
 is masked; the Triton backend emits the same arithmetic, and tests compare it with brute force.
@@ -14,6 +16,7 @@ is masked; the Triton backend emits the same arithmetic, and tests compare it wi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -21,6 +24,7 @@ import sympy
 
 from attnc import symbols as S
 from attnc.ir import Cascade, Einsum, KeyBounds, KeySegment, OnlineSoftmax
+from attnc.passes.desugar import MASK_NODE
 
 NAME = "mask_bounds"
 ZERO = sympy.Integer(0)
@@ -191,7 +195,7 @@ def _hull(r: _Result) -> KeySegment:
 def _and(a: _Result, b: _Result) -> _Result:
     exact = a.exact and b.exact
     if len(a.segments) > 1 and len(b.segments) > 1:
-        a, b = _Result((_hull(a),), a.exact), _Result((_hull(b),), b.exact)
+        a, b = _Result((_hull(a),), False), _Result((_hull(b),), False)
     one, many = (a, b) if len(a.segments) == 1 else (b, a)
     return _Result(tuple(_intersect(one.segments[0], s) for s in many.segments), exact)
 
@@ -210,12 +214,14 @@ def _or(a: _Result, b: _Result) -> _Result:
         segs.insert(pos, s)
     ordered = all(_le(x.lo, y.lo) for x, y in zip(segs, segs[1:]))
     if not ordered:
-        return _Result((_hull(_Result(tuple(segs), exact)),), exact)
+        return _Result((_hull(_Result(tuple(segs), exact)),), False)
     return _Result(tuple(segs), exact)
 
 
+@functools.lru_cache(maxsize=256)
 def analyze(mask: sympy.Expr | None) -> KeyBounds:
-    """Key segments for a mask (None: every key visible)."""
+    """Key segments for a mask (None: every key visible). Memoized: sympy's simplification is
+    the slow part, and block-mask construction asks again for the same traced mask."""
     if mask is None:
         res = _whole(True, True)
     else:
@@ -272,11 +278,25 @@ def split_mask(scores: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr | None]:
     return scores, (sympy.And(*conds) if conds else None)
 
 
+def _split(c: Cascade, scores: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr | None]:
+    """(score, mask) of the scan's scores. A block-sparse kernel skips the mask on full blocks,
+    so there only the condition of desugar's masking node SM = where(mask, S, -oo) leaves the
+    score; a where(cond, s, -oo) inside the score itself (or anywhere in a cascade written by
+    hand) stays in it."""
+    if not c.block_sparse:
+        return split_mask(inline(c, scores))
+    node = next((nd for nd in c.nodes if isinstance(nd, Einsum) and nd.name == MASK_NODE), None)
+    if c.source_kind == "attention" and node is not None and scores == S.access(MASK_NODE, S.m, S.n):
+        (inner, cond), _ = node.expr.args
+        return inline(c, inner), inline(c, cond)
+    return inline(c, scores), None
+
+
 def run(c: Cascade) -> Cascade:
     scans = [nd for nd in c.nodes if isinstance(nd, OnlineSoftmax)]
     if len(scans) != 1:
         return c
-    score, mask = split_mask(inline(c, scans[0].scores))
+    score, mask = _split(c, scans[0].scores)
     bounds = analyze(mask)
     from dataclasses import replace
     return replace(c, bounds=replace(bounds, score=score))

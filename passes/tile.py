@@ -1,5 +1,6 @@
 """tile: schedule a one-pass cascade as a grid over (b, h, query tiles) with a sequential loop
-over key tiles. Refuses (CompileError) a cascade that still needs more than one pass over n,
+over key tiles, taken from the mask bounds or, for a block-sparse cascade, from the block mask
+given at call time. Refuses (CompileError) a cascade that still needs more than one pass over n,
 since its intermediates would have to be materialized between passes.
 """
 
@@ -25,4 +26,4 @@ def run(c: Cascade) -> Cascade:
         raise CompileError(f"{c.name}: no softmax over n found; attnc compiles softmax attention "
                            "(GM = max(n) x, SN = exp(x - GM), SD = sum(n) SN, A = SN/SD, "
                            "AV = sum(n) A*V)")
-    return replace(c, schedule=Schedule())
+    return replace(c, schedule=Schedule(keys="block_mask" if c.block_sparse else "segments"))

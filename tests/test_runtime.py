@@ -179,7 +179,7 @@ def test_kernel_is_a_torch_op():
     kern = attnc.compile(CAUSAL)
     assert kern._op._qualname.startswith("attnc::causal_t_")
     q, k, v = _qkv()
-    torch.library.opcheck(kern._op, (q, k, v, [], 0.25),
+    torch.library.opcheck(kern._op, (q, k, v, [], [], [], 0.25),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -22,17 +22,21 @@ def jobs_for(kernel, dtype: str = "bf16", arch: int = 90, block_m: int = 128, bl
              block_d: int = 128, ieee: bool = False) -> dict:
     """A job for an attnc.Kernel: its cached source, entry point and a launch signature."""
     from attnc import cache
-    from attnc.backends.triton.codegen import PROGRAM_CONSTEXPRS, kernel_names, program_args
+    from attnc.backends.triton.codegen import (BLOCK_LISTS, constexpr_args, kernel_names,
+                                               program_args)
 
     ir = kernel.kernel_ir
     # one representative launch: fp32 params, int64 ids
     types = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": f"*{dtype}",
              "Lse": "*fp32", "scale": "fp32"}
     types.update({d.name: "*fp32" if d.kind == "param" else "*i64" for d in ir.inputs})
+    types.update({name: "*i32" for name, _, _ in BLOCK_LISTS})
     sig = {name: types.get(name, "i32") for name in program_args(ir)
-           if name not in PROGRAM_CONSTEXPRS}
+           if name not in constexpr_args(ir)}
     constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                  "BLOCK_DV": block_d, "IEEE": ieee, "UPCAST": False}
+                  "BLOCK_DV": block_d, "IEEE": ieee, "UPCAST": False,
+                  "SPARSE_Q": 128, "SPARSE_KV": 128}
+    constexprs = {name: constexprs[name] for name in constexpr_args(ir)}
     return {"path": str(cache.kernel_path(kernel.key)), "function": kernel_names(ir)[0],
             "signature": sig, "constexprs": constexprs, "arch": arch}
 

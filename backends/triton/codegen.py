@@ -2,7 +2,8 @@
 
 The source is built statement by statement with a small CodeBuilder (no template with holes):
 a header, the helpers the expressions need, a key-tile step function (`MASKED` is a constexpr,
-so full tiles compile without the mask), and the program that walks the key segments. The text
+so full tiles compile without the mask), and the program that walks the key segments (or, for a
+block-sparse kernel, the key blocks its block mask lists). The text
 depends only on the kernel IR, so it is shared by every dtype and device; dtype-dependent choices
 are constexprs picked at launch.
 """
@@ -87,6 +88,17 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     else:
         c = tl.dot(a, b)
     return c
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. Triton's interpreter (UPCAST) truncates fp32 to
+    bf16, so there bf16 is rounded by hand first; compiled Triton rounds correctly itself."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 '''
 
 
@@ -192,25 +204,44 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
         c("p = tl.exp(s - m_safe[:, None])")
         c("alpha = tl.exp(m_i - m_safe)")
         c("l_i = l_i * alpha + tl.sum(p, 1)")
-        c("acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)")
+        c("acc = acc * alpha[:, None] + _dot(_round(p, v.dtype, UPCAST), v, IEEE, UPCAST)")
         c("return acc, l_i, m_new")
 
 
 PROGRAM_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "IEEE", "UPCAST")
+# A block-sparse kernel's lists: (number of blocks [B, H, QB], block indices [B, H, QB, KB]) for
+# the partial and the full blocks, each with its strides; the block sizes are constexprs.
+BLOCK_LISTS = (("KV_NUM", "kvn", "bhq"), ("KV_IDX", "kvi", "bhqk"),
+               ("FULL_NUM", "fn", "bhq"), ("FULL_IDX", "fi", "bhqk"))
+SPARSE_CONSTEXPRS = ("SPARSE_Q", "SPARSE_KV")
+
+
+def block_sparse(k: AttentionKernel) -> bool:
+    return k.schedule.keys == "block_mask"
 
 
 def program_args(k: AttentionKernel) -> list[str]:
     """The forward kernel's parameters in order (the launcher passes them positionally):
-    pointers, strides, sizes, scale, then PROGRAM_CONSTEXPRS."""
+    pointers, strides, sizes, scale, then the constexprs."""
     strides = [f"stride_{t}{r}" for t, ranks in (("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd"),
                                                  ("o", "bhmd")) for r in ranks]
-    return (["Q", "K", "V", "Out", "Lse"] + _ptr_args(k) + strides + _stride_args(k)
-            + ["B", "H", "M", "N", "D", "DV", "GROUP", "scale"] + list(PROGRAM_CONSTEXPRS))
+    lists, list_strides, sparse = [], [], []
+    if block_sparse(k):
+        lists = [name for name, _, _ in BLOCK_LISTS]
+        list_strides = [f"{short}_s{r}" for _, short, dims in BLOCK_LISTS for r in dims]
+        sparse = list(SPARSE_CONSTEXPRS)
+    return (["Q", "K", "V", "Out", "Lse"] + _ptr_args(k) + lists + strides + _stride_args(k)
+            + list_strides + ["B", "H", "M", "N", "D", "DV", "GROUP", "scale"]
+            + list(PROGRAM_CONSTEXPRS) + sparse)
+
+
+def constexpr_args(k: AttentionKernel) -> tuple[str, ...]:
+    return PROGRAM_CONSTEXPRS + (SPARSE_CONSTEXPRS if block_sparse(k) else ())
 
 
 def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
-    fwd, step = kernel_names(k)
-    args = [f"{a}: tl.constexpr" if a in PROGRAM_CONSTEXPRS else a for a in program_args(k)]
+    fwd = kernel_names(k)[0]
+    args = [f"{a}: tl.constexpr" if a in constexpr_args(k) else a for a in program_args(k)]
     scalar = TritonPrinter({})
     c("@triton.jit")
     c.call(f"def {fwd}(", args, "):")
@@ -238,28 +269,62 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None
         c('m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)')
         c("l_i = tl.zeros([BLOCK_M], tl.float32)")
         c("acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)")
-        call_args = _step_args(k)
-        c("prev_end = zero")
-        for i, seg in enumerate(k.segments):
-            c(f"# segment {i}: keys [{seg.lo}, {seg.hi}), every row sees [{seg.full_lo}, {seg.full_hi})")
-            c(f"lo = {scalar(seg.lo)} + zero")
-            c(f"hi = {scalar(seg.hi)} + zero")
-            c(f"flo = {scalar(seg.full_lo)} + zero")
-            c(f"fhi = {scalar(seg.full_hi)} + zero")
-            c("t0, t1, t2, t3 = _key_tiles(lo, hi, flo, fhi, prev_end, N, BLOCK_N)")
-            for lo_name, hi_name, masked in (("t0", "t1", True), ("t1", "t2", False),
-                                             ("t2", "t3", True)):
-                with c.block(f"for start_n in range({lo_name}, {hi_name}, BLOCK_N):"):
-                    c.call(f"acc, l_i, m_i = {step}(", call_args + [
-                        f"MASKED={masked}", "IEEE=IEEE", "UPCAST=UPCAST"])
-            c("prev_end = t3")
+        if block_sparse(k):
+            _emit_block_lists(c, k)
+        else:
+            _emit_segments(c, k, scalar)
         c("empty = l_i == 0.0")
         c("l_safe = tl.where(empty, 1.0, l_i)")
         c("out = acc / l_safe[:, None]")
         c('lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))')
         c("o_ptrs = (Out + b.to(tl.int64) * stride_ob + h * stride_oh")
         c("          + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)")
-        c("tl.store(o_ptrs, out.to(Out.dtype.element_ty), "
+        c("tl.store(o_ptrs, _round(out, Out.dtype.element_ty, UPCAST), "
           "mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))")
         c("tl.store(Lse + pid_bh.to(tl.int64) * M + offs_m, lse, mask=offs_m < M)")
     pr.helpers |= scalar.helpers
+
+
+def _step_call(c: CodeBuilder, k: AttentionKernel, masked: str) -> None:
+    c.call(f"acc, l_i, m_i = {kernel_names(k)[1]}(", _step_args(k) + [
+        f"MASKED={masked}", "IEEE=IEEE", "UPCAST=UPCAST"])
+
+
+def _emit_segments(c: CodeBuilder, k: AttentionKernel, scalar: TritonPrinter) -> None:
+    """Key tiles from the mask bounds: per segment, masked / full / masked ranges."""
+    c("prev_end = zero")
+    for i, seg in enumerate(k.segments):
+        c(f"# segment {i}: keys [{seg.lo}, {seg.hi}), every row sees [{seg.full_lo}, {seg.full_hi})")
+        c(f"lo = {scalar(seg.lo)} + zero")
+        c(f"hi = {scalar(seg.hi)} + zero")
+        c(f"flo = {scalar(seg.full_lo)} + zero")
+        c(f"fhi = {scalar(seg.full_hi)} + zero")
+        c("t0, t1, t2, t3 = _key_tiles(lo, hi, flo, fhi, prev_end, N, BLOCK_N)")
+        for lo_name, hi_name, masked in (("t0", "t1", "True"), ("t1", "t2", "False"),
+                                         ("t2", "t3", "True")):
+            with c.block(f"for start_n in range({lo_name}, {hi_name}, BLOCK_N):"):
+                _step_call(c, k, masked)
+        c("prev_end = t3")
+
+
+def _emit_block_lists(c: CodeBuilder, k: AttentionKernel) -> None:
+    """Key blocks from the block mask of this (b, h, query block): the partial blocks with the
+    mask, then the full blocks without it. A query tile lies inside one query block (BLOCK_M
+    divides SPARSE_Q); each key block is walked in BLOCK_N tiles, stopping at N."""
+    c("qb = m_lo // SPARSE_Q")
+    for num, idx, masked in (("KV_NUM", "KV_IDX", True), ("FULL_NUM", "FULL_IDX", False)):
+        ns, xs = (next(short for name, short, _ in BLOCK_LISTS if name == x) for x in (num, idx))
+        c(f"count = tl.load({num} + b * {ns}_sb + h * {ns}_sh + qb * {ns}_sq)")
+        c(f"blocks = {idx} + b * {xs}_sb + h * {xs}_sh + qb * {xs}_sq")
+        with c.block("for j in range(0, count):"):
+            c(f"start = tl.load(blocks + j * {xs}_sk) * SPARSE_KV")
+            c("stop = tl.minimum(start + SPARSE_KV, N)")
+            with c.block("for start_n in range(start, stop, BLOCK_N):"):
+                if masked:
+                    _step_call(c, k, "True")
+                else:
+                    c("# a full block's last tile may run past N: bounds-check it")
+                    with c.block("if start_n + BLOCK_N <= N:"):
+                        _step_call(c, k, "False")
+                    with c.block("else:"):
+                        _step_call(c, k, "True")

@@ -12,6 +12,8 @@ compiled Triton accepts `scalar & tile`, but Triton's interpreter rejects it.
 
 from __future__ import annotations
 
+import math
+
 import sympy
 
 from attnc import symbols as S
@@ -36,7 +38,15 @@ def _floor_mod(a, b):
 ''',
     "_tanh": '''@triton.jit
 def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    # no cancellation near 0 (where tanh(x) ~ x): an odd series below 1/4, (1 - e) / (1 + e)
+    # with e = exp(-2|x|) above; neither overflows
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    series = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
+                  + x2 * (-0.05396825396825397 + x2 * 0.021869488536155203))))
+    return tl.where(a < 0.25, series, tl.where(x < 0, -t, t))
 ''',
     "_softplus": '''@triton.jit
 def _softplus(x):
@@ -125,10 +135,20 @@ class TritonPrinter:
         if isinstance(ex, sympy.Not):
             return f"(~{self.p(ex.args[0])})"
         if ex.func in _CALLS:
-            return f"{_CALLS[ex.func]}({self.p(ex.args[0])})"
+            return f"{_CALLS[ex.func]}({self._float(ex.args[0])})"
+        if ex.func is sympy.tan:
+            x = self._float(ex.args[0])
+            return f"(tl.sin({x}) / tl.cos({x}))"
         if ex.func in _HELPER_CALLS:
-            return f"{self.use(_HELPER_CALLS[ex.func])}({self.p(ex.args[0])})"
+            return f"{self.use(_HELPER_CALLS[ex.func])}({self._float(ex.args[0])})"
         raise NotImplementedError(f"no Triton spelling for {ex.func.__name__} in {ex}")
+
+    def _float(self, ex) -> str:
+        """An argument of a float function: Triton's math functions refuse integers (tan(b))."""
+        if ex.is_Number:
+            return repr(float(ex))
+        text = self.p(ex)
+        return f"({text}).to(tl.float32)" if ex.is_integer else text
 
     def _logic(self, ex) -> str:
         conj = isinstance(ex, sympy.And)
@@ -163,6 +183,10 @@ class TritonPrinter:
 
     def _pow(self, ex) -> str:
         base, exp = ex.args
+        if base.is_Number and base.is_positive and not exp.is_Number:
+            # c**x = exp2(x * log2(c)), e.g. FlexAttention's ALiBi slopes torch.exp2(...)
+            factor = "" if base == 2 else f" * {math.log2(float(base))!r}"
+            return f"tl.exp2({self.p(exp)}{factor})"
         if exp == sympy.Rational(1, 2):
             return f"tl.sqrt({self.p(base)})"
         if exp == -1:

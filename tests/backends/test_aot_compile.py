@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import attnc
 from attnc.backends.triton import aot_check
@@ -38,12 +39,28 @@ def _check(jobs, tmp_path):
     assert proc.returncode == 0
 
 
+def _traced_kernel():
+    """A kernel from FlexAttention mods: tan of an integer index, exp2, a captured tensor."""
+    from attnc import symbols as S
+    from attnc.flex import kernel_for, trace_spec
+    offset = torch.rand(4)
+
+    def trig(score, b, h, q_idx, kv_idx):
+        return torch.sin(score) + torch.tan(b) + torch.exp2(-(h + 1.0)) * offset[h]
+
+    spec, _ = trace_spec(trig, None, {S.B: 2, S.H: 4, S.M: 64, S.N: 64})
+    return kernel_for(spec)
+
+
 def test_representative_kernels_compile_for_sm90(tmp_path):
     """Two key segments (streaming), per-row and per-key input loads (document), a per-tile
-    param gather (rel_bias), and the fp32 IEEE path (alibi)."""
+    param gather (rel_bias), the fp32 IEEE path (alibi), a block-sparse kernel (document's
+    lists) and a kernel traced from Python mods."""
     jobs = [aot_check.jobs_for(attnc.load(name)) for name in ("streaming", "document", "rel_bias")]
     jobs.append(aot_check.jobs_for(attnc.load("alibi"), dtype="fp32", block_m=64, block_n=32,
                                    ieee=True))
+    jobs.append(aot_check.jobs_for(attnc.load("document", block_sparse=True)))
+    jobs.append(aot_check.jobs_for(_traced_kernel()))
     _check(jobs, tmp_path)
 
 
