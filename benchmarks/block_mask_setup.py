@@ -1,13 +1,14 @@
 """Block-mask construction: attnc.create_block_mask vs torch's, same masks, same device.
 
     python -m benchmarks.block_mask_setup [--lengths 1024 4096 16384 131072] [--device cpu|cuda]
-                                          [--torch-max 16384]
+                                          [--torch-max 16384] [--data-max 16384]
 
 torch's create_block_mask evaluates the mask_mod on all Q_LEN x KV_LEN pairs. attnc traces it:
 for masks the analysis bounds (causal, windows, prefix, sinks, chunks) it derives the blocks
 from each row's key intervals and never evaluates the mask; document masks (data) are evaluated
 blockwise over the key range the causal part leaves open. Both results are checked equal before
-timing; above --torch-max only attnc runs (torch would evaluate L^2 pairs, 17e9 at 128k).
+timing; above --torch-max only attnc runs (torch would evaluate L^2 pairs, 17e9 at 128k), and
+above --data-max the data-dependent mask is left out (attnc evaluates it too, blockwise).
 Times are medians over --repeat runs after one warm-up (CUDA synchronized). Writes
 benchmarks/results/<device>-<date>-block-mask.md and prints the table.
 """
@@ -70,10 +71,12 @@ def _time(fn, device, repeat: int) -> float:
     return statistics.median(times)
 
 
-def run(lengths, device, repeat: int, block: int, torch_max: int) -> list[dict]:
+def run(lengths, device, repeat: int, block: int, torch_max: int, data_max: int) -> list[dict]:
     rows = []
     for length in lengths:
         for name, mod in masks(length, device).items():
+            if "(data)" in name and length > data_max:
+                continue
             def ours():
                 return attnc.create_block_mask(mod, 1, 1, length, length, device=device,
                                                BLOCK_SIZE=block)
@@ -125,6 +128,8 @@ def main(argv=None) -> int:
                         default=[1024, 4096, 16384, 32768, 131072])
     parser.add_argument("--torch-max", type=int, default=16384,
                         help="longest length to run torch's create_block_mask at")
+    parser.add_argument("--data-max", type=int, default=16384,
+                        help="longest length to run the data-dependent mask at")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--block", type=int, default=128)
@@ -132,10 +137,11 @@ def main(argv=None) -> int:
                                                     "benchmarks/results/)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows = run(args.lengths, device, args.repeat, args.block, args.torch_max)
+    rows = run(args.lengths, device, args.repeat, args.block, args.torch_max, args.data_max)
     command = "python -m benchmarks.block_mask_setup " + " ".join(
         f"--lengths {' '.join(map(str, args.lengths))} --device {args.device} "
-        f"--repeat {args.repeat} --block {args.block} --torch-max {args.torch_max}".split())
+        f"--repeat {args.repeat} --block {args.block} --torch-max {args.torch_max} "
+        f"--data-max {args.data_max}".split())
     text = table(rows, device, command)
     out = Path(args.out) if args.out else (Path(__file__).parent / "results" /
                                            f"{args.device}-{datetime.date.today()}-block-mask.md")
