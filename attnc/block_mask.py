@@ -3,7 +3,9 @@
 A `BlockMask` holds, per (b, h, query block), the key blocks that are partly visible (the kernel
 evaluates the mask there) and those that are wholly visible (no mask), as counts and index lists
 with exactly the layout and ordering of `torch.nn.attention.flex_attention.BlockMask`; it converts
-to and from torch's. Block sizes are those of the mask; a kernel tiles within them.
+to and from torch's. It also offers the transpose, again as torch lays it out: per (b, h, key
+block), the query blocks that see it partly or wholly, derived from the key lists on first use.
+Block sizes are those of the mask; a kernel tiles within them.
 
 `create_block_mask` traces the mask_mod into IR (`attnc.frontends.flex`) instead of evaluating it
 on every (q, kv) pair:
@@ -17,6 +19,7 @@ Either way the result equals torch's create_block_mask for the same mask_mod (te
 
 from __future__ import annotations
 
+import functools
 import math
 
 import sympy
@@ -77,7 +80,8 @@ def dense_to_ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ascending order, then the rest ascending (torch's order, so the tensors compare equal)."""
     dense = dense.to(torch.int32)
     order = torch.argsort(dense, dim=-1, descending=True, stable=True)
-    return dense.sum(-1).to(torch.int32), order.to(torch.int32)
+    return (dense.sum(-1).to(torch.int32, memory_format=torch.contiguous_format),
+            order.to(torch.int32, memory_format=torch.contiguous_format))
 
 
 def ordered_to_dense(num: torch.Tensor, indices: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -88,11 +92,23 @@ def ordered_to_dense(num: torch.Tensor, indices: torch.Tensor, blocks: int) -> t
     return dense[..., :blocks]
 
 
+def transpose_ordered(num: torch.Tensor,
+                      indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row lists of columns -> per-column lists of rows, ordered as dense_to_ordered orders
+    them (torch's _transpose_ordered)."""
+    return dense_to_ordered(ordered_to_dense(num, indices, indices.shape[-1]).transpose(-2, -1))
+
+
 class BlockMask:
     """Per (b, h, query block): the partially visible key blocks (`kv_num_blocks`, `kv_indices`)
     and the fully visible ones (`full_kv_num_blocks`, `full_kv_indices`); B and H may be 1 and
     broadcast. `mask_mod` is applied on partial blocks. `derived` says the lists were computed
-    from mask_mod by create_block_mask, so a kernel may use mask_mod's static bounds instead."""
+    from mask_mod by create_block_mask, so a kernel may use mask_mod's static bounds instead.
+
+    Per (b, h, key block), the transposed lists give the query blocks that see it partially
+    (`q_num_blocks` [B, H, KB], `q_indices` [B, H, KB, QB]) and fully (`full_q_num_blocks`,
+    `full_q_indices`), int32, ordered as torch orders them; they are computed from the key lists
+    on first use and cached."""
 
     def __init__(self, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                  BLOCK_SIZE, mask_mod, seq_lengths, derived: bool = False):
@@ -129,7 +145,8 @@ class BlockMask:
 
     @classmethod
     def from_torch(cls, bm) -> "BlockMask":
-        """Wrap a torch.nn.attention.flex_attention.BlockMask (its lists are used as they are)."""
+        """Wrap a torch.nn.attention.flex_attention.BlockMask: its kv lists are used as they
+        are, the q lists recomputed from them."""
         return cls.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks,
                                   bm.full_kv_indices, bm.BLOCK_SIZE, bm.mask_mod,
                                   bm.seq_lengths)
@@ -154,6 +171,33 @@ class BlockMask:
         return BlockMask(*(t.to(device) for t in (self.kv_num_blocks, self.kv_indices,
                                                   self.full_kv_num_blocks, self.full_kv_indices)),
                          self.BLOCK_SIZE, self.mask_mod, self.seq_lengths, self.derived)
+
+    # The backward pass runs over key blocks (each accumulates its dK, dV over the query blocks
+    # that see it), so it walks these transposed lists rather than the kv ones.
+    @functools.cached_property
+    def _q_lists(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (*transpose_ordered(self.kv_num_blocks, self.kv_indices),
+                *transpose_ordered(self.full_kv_num_blocks, self.full_kv_indices))
+
+    @property
+    def q_num_blocks(self) -> torch.Tensor:
+        """[B, H, key blocks] int32: how many query blocks see each key block partially."""
+        return self._q_lists[0]
+
+    @property
+    def q_indices(self) -> torch.Tensor:
+        """[B, H, key blocks, query blocks] int32: those query blocks ascending, then the rest."""
+        return self._q_lists[1]
+
+    @property
+    def full_q_num_blocks(self) -> torch.Tensor:
+        """[B, H, key blocks] int32: how many query blocks see each key block fully."""
+        return self._q_lists[2]
+
+    @property
+    def full_q_indices(self) -> torch.Tensor:
+        """[B, H, key blocks, query blocks] int32: those query blocks ascending, then the rest."""
+        return self._q_lists[3]
 
     def to_dense(self) -> torch.Tensor:
         """[B, H, query blocks, key blocks]: 0 skipped, 1 partial, 2 full."""

@@ -125,9 +125,11 @@ def _cmd_check(args) -> int:
     res = testing.check(kernel, dtype=dtype, seed=args.seed, **shape)
     verdict = "ok" if res["ok"] else "FAILED"
     cmp = "<=" if res["rel_error"] <= res["tolerance"] else ">"
+    grad = res.get("grad_rel_error")
+    grad = "no backward" if grad is None else f"gradients {grad:.3e}"
     print(f"{kernel.name} ({args.dtype}): relative error {res['rel_error']:.3e} {cmp} "
           f"tolerance {res['tolerance']:.0e}; lse max abs error "
-          f"{res['lse_max_abs_error']:.3e}: {verdict}")
+          f"{res['lse_max_abs_error']:.3e}; {grad}: {verdict}")
     return 0 if res["ok"] else 1
 
 
@@ -153,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # STAGES is a constant of the pipeline; listed here so `--help` works without importing it
     stages = ("parse", "cascade", "desugar", "pass_count", "online_softmax", "mask_bounds",
-              "tile", "fuse", "kernel", "triton")
+              "tile", "autodiff", "fuse", "kernel", "triton")
     parser = argparse.ArgumentParser(
         prog="attnc", description="A compiler for attention variants: specs in, fused Triton "
         "kernels out. SPEC is a .attn file, a library variant name or DSL text.")
@@ -181,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write the source to FILE")
     p.set_defaults(func=_cmd_compile)
 
-    p = with_spec(sub.add_parser("check", help="run the kernel on random inputs against the "
-                                 "reference interpreter; exit 1 over tolerance"))
+    p = with_spec(sub.add_parser("check", help="run the kernel and its gradients on random "
+                                 "inputs against the reference interpreter; exit 1 over "
+                                 "tolerance"))
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--seed", type=int, default=0)
     for name in ("B", "H", "Hkv", "M", "N", "D", "Dv"):

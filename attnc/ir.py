@@ -4,7 +4,9 @@ A node is an output tensor with named ranks, a sympy map expression over tensor 
 (`sympy.Indexed`) and index symbols, and an optional reduction over some ranks. Every einsum is
 implicitly batched over (b, h). Q[m, e], K[n, e] and V[n, f] are the operands; `param`/`input`
 tensors are read by arbitrary index expressions. After `online_softmax`, an `OnlineSoftmax` node
-replaces the max/exp/sum/divide chain with a one-pass scan over n.
+replaces the max/exp/sum/divide chain with a one-pass scan over n. After `autodiff`, a cascade
+carries its backward cascade: einsums over the forward's operands plus the `saved` tensors
+(O, LSE, dO, dLSE), and a `ScatterSum` per param (its gradient, summed at the read indices).
 
 All nodes are frozen dataclasses: structurally comparable and hashable. `Cascade.graph()` gives the
 networkx DAG; `format_cascade` is the deterministic printer (its text is the cache key's root).
@@ -25,7 +27,7 @@ class TensorDecl:
     """A tensor the caller passes: an operand (q, k, v), a learnable `param` or an `input`."""
 
     name: str
-    kind: str  # "operand" | "param" | "input"
+    kind: str  # "operand" | "param" | "input" | "saved" (a forward result the backward reads)
     dims: tuple[sympy.Expr, ...]
 
     def __str__(self) -> str:
@@ -76,7 +78,24 @@ class OnlineSoftmax:
                 f"    {self.name} = RNV/RD;  {self.lse} = RM + log(RD)   (no visible key: 0, -oo)")
 
 
-Node = Einsum | OnlineSoftmax
+@dataclass(frozen=True)
+class ScatterSum:
+    """The gradient of a `param`: `name[...] = sum over (b, h, m, n) of each term's value, added
+    at the term's index into param`. A param read at several indices in the score has one term
+    per read; an index that falls outside the param contributes nothing (the forward's load of
+    it read 0 there, a constant)."""
+
+    name: str
+    param: str
+    terms: tuple[tuple[tuple[sympy.Expr, ...], sympy.Expr], ...]  # (index, value[m, n])
+
+    def __str__(self) -> str:
+        return "\n".join(
+            f"{self.name}[{', '.join(map(str, ix))}] {'=' if i == 0 else '+='} "
+            f"scatter_sum(b, h, m, n) {value}" for i, (ix, value) in enumerate(self.terms))
+
+
+Node = Einsum | OnlineSoftmax | ScatterSum
 
 
 @dataclass(frozen=True)
@@ -107,12 +126,20 @@ class KeyBounds:
     exact: bool
     mask: sympy.Expr | None  # the mask, inlined; None: every key visible
     score: sympy.Expr | None  # the unmasked score, inlined
+    # The transpose, for the backward pass over key tiles: query segments per key tile, in n_lo,
+    # n_hi (first/last valid key of the tile), M and N. Same contract, rows and keys swapped.
+    rows: tuple[KeySegment, ...] = ()
 
     def __str__(self) -> str:
         head = "key bounds per query tile [m_lo, m_hi]" + (
             "" if self.exact else " (part of the mask is data-dependent: evaluated per element)")
-        return "\n".join([head, f"    mask: {self.mask}"]
-                         + [f"    {i}: {s}" for i, s in enumerate(self.segments)])
+        lines = [head, f"    mask: {self.mask}"]
+        lines += [f"    {i}: {s}" for i, s in enumerate(self.segments)]
+        if self.rows:
+            lines.append("query bounds per key tile [n_lo, n_hi]")
+            lines += [f"    {i}: {str(s).replace('keys', 'queries')}"
+                      for i, s in enumerate(self.rows)]
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -146,6 +173,10 @@ class Cascade:
     block_sparse: bool = False  # visit the key blocks a call's block mask lists
     bounds: KeyBounds | None = None
     schedule: Schedule | None = None
+    # autodiff's result: the backward cascade (outputs dq, dk, dv and d<param> per param), or
+    # why the score cannot be differentiated
+    backward: "Cascade | None" = None
+    no_backward: str | None = None
 
     def node(self, name: str) -> Node:
         for nd in self.nodes:
@@ -166,7 +197,7 @@ class Cascade:
 
     @property
     def extra_inputs(self) -> tuple[TensorDecl, ...]:
-        return tuple(d for d in self.decls if d.kind != "operand")
+        return tuple(d for d in self.decls if d.kind in ("param", "input"))
 
     def graph(self) -> nx.DiGraph:
         """Tensors as vertices; an edge X -> Y when Y's node reads X."""
@@ -188,6 +219,8 @@ class Cascade:
 def exprs_of(nd: Node) -> tuple[sympy.Expr, ...]:
     if isinstance(nd, Einsum):
         return (nd.expr,)
+    if isinstance(nd, ScatterSum):
+        return tuple(sympy.sympify(x) for ix, value in nd.terms for x in (*ix, value))
     return (nd.scores, nd.value)
 
 
@@ -235,6 +268,11 @@ def format_cascade(c: Cascade, passes: int | None = None) -> str:
         lines.append(str(c.bounds))
     if c.schedule is not None:
         lines.append(str(c.schedule))
+    if c.backward is not None:
+        lines.append("")
+        lines.append("backward " + format_cascade(c.backward).rstrip("\n"))
+    elif c.no_backward is not None:
+        lines.append(f"no backward: {c.no_backward}")
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,17 @@ class Load:
 
 
 @dataclass(frozen=True)
+class Gradient:
+    """What the backward kernels evaluate per (row, key) besides the forward's score: `dqk`, the
+    score's derivative in q.k, and for each param load its derivative `d score / d load`; `rows`
+    are the query segments per key tile [n_lo, n_hi] that the dK/dV kernel walks."""
+
+    dqk: sympy.Expr
+    dloads: tuple[tuple[str, sympy.Expr], ...]
+    rows: tuple[KeySegment, ...]
+
+
+@dataclass(frozen=True)
 class AttentionKernel:
     name: str
     inputs: tuple[TensorDecl, ...]  # params and inputs, in call order
@@ -41,6 +52,8 @@ class AttentionKernel:
     exact_bounds: bool
     schedule: Schedule
     normalizer: str = "softmax"
+    grad: Gradient | None = None
+    no_backward: str | None = None  # why there is no backward (autodiff's reason)
 
 
 def format_kernel(k: AttentionKernel) -> str:
@@ -62,4 +75,24 @@ def format_kernel(k: AttentionKernel) -> str:
     lines.append(f"    masked tiles: s = where({k.mask if k.mask is not None else 'n < N'}, s, -oo)")
     lines.append(f"    normalizer: {k.normalizer} (online: running max, sum, rescaled acc)")
     lines.append("  store out = acc / l (0 when no key is visible), lse = max + log(l) (-oo)")
+    if k.grad is not None:
+        lines += _format_gradient(k)
+    elif k.no_backward is not None:
+        lines.append(f"no backward: {k.no_backward}")
     return "\n".join(lines) + "\n"
+
+
+def _format_gradient(k: AttentionKernel) -> list[str]:
+    g = k.grad
+    lines = ["backward (p = exp(s - lse), ds = p*(dO.v - delta); delta = rowsum(dO*O) - dlse)",
+             f"  per element: dqk = ds * ({g.dqk})"]
+    lines += [f"  per element: d {name} = ds * ({deriv})" for name, deriv in g.dloads]
+    lines.append("  dq kernel, per query tile: the forward's key tiles; dq += dqk @ k")
+    lines.append("  dk/dv kernel, per key tile [n_lo, n_hi] and query head of its group:")
+    if k.schedule.keys == "block_mask":
+        lines.append("    query blocks: the block mask's transposed lists (partial, then full)")
+    else:
+        for i, seg in enumerate(g.rows):
+            lines.append(f"    segment {i}: {str(seg).replace('keys', 'queries')}")
+    lines.append("    dv += p^T @ dO;  dk += dqk^T @ q")
+    return lines

@@ -1,7 +1,7 @@
 """The compiler pipeline, as one visible list.
 
     parse -> cascade (frontend IR) -> desugar -> pass_count -> online_softmax -> mask_bounds
-          -> tile -> fuse (kernel IR) -> triton (source)
+          -> tile -> autodiff -> fuse (kernel IR) -> triton (forward and backward source)
 
 Each pass is a pure function IR -> IR in its own module; the cascade is verified after every
 pass, and any stage can be printed (`attnc show SPEC --stage NAME`).
@@ -18,9 +18,10 @@ from attnc.frontends.lower import lower
 from attnc.frontends.parser import parse
 from attnc.ir import Cascade, format_cascade, verify
 from attnc.kernel_ir import AttentionKernel, format_kernel
-from attnc.passes import desugar, fuse, mask_bounds, online_softmax, pass_count, tile
+from attnc.passes import (autodiff, desugar, fuse, mask_bounds, online_softmax, pass_count,
+                          tile)
 
-PASSES = (desugar, pass_count, online_softmax, mask_bounds, tile, fuse)
+PASSES = (desugar, pass_count, online_softmax, mask_bounds, tile, autodiff, fuse)
 STAGES = ("parse", "cascade") + tuple(p.NAME for p in PASSES) + ("kernel", "triton")
 
 PASS_DOCS = {
@@ -29,6 +30,7 @@ PASS_DOCS = {
     "online_softmax": "max/exp/sum/divide chain into one pass with running max and sum",
     "mask_bounds": "sympy analysis of the mask: key-loop bounds per query tile, full tiles",
     "tile": "grid over (b, h, query tiles), sequential loop over key tiles",
+    "autodiff": "sympy derivatives of the score: the backward cascade (dq, dk, dv, d<param>)",
     "fuse": "inline everything into one kernel; place param/input loads",
 }
 

@@ -2,7 +2,9 @@
 
 `compile_spec` runs the pipeline, fetches (or generates and caches) the Triton source, and wraps
 the kernel in a `torch.library.custom_op` with a fake implementation, so it works under
-`torch.compile(fullgraph=True)`. `Kernel.__call__` validates every argument and says which one is
+`torch.compile(fullgraph=True)`. A second op runs the backward kernels and is registered as the
+first's autograd formula; param gradients leave the kernels as partial sums and are reduced here
+(`param_gradients`, deterministically). `Kernel.__call__` validates every argument and says which one is
 wrong and what was expected.
 """
 
@@ -33,7 +35,8 @@ _LOCK = threading.Lock()
 class Kernel:
     """A compiled attention variant:
     `kernel(q, k, v, *, scale=None, return_lse=False, block_mask=None, **inputs)`; a block-sparse
-    kernel (compiled with block_sparse=True) requires `block_mask`, others refuse it."""
+    kernel (compiled with block_sparse=True) requires `block_mask`, others refuse it. Outputs
+    are differentiable in q, k, v and every `param` that requires grad."""
 
     def __init__(self, src: Source, options: dict, frontend_ir, trail, key: str, source: str,
                  cache_hit: bool, launch_overrides: dict):
@@ -47,7 +50,7 @@ class Kernel:
         self._frontend_ir = frontend_ir
         self._trail = trail
         self._overrides = launch_overrides
-        self._fn = None
+        self._mod = None
         self._configs: dict = {}
         self.inputs = tuple(d.name for d in self.kernel_ir.inputs)
         self.block_sparse = self.kernel_ir.schedule.keys == "block_mask"
@@ -77,13 +80,37 @@ class Kernel:
         return show(self.spec, stage, self._options)
 
     # --- running ----------------------------------------------------------------------------
-    def _function(self):
-        if self._fn is None:
+    def _module(self):
+        if self._mod is None:
             triton_backend.check_interpreter()
-            module = cache.import_kernel(self.key)
-            from attnc.backends.triton.codegen import kernel_names
-            self._fn = getattr(module, kernel_names(self.kernel_ir)[0])
-        return self._fn
+            self._mod = cache.import_kernel(self.key)
+        return self._mod
+
+    def _function(self):
+        from attnc.backends.triton.codegen import kernel_names
+        return getattr(self._module(), kernel_names(self.kernel_ir)[0])
+
+    def _backward(self, q, k, v, extras, out, lse, dout, dlse, block_lists, block_sizes, scale,
+                  param_grads) -> list[torch.Tensor]:
+        """dq, dk, dv, then the gradient of each param flagged in `param_grads`."""
+        from attnc.backends.triton.backward import backward_names
+        from attnc.backends.triton.codegen import PRELUDE_PREPROCESS
+        from attnc.backends.triton.launcher import backward_config, launch_backward
+        if self.kernel_ir.grad is None:
+            raise RuntimeError(f"{self.name}: no backward: {self.kernel_ir.no_backward}")
+        module = self._module()
+        fns = {role: getattr(module, fn) for role, fn in backward_names(self.kernel_ir).items()}
+        fns[PRELUDE_PREPROCESS] = getattr(module, PRELUDE_PREPROCESS)
+        config = backward_config(self.config(q, k, v), q.dtype, q.device)
+        dq, dk, dv, buffers = launch_backward(
+            fns, self.kernel_ir, q, k, v, extras, out, lse, dout, dlse, scale, config,
+            block_lists[:4], block_lists[4:], tuple(block_sizes) if block_sizes else None,
+            dparams=any(param_grads))
+        wanted = [t for t, flag in zip(extras, param_grads) if flag]
+        names = [d.name for d, flag in zip(self.kernel_ir.inputs, param_grads) if flag]
+        grads = param_gradients(self.kernel_ir, buffers, dict(zip(self.inputs, extras)),
+                                names, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        return [dq, dk, dv] + [grads[n].to(t.dtype) for n, t in zip(names, wanted)]
 
     def config(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
         """Launch configuration for these operands, persisted per (dtype, device capability)."""
@@ -143,9 +170,11 @@ class Kernel:
         if block_mask.device != q.device:
             raise ValueError(f"{self.name}: the block mask is on {block_mask.device}, q is on "
                              f"{q.device}; use block_mask.to(device)")
+        # the key lists drive the forward and dq kernels, the query lists the dk/dv kernel
         lists = [t.expand(B, H, *t.shape[2:]) for t in (
             block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
-            block_mask.full_kv_indices)]
+            block_mask.full_kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
+            block_mask.full_q_num_blocks, block_mask.full_q_indices)]
         return lists, [bq, bkv]
 
     def _validate(self, q, k, v, scale, inputs) -> list[torch.Tensor]:
@@ -212,6 +241,10 @@ class Kernel:
                 raise ValueError(f"{self.name}: param {decl.name} must be floating point, got {t.dtype}")
             if t.is_complex():
                 raise ValueError(f"{self.name}: {decl.name} must be real, got {t.dtype}")
+            if decl.kind == "input" and t.requires_grad:
+                raise ValueError(f"{self.name}: {decl.name} is an input (ids, masks: read, never "
+                                 "differentiated) but requires grad; declare it `param` to learn "
+                                 "it, or pass it detached")
             extras.append(t.to(torch.uint8) if t.dtype == torch.bool else t)
         for load, dim, fn, extent, at_corners in self._checks:
             lo, hi = _index_range(fn, {"B": B, "H": H, "M": M, "N": N}, at_corners)
@@ -222,6 +255,40 @@ class Kernel:
                     f"[{lo}, {hi}] for these shapes but the dimension has size {size}; clamp the "
                     "index in the spec (e.g. clamp(x, 0, size - 1))")
         return extras
+
+
+def param_gradients(ir: AttentionKernel, buffers: dict, inputs: dict, names: list[str],
+                    B: int, H: int, M: int, N: int) -> dict[str, torch.Tensor]:
+    """Reduce the backward kernels' partial sums into each named param's gradient: evaluate
+    every load's index over the dims its buffer kept and scatter-sum (deterministically)."""
+    from attnc.backends.reference import Evaluator, gather
+    from attnc.scatter import scatter_sum
+    loads = {ld.name: ld for ld in ir.loads}
+    grads = {n: torch.zeros(inputs[n].shape, dtype=torch.float64, device=inputs[n].device)
+             for n in names}
+    for load_name, buf in buffers.items():
+        ld = loads[load_name]
+        if ld.tensor not in grads:
+            continue
+        dev = buf.device
+        ranks = {"program": (), "row": ("m",), "key": ("n",), "tile": ("m", "n")}[ld.level]
+        extent = {"m": M, "n": N}
+        values = (buf.view(B, H, -1).sum(-1) if ld.level == "program"
+                  else buf.view(B, H, *(extent[r] for r in ranks)))
+        nd = 2 + len(ranks)
+        syms = {S.B: B, S.H: H, S.M: M, S.N: N, S.m: 0, S.n: 0,
+                S.b: torch.arange(B, device=dev).view([-1] + [1] * (nd - 1)),
+                S.h: torch.arange(H, device=dev).view([1, -1] + [1] * (nd - 2))}
+        for i, r in enumerate(ranks):
+            syms[S.RANKS[r]] = torch.arange(extent[r], device=dev).view(
+                [-1 if j == 2 + i else 1 for j in range(nd)])
+
+        def tensor(acc, syms=syms):
+            return gather(inputs[str(acc.base)], [ev(x) for x in acc.indices])
+
+        ev = Evaluator(syms, tensor, values)
+        grads[ld.tensor] += scatter_sum(values, [ev(x) for x in ld.index], grads[ld.tensor].shape)
+    return grads
 
 
 def _index_checks(k: AttentionKernel):
@@ -254,7 +321,9 @@ def _index_range(fn, size: dict, corners: bool) -> tuple[int, int]:
 
 
 def _make_op(kernel: Kernel):
-    """Register `attnc::<name>_<hash>` once per process."""
+    """Register `attnc::<name>_<hash>` (forward) and `..._backward` once per process, with the
+    backward as the forward's autograd formula; the backward op itself refuses to be
+    differentiated (double backward)."""
     name = f"attnc::{kernel.name}_{kernel.key[:12]}"
     with _LOCK:
         if name in _OPS:
@@ -265,7 +334,7 @@ def _make_op(kernel: Kernel):
                     block_sizes: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
             from attnc.backends.triton.launcher import launch
             return launch(kernel._function(), q, k, v, list(extras), scale, kernel.config(q, k, v),
-                          list(block_lists), tuple(block_sizes) if block_sizes else None)
+                          list(block_lists[:4]), tuple(block_sizes) if block_sizes else None)
 
         op = torch.library.custom_op(name, forward, mutates_args=())
 
@@ -275,6 +344,50 @@ def _make_op(kernel: Kernel):
             return (q.new_empty(B, H, M, v.shape[-1]),
                     q.new_empty(B, H, M, dtype=torch.float32))
 
+        def backward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          extras: list[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                          dout: torch.Tensor, dlse: torch.Tensor | None,
+                          block_lists: list[torch.Tensor], block_sizes: list[int], scale: float,
+                          param_grads: list[bool]) -> list[torch.Tensor]:
+            return kernel._backward(q, k, v, list(extras), out, lse, dout, dlse,
+                                    list(block_lists), block_sizes, scale, list(param_grads))
+
+        bwd = torch.library.custom_op(f"{name}_backward", backward_impl, mutates_args=())
+
+        @bwd.register_fake
+        def _(q, k, v, extras, out, lse, dout, dlse, block_lists, block_sizes, scale,
+              param_grads):
+            return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [
+                torch.empty_like(t) for t, wanted in zip(extras, param_grads) if wanted]
+
+        def refuse(ctx, *grads):
+            raise RuntimeError(f"{kernel.name}: double backward (a gradient of attnc's gradient, "
+                               "e.g. autograd.grad(..., create_graph=True) then backward again) "
+                               "is not supported")
+
+        bwd.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
+
+        def setup_context(ctx, inputs, output):
+            q, k, v, extras, block_lists, block_sizes, scale = inputs
+            ctx.save_for_backward(q, k, v, *output, *extras, *block_lists)
+            ctx.counts = (len(extras), block_sizes, scale)
+            ctx.param_grads = [d.kind == "param" and t.requires_grad
+                               for d, t in zip(kernel.kernel_ir.inputs, extras)]
+
+        def backward(ctx, dout, dlse):
+            q, k, v, out, lse, *rest = ctx.saved_tensors
+            n, block_sizes, scale = ctx.counts
+            grads = bwd(q, k, v, rest[:n], out, lse, dout, dlse, rest[n:], block_sizes, scale,
+                        ctx.param_grads)
+            params = iter(grads[3:])
+            dextras = [next(params) if wanted else None for wanted in ctx.param_grads]
+            lists = [None] * (len(rest) - n)
+            # the structure must mirror the inputs': torch takes a list of ints as one leaf, but
+            # an empty list as a list
+            sizes = [] if not block_sizes else None
+            return grads[0], grads[1], grads[2], dextras, lists, sizes, None
+
+        op.register_autograd(backward, setup_context=setup_context)
         _OPS[name] = op
         return op
 

@@ -15,6 +15,8 @@ B, H, M, N = sympy.symbols("B H M N", integer=True, positive=True)
 scale = sympy.Symbol("scale", positive=True)
 # First and last valid query row of a query tile: the variables of key-loop bounds.
 m_lo, m_hi = sympy.symbols("m_lo m_hi", integer=True, nonnegative=True)
+# First and last valid key of a key tile: the variables of the backward's query-loop bounds.
+n_lo, n_hi = sympy.symbols("n_lo n_hi", integer=True, nonnegative=True)
 # The dot product q.k of one (query, key) pair at tile level.
 qk = sympy.Symbol("qk", real=True)
 

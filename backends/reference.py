@@ -3,7 +3,8 @@
 `interpret` runs a cascade einsum by einsum (the OnlineSoftmax node as a literal scan over n, one
 key at a time). When the cascade carries mask bounds and a tile size is given, it honours them
 the way a kernel would: keys outside the visited tiles are dropped and the mask is not evaluated
-on full tiles, so unsound bounds change the result. `run_kernel` executes kernel IR tile by tile.
+on full tiles, so unsound bounds change the result. `run_kernel` executes kernel IR tile by tile,
+and `run_kernel_backward` its backward (autodiff's derivatives on the backward kernels' tiles).
 Both are slow and exact (use float64 inputs); they are oracles, not kernels.
 """
 
@@ -15,7 +16,8 @@ import sympy
 import torch
 
 from attnc import symbols as S
-from attnc.ir import Cascade, Einsum, OnlineSoftmax
+from attnc.ir import Cascade, Einsum, ScatterSum
+from attnc.scatter import scatter_sum
 
 _UNARY = {
     sympy.exp: torch.exp, sympy.log: torch.log, sympy.tanh: torch.tanh, sympy.Abs: torch.abs,
@@ -177,11 +179,22 @@ def _extremum(val: torch.Tensor, axes: tuple[int, ...], reduce: str) -> torch.Te
 
 
 def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict | None = None,
-              tiles: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-    """Run a cascade; returns {role: tensor} for its outputs (out [B,H,M,Dv], lse [B,H,M])."""
+              tiles: tuple[int, int] | None = None, saved: dict | None = None
+              ) -> dict[str, torch.Tensor]:
+    """Run a cascade; returns {role: tensor} for its outputs (out [B,H,M,Dv], lse [B,H,M]).
+
+    A backward cascade (autodiff's) also takes `saved`: {O, LSE, dO, dLSE} as [B, H, M, ...];
+    its dk and dv are summed over the query heads of each k/v head (GQA), and a param's
+    gradient has the param's shape."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     run = _Run(c.options, q, k, v, scale, inputs or {})
+    for d in c.decls:
+        if d.kind == "saved":
+            run.env[d.name] = (saved[d.name], tuple(str(r) for r in d.dims))
     for nd in c.nodes:
+        if isinstance(nd, ScatterSum):
+            run.env[nd.name] = (_scatter(run, nd), ())
+            continue
         if isinstance(nd, Einsum):
             it = nd.iteration
             val = run.full(run.evaluator(it)(nd.expr), it)
@@ -199,7 +212,23 @@ def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict |
             out, lse = online_softmax_scan(scores, value)
             run.env[nd.name] = (out, ("m", "f"))
             run.env[nd.lse] = (lse, ("m",))
-    return {role: run.env[name][0] for role, name in c.outputs}
+    result = {role: run.env[name][0] for role, name in c.outputs}
+    group = q.shape[1] // k.shape[1]
+    for role in ("dk", "dv"):
+        if role in result and group > 1:
+            g = result[role]
+            result[role] = g.view(g.shape[0], k.shape[1], group, *g.shape[2:]).sum(2)
+    return result
+
+
+def _scatter(run: _Run, nd: ScatterSum) -> torch.Tensor:
+    """A param's gradient: each term's value over (b, h, m, n), summed into its index."""
+    param = run.inputs[nd.param]
+    total = torch.zeros(param.shape, dtype=torch.float64, device=param.device)
+    for index, value in nd.terms:
+        ev = run.evaluator(("m", "n"))
+        total += scatter_sum(run.full(ev(value), ("m", "n")), [ev(i) for i in index], param.shape)
+    return total.to(param.dtype)
 
 
 def online_softmax_scan(scores: torch.Tensor, value: torch.Tensor):
@@ -248,6 +277,21 @@ def _apply_bounds(c: Cascade, run: _Run, scores, tiles):
     return torch.where(plan == 0, torch.full_like(eff, -math.inf), eff)
 
 
+def _tile_scores(kernel, run: _Run, rows, cols, masked: bool):
+    """(evaluator, scores [B, H, rows, cols]) of one tile: q.k, the loads, the score, and the
+    mask where the tile is masked."""
+    ev = run.evaluator(("m", "n"), {
+        S.m: _axis(rows, 2, 4), S.n: _axis(cols, 3, 4),
+        S.qk: run.q[:, :, rows] @ run.k[:, :, cols].transpose(-1, -2)})
+    for ld in kernel.loads:
+        ev.symbols[sympy.Symbol(ld.name, real=True)] = gather(
+            run.inputs[ld.tensor], [ev(x) for x in ld.index])
+    s = _t(ev(kernel.score), run.q).expand(run.B, run.H, len(rows), len(cols))
+    if masked and kernel.mask is not None:
+        s = torch.where(_t(ev(kernel.mask), run.q), s, torch.full_like(s, -math.inf))
+    return ev, s
+
+
 def run_kernel(kernel, q, k, v, *, scale: float | None = None, inputs: dict | None = None,
                tiles: tuple[int, int] = (16, 16)) -> dict[str, torch.Tensor]:
     """Execute an AttentionKernel tile by tile, as the generated code does: the same key-tile
@@ -265,15 +309,64 @@ def run_kernel(kernel, q, k, v, *, scale: float | None = None, inputs: dict | No
         state = _softmax_start((B, H, len(rows)), run.Dv, q)
         for start, masked in visits:
             cols = torch.arange(start, min(start + bn, N), device=q.device)
-            ev = run.evaluator(("m", "n"), {
-                S.m: _axis(rows, 2, 4), S.n: _axis(cols, 3, 4),
-                S.qk: run.q[:, :, rows] @ run.k[:, :, cols].transpose(-1, -2)})
-            for ld in kernel.loads:
-                ev.symbols[sympy.Symbol(ld.name, real=True)] = gather(
-                    run.inputs[ld.tensor], [ev(x) for x in ld.index])
-            s = _t(ev(kernel.score), q).expand(B, H, len(rows), len(cols))
-            if masked and kernel.mask is not None:
-                s = torch.where(_t(ev(kernel.mask), q), s, torch.full_like(s, -math.inf))
+            _, s = _tile_scores(kernel, run, rows, cols, masked)
             state = _softmax_update(*state, s, run.v[:, :, cols])
         out[:, :, rows], lse[:, :, rows] = _softmax_finish(*state)
     return {"out": out, "lse": lse}
+
+
+def run_kernel_backward(kernel, q, k, v, *, saved: dict, scale: float | None = None,
+                        inputs: dict | None = None, tiles: tuple[int, int] = (16, 16)
+                        ) -> dict[str, torch.Tensor]:
+    """Execute an AttentionKernel's backward tile by tile, as the generated kernels do: dq and
+    the m- or (b, h)-indexed param sums over the forward's key tiles per query tile; dk, dv and
+    the n-indexed param sums over the transposed query tiles per key tile; the mask only on
+    masked tiles; p recomputed from the saved lse. `saved` holds O, LSE, dO, dLSE; returns dq,
+    dk, dv (summed over GQA groups) and d_<param> for every param."""
+    from attnc.passes.mask_bounds import query_tile_schedule, tile_schedule
+
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    run = _Run((), q, k, v, scale, inputs or {})
+    bm, bn = tiles
+    B, H, M, N = run.B, run.H, run.M, run.N
+    lse = saved["LSE"]
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse)
+    delta = (saved["dO"] * saved["O"]).sum(-1) - saved["dLSE"]
+    loads = {ld.name: ld for ld in kernel.loads}
+    grads = {"dq": torch.zeros_like(run.q), "dk": torch.zeros_like(run.k),
+             "dv": torch.zeros_like(run.v)}
+    params = {d.name: torch.zeros(run.inputs[d.name].shape, dtype=torch.float64,
+                                  device=q.device) for d in kernel.inputs if d.kind == "param"}
+
+    def tile(rows, cols, masked, levels):
+        ev, s = _tile_scores(kernel, run, rows, cols, masked)
+        p = torch.exp(s - lse[:, :, rows, None])
+        dp = saved["dO"][:, :, rows] @ run.v[:, :, cols].transpose(-1, -2)
+        ds = p * (dp - delta[:, :, rows, None])
+        for name, deriv in kernel.grad.dloads:
+            ld = loads[name]
+            if ld.level in levels and ld.tensor in params:
+                value = torch.where(p > 0, ds * _t(ev(deriv), q), torch.zeros_like(ds))
+                params[ld.tensor] += scatter_sum(value, [ev(x) for x in ld.index],
+                                                 params[ld.tensor].shape)
+        return p, ds * _t(ev(kernel.grad.dqk), q)
+
+    for i, visits in enumerate(tile_schedule(kernel.segments, M, N, bm, bn)):
+        rows = torch.arange(i * bm, min(i * bm + bm, M), device=q.device)
+        for start, masked in visits:
+            cols = torch.arange(start, min(start + bn, N), device=q.device)
+            _, dqk = tile(rows, cols, masked, ("program", "row", "tile"))
+            grads["dq"][:, :, rows] += dqk @ run.k[:, :, cols]
+    for j, visits in enumerate(query_tile_schedule(kernel.grad.rows, M, N, bm, bn)):
+        cols = torch.arange(j * bn, min(j * bn + bn, N), device=q.device)
+        for start, masked in visits:
+            rows = torch.arange(start, min(start + bm, M), device=q.device)
+            p, dqk = tile(rows, cols, masked, ("key",))
+            grads["dv"][:, :, cols] += p.transpose(-1, -2) @ saved["dO"][:, :, rows]
+            grads["dk"][:, :, cols] += dqk.transpose(-1, -2) @ run.q[:, :, rows]
+    group = q.shape[1] // k.shape[1]
+    for role in ("dk", "dv"):
+        g = grads[role]
+        grads[role] = g.view(B, k.shape[1], group, *g.shape[2:]).sum(2)
+    grads.update({f"d_{name}": g.to(run.inputs[name].dtype) for name, g in params.items()})
+    return grads

@@ -12,6 +12,8 @@ are precisely the visible keys (what static block-mask construction relies on).
 
 `tile_schedule` turns segments into the exact list of key tiles a kernel visits and whether each
 is masked; the Triton backend emits the same arithmetic, and tests compare it with brute force.
+The backward's dk/dv kernel walks the transpose, query tiles per key tile: `query_segments`
+analyzes the mask with rows and keys swapped, and `query_tile_schedule` is its walk.
 """
 
 from __future__ import annotations
@@ -292,6 +294,17 @@ def _split(c: Cascade, scores: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr | Non
     return inline(c, scores), None
 
 
+def query_segments(mask: sympy.Expr | None) -> tuple[KeySegment, ...]:
+    """The transpose of `analyze`: for a key tile [n_lo, n_hi], segments of the queries that may
+    see one of its keys, and of those that see all of them. The mask with rows and keys swapped
+    (m <-> n, M <-> N) is analyzed as usual, and the result renamed back."""
+    swap = {S.m: S.n, S.n: S.m, S.M: S.N, S.N: S.M}
+    res = analyze(None if mask is None else mask.xreplace(swap))
+    back = {S.m_lo: S.n_lo, S.m_hi: S.n_hi, S.M: S.N, S.N: S.M}
+    return tuple(KeySegment(*(x.xreplace(back) for x in (s.lo, s.hi, s.full_lo, s.full_hi)))
+                 for s in res.segments)
+
+
 def run(c: Cascade) -> Cascade:
     scans = [nd for nd in c.nodes if isinstance(nd, OnlineSoftmax)]
     if len(scans) != 1:
@@ -299,7 +312,7 @@ def run(c: Cascade) -> Cascade:
     score, mask = _split(c, scans[0].scores)
     bounds = analyze(mask)
     from dataclasses import replace
-    return replace(c, bounds=replace(bounds, score=score))
+    return replace(c, bounds=replace(bounds, score=score, rows=query_segments(mask)))
 
 
 # --- the schedule a kernel runs -----------------------------------------------------------------
@@ -333,6 +346,16 @@ def tile_schedule(segments, M: int, N: int, block_m: int, block_n: int,
             prev_end = t3
         plan.append(visits)
     return plan
+
+
+def query_tile_schedule(rows, M: int, N: int, block_m: int, block_n: int
+                        ) -> list[list[tuple[int, bool]]]:
+    """For each key tile, the query tiles the dk/dv kernel visits as (start, masked), from the
+    transposed segments (`query_segments`); the same walk as `tile_schedule`, axes swapped."""
+    swap = {S.n_lo: S.m_lo, S.n_hi: S.m_hi, S.M: S.N, S.N: S.M}
+    segments = [KeySegment(*(x.xreplace(swap) for x in (s.lo, s.hi, s.full_lo, s.full_hi)))
+                for s in rows]
+    return tile_schedule(segments, N, M, block_n, block_m)
 
 
 def tile_ranges(lo, hi, flo, fhi, prev_end, N, bn):  # mirrored by codegen.PRELUDE

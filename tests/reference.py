@@ -1,7 +1,8 @@
 """Independent eager-PyTorch references for the library variants (variants/*.attn).
 
 Written directly from each variant's math with dense float64 tensors; nothing here uses attnc's
-IR, passes or interpreters. Each function takes q [B, Hq, M, D], k [B, Hkv, N, D],
+IR, passes or interpreters. They are differentiable (torch autograd through them is the oracle
+for gradients): q, k, v and params keep their autograd history. Each function takes q [B, Hq, M, D], k [B, Hkv, N, D],
 v [B, Hkv, N, Dv], a keyword `scale` (None = 1/sqrt(D)), the variant's params/inputs and option
 overrides, and returns (out [B, Hq, M, Dv] float64, lse [B, Hq, M] float64). A query row that
 sees no key gives out = 0 and lse = -inf.
@@ -33,7 +34,7 @@ DEFAULTS = {
 # --- shared pieces ---------------------------------------------------------------------------
 def _prepare(q, k, v, scale):
     """float64 copies with k/v expanded to the query heads (GQA: head h reads kv head h // g)."""
-    q, k, v = q.detach().double().cpu(), k.detach().double().cpu(), v.detach().double().cpu()
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
     Hq, Hkv = q.shape[1], k.shape[1]
     assert Hq % Hkv == 0
     g = Hq // Hkv
@@ -100,7 +101,7 @@ def alibi(q, k, v, *, scale=None, slopes, **opts):
     _opts("alibi", opts)
     q, k, v, scale = _prepare(q, k, v, scale)
     m, n = _positions(q.shape[2], k.shape[2])
-    slopes = slopes.detach().double().cpu().view(1, -1, 1, 1)
+    slopes = slopes.double().cpu().view(1, -1, 1, 1)
     s = _dot(q, k) * scale + slopes * (n - m).double()
     return masked_softmax(s, n <= m, v)
 
@@ -150,7 +151,7 @@ def rel_bias(q, k, v, *, scale=None, bias, **opts):
     assert bias.shape == (q.shape[1], 2 * R + 1)
     m, n = _positions(M, N)
     bucket = (n - m).clamp(-R, R) + R  # [M, N]
-    table = bias.detach().double().cpu()  # [H, 2R+1]
+    table = bias.double().cpu()  # [H, 2R+1]
     b = table[:, bucket]  # [H, M, N]
     s = _dot(q, k) * scale + b[None]
     return masked_softmax(s, torch.ones(M, N, dtype=torch.bool), v)
@@ -201,9 +202,8 @@ def zerotuning(q, k, v, *, scale=None, gamma, **opts):
     z = e.sum(-1, keepdim=True)
     visible = z > 0
     p = torch.where(visible, e / torch.where(visible, z, torch.ones_like(z)), torch.zeros_like(e))
-    g = gamma.detach().double().cpu().view(1, -1, 1)
-    p = p.clone()
-    p[..., 0] = p[..., 0] * g  # per-head scale on the first token's weight
+    g = gamma.double().cpu().view(1, -1, 1, 1)
+    p = torch.where(n == 0, p * g, p)  # per-head scale on the first token's weight
     z2 = p.sum(-1, keepdim=True)
     ok = z2 > 0
     p = torch.where(ok, p / torch.where(ok, z2, torch.ones_like(z2)), torch.zeros_like(p))

@@ -121,6 +121,43 @@ def test_block_mask_api_and_torch_round_trip():
     assert "BlockMask" in repr(bm)
 
 
+Q_FIELDS = ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+TRANSPOSED = {"causal": causal, "sliding_window": STATIC["sliding_window"],
+              "document": DATA["document"], "no_full_blocks": DATA["dilated"]}
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s[:4])) + f"-{s[4]}")
+@pytest.mark.parametrize("name", list(TRANSPOSED))
+def test_query_block_lists_match_torch(name, shape):
+    """Ragged lengths, Q_LEN != KV_LEN, square and non-square blocks."""
+    B, H, M, N, bs = shape
+    ours = attnc.create_block_mask(TRANSPOSED[name], B, H, M, N, device="cpu", BLOCK_SIZE=bs)
+    theirs = torch_block_mask(TRANSPOSED[name], B, H, M, N, device="cpu", BLOCK_SIZE=bs)
+    if name == "no_full_blocks":
+        assert not theirs.full_kv_num_blocks.any()
+    for bm in (ours, attnc.BlockMask.from_torch(theirs)):
+        for f in Q_FIELDS:
+            assert getattr(bm, f).dtype == torch.int32 and getattr(bm, f).is_contiguous(), f
+            assert torch.equal(getattr(bm, f), getattr(theirs, f)), f
+
+
+def test_query_block_lists_without_full_blocks_are_cached_and_follow_to():
+    # query blocks 0, 1, 2 see key blocks {1}, {}, {1, 0}: 3 query blocks, 2 key blocks
+    num = torch.tensor([[[1, 0, 2]]], dtype=torch.int32)
+    idx = torch.tensor([[[[1, 0], [0, 1], [1, 0]]]], dtype=torch.int32)
+    bm = attnc.BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=32)
+    assert torch.equal(bm.q_num_blocks, torch.tensor([[[1, 2]]], dtype=torch.int32))
+    assert torch.equal(bm.q_indices, torch.tensor([[[[2, 0, 1], [0, 2, 1]]]], dtype=torch.int32))
+    assert torch.equal(bm.full_q_num_blocks, torch.zeros(1, 1, 2, dtype=torch.int32))
+    assert torch.equal(bm.full_q_indices, torch.arange(3, dtype=torch.int32).expand(1, 1, 2, 3))
+    assert bm.q_indices is bm.q_indices
+    moved = bm.to("meta")
+    assert all(getattr(moved, f).device.type == "meta" for f in Q_FIELDS)
+    assert moved.q_indices.shape == (1, 1, 2, 3)
+    with pytest.raises(AttributeError):
+        bm.q_indices = idx
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"B": 0}, "B must be a positive int"),
     ({"BLOCK_SIZE": (32, 0)}, "BLOCK_SIZE"),

@@ -115,9 +115,10 @@ MARKERS = {
     "online_softmax": "online_softmax(n)",
     "mask_bounds": "key bounds per query tile",
     "tile": "schedule: grid over (b, h, m)",
+    "autodiff": "dS[m, n] = (-Delta[m] + dP[m, n])*P[m, n]",
     "fuse": "kernel win",
-    "kernel": "kernel win",
-    "triton": "@triton.jit",
+    "kernel": "dk/dv kernel, per key tile",
+    "triton": "def attnc_win_bwd_dkdv(",
 }
 
 

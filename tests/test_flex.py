@@ -217,3 +217,98 @@ def test_a_score_mod_mask_survives_full_blocks():
     out = attnc.flex_attention(q, k, v, score_mod=_causal, block_mask=everything, enable_gqa=True)
     ref = torch_flex(q.double(), k.double(), v.double(), score_mod=_causal, enable_gqa=True)
     assert rel_error(out, ref) < 1e-5
+
+
+# --- gradients --------------------------------------------------------------------------------
+# torch's FlexAttention has no backward on the CPU, so the oracle here is FlexAttention's
+# semantics materialized: dense [B, H, M, N] scores with the mods applied to broadcast index
+# tensors, differentiated by torch autograd. As in FlexAttention's tests, the float64 run is the
+# golden result and attnc's error may exceed the same eager computation's in the test dtype by
+# FUDGE[dtype].
+
+def _eager(q, k, v, score_mod=None, mask_mod=None):
+    from tests.reference import masked_softmax
+    B_, H, M_, D_ = q.shape
+    group = H // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(D_))
+    idx = (torch.arange(B_).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1),
+           torch.arange(M_).view(1, 1, -1, 1), torch.arange(k.shape[2]).view(1, 1, 1, -1))
+    if score_mod is not None:
+        s = score_mod(s, *idx)
+    visible = mask_mod(*idx) if mask_mod is not None else torch.ones((), dtype=torch.bool)
+    return masked_softmax(s, visible, v.to(s.dtype))[0]
+
+
+def _grad_errors(q, k, v, dtype, score_mod=None, mask_mod=None, captured=(), mask_b=1):
+    """Per gradient (of q, k, v, then each captured tensor): (attnc error, eager error) against
+    the float64 eager gradients, mean absolute, and attnc's relative error."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    block_mask = None
+    if mask_mod is not None:
+        block_mask = attnc.create_block_mask(mask_mod, mask_b, 1, n_q, n_k, device="cpu",
+                                             BLOCK_SIZE=32)
+    d_out = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(9))
+
+    def grads(run, cast):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        for t in captured:
+            t.grad = None
+        out = run(*leaves)
+        (out.double() * d_out.double()).sum().backward()
+        return [t.grad.double() for t in leaves] + [t.grad.double() for t in captured]
+
+    gold = grads(lambda *a: _eager(*a, score_mod, mask_mod), torch.float64)
+    theirs = grads(lambda *a: _eager(*a, score_mod, mask_mod), dtype)
+    ours = grads(lambda *a: attnc.flex_attention(*a, score_mod=score_mod, block_mask=block_mask,
+                                                 enable_gqa=True), dtype)
+    return [((o - g).abs().mean().item(), (t - g).abs().mean().item(), rel_error(o, g))
+            for o, t, g in zip(ours, theirs, gold)]
+
+
+GRAD_MODS = ["_identity", "_squared", "_causal", "_rel_causal", "alibi", "_trig", "_softcap",
+             "_abs_exp"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", GRAD_MODS)
+def test_score_mod_gradients(name, dtype):
+    q, k, v = _qkv(dtype, seed=10, m=45, n=61)
+    for ours, theirs, _ in _grad_errors(q, k, v, dtype, score_mod=SCORE_MODS[name]):
+        assert ours <= FUDGE[dtype] * theirs + 1e-7, (ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_captured_tensor_gradients(dtype):
+    """Captured floating tensors are params: their gradients come from the fused kernels. They
+    have the test dtype, as in FlexAttention's tests (an fp32 one would lift the eager run's
+    softmax to fp32 and leave no low-precision baseline)."""
+    q, k, v = _qkv(dtype, seed=11, m=45, n=61)
+    g = torch.Generator().manual_seed(12)
+    head_offset = torch.rand(HQ, generator=g).to(dtype).requires_grad_()
+    bias = torch.randn(61, generator=g).to(dtype).requires_grad_()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score * head_offset[h] + bias[kv_idx] - bias[q_idx]
+
+    errors = _grad_errors(q, k, v, dtype, score_mod=score_mod, captured=(head_offset, bias))
+    assert len(errors) == 5
+    for ours, theirs, _ in errors[:3]:
+        assert ours <= FUDGE[dtype] * theirs + 1e-7, (ours, theirs)
+    # A param's gradient sums over B * H * M * N elements and is rounded once to its dtype:
+    # with a handful of entries, a mean error is that rounding, so judge it relatively.
+    for _, _, rel in errors[3:]:
+        assert rel <= {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype], rel
+
+
+@pytest.mark.parametrize("case", ["sliding_window", "document_rel_bias"])
+def test_mask_mod_gradients(case):
+    q, k, v = _qkv(torch.float32, seed=13, m=61, n=61)
+    doc = torch.randint(0, 3, (B, 61), generator=torch.Generator().manual_seed(2)).sort(-1).values
+    mask_mod, score_mod, mask_b = {
+        "sliding_window": (_sliding_window(20), None, 1),
+        "document_rel_bias": (_document(doc), _rel_bias, B),
+    }[case]
+    for ours, theirs, _ in _grad_errors(q, k, v, torch.float32, score_mod=score_mod,
+                                        mask_mod=mask_mod, mask_b=mask_b):
+        assert ours <= FUDGE[torch.float32] * theirs + 1e-7, (ours, theirs)

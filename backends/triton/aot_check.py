@@ -7,11 +7,12 @@ This file imports only Triton, so any Python with any Triton version can run it:
     python backends/triton/aot_check.py jobs.json
 
 `jobs.json` is a list of {"path", "function", "signature", "constexprs", "arch"} objects, as
-`jobs_for` builds them; the script prints one JSON line per job with "ok" and "error".
+`jobs_for` builds them (forward and backward kernels); the script prints one JSON line per job with "ok" and "error".
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -19,26 +20,42 @@ import sys
 
 
 def jobs_for(kernel, dtype: str = "bf16", arch: int = 90, block_m: int = 128, block_n: int = 64,
-             block_d: int = 128, ieee: bool = False) -> dict:
-    """A job for an attnc.Kernel: its cached source, entry point and a launch signature."""
+             block_d: int = 128, ieee: bool = False, backward: bool = True) -> list[dict]:
+    """Jobs for an attnc.Kernel's cached source: the forward and (`backward`, when the kernel
+    has one) the preprocess, dq and dk/dv kernels, each with one representative launch
+    signature. Backward tiles are capped at 64, as the launcher caps them on a GPU."""
     from attnc import cache
-    from attnc.backends.triton.codegen import (BLOCK_LISTS, constexpr_args, kernel_names,
-                                               program_args)
+    from attnc.backends.triton.backward import (Q_LISTS, backward_names, bwd_constexprs,
+                                                dkdv_args, dq_args)
+    from attnc.backends.triton.codegen import (BLOCK_LISTS, PRELUDE_PREPROCESS, constexpr_args,
+                                               kernel_names, program_args)
 
     ir = kernel.kernel_ir
-    # one representative launch: fp32 params, int64 ids
-    types = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": f"*{dtype}",
-             "Lse": "*fp32", "scale": "fp32"}
+    # fp32 params and partial sums, int64 ids, int32 block lists
+    types = {name: f"*{dtype}" for name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DVo")}
+    types.update({"Lse": "*fp32", "Delta": "*fp32", "DLse": "*fp32", "scale": "fp32"})
     types.update({d.name: "*fp32" if d.kind == "param" else "*i64" for d in ir.inputs})
-    types.update({name: "*i32" for name, _, _ in BLOCK_LISTS})
-    sig = {name: types.get(name, "i32") for name in program_args(ir)
-           if name not in constexpr_args(ir)}
-    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                  "BLOCK_DV": block_d, "IEEE": ieee, "UPCAST": False,
-                  "SPARSE_Q": 128, "SPARSE_KV": 128}
-    constexprs = {name: constexprs[name] for name in constexpr_args(ir)}
-    return {"path": str(cache.kernel_path(kernel.key)), "function": kernel_names(ir)[0],
-            "signature": sig, "constexprs": constexprs, "arch": arch}
+    types.update({name: "*i32" for name, _, _ in BLOCK_LISTS + Q_LISTS})
+    types.update({f"D_{ld.name}": "*fp32" for ld in ir.loads})
+    values = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "BLOCK_DV": block_d,
+              "IEEE": ieee, "UPCAST": False, "SPARSE_Q": 128, "SPARSE_KV": 128, "DPARAMS": True,
+              "HAS_DLSE": True, "BLOCK_R": 32}
+    path = str(cache.kernel_path(kernel.key))
+
+    def job(function, args, constexprs, **override):
+        return {"path": path, "function": function, "arch": arch,
+                "signature": {a: types.get(a, "i32") for a in args if a not in constexprs},
+                "constexprs": {a: {**values, **override}[a] for a in constexprs}}
+
+    jobs = [job(kernel_names(ir)[0], program_args(ir), constexpr_args(ir))]
+    if backward and ir.grad is not None:
+        job = functools.partial(job, BLOCK_M=min(block_m, 64), BLOCK_N=min(block_n, 64))
+        names = backward_names(ir)
+        jobs.append(job(PRELUDE_PREPROCESS, ["Out", "DO", "DLse", "Delta", "R", "DV"],
+                        ("HAS_DLSE", "BLOCK_R", "BLOCK_DV")))
+        jobs.append(job(names["dq"], dq_args(ir), bwd_constexprs(ir)))
+        jobs.append(job(names["dkdv"], dkdv_args(ir), bwd_constexprs(ir)))
+    return jobs
 
 
 def compile_job(job: dict) -> dict:

@@ -99,22 +99,41 @@ def _round(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _attnc_bwd_preprocess(Out, DO, DLse, Delta, R, DV, HAS_DLSE: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse over R contiguous rows of width DV (the backward's first
+    launch; ds = p * (dO.v - delta) needs it for every key tile of a row)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_DV)
+    ok = (rows[:, None] < R) & (cols[None, :] < DV)
+    o = tl.load(Out + rows[:, None].to(tl.int64) * DV + cols[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + rows[:, None].to(tl.int64) * DV + cols[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + rows, mask=rows < R, other=0.0)
+    tl.store(Delta + rows, delta, mask=rows < R)
 '''
+
+
+PRELUDE_PREPROCESS = "_attnc_bwd_preprocess"
 
 
 def kernel_names(k: AttentionKernel) -> tuple[str, str]:
     return f"attnc_{k.name}_fwd", f"_attnc_{k.name}_step"
 
 
-def _ptr_args(k: AttentionKernel) -> list[str]:
+def ptr_args(k: AttentionKernel) -> list[str]:
     return [d.name for d in k.inputs]
 
 
-def _stride_args(k: AttentionKernel) -> list[str]:
+def stride_args(k: AttentionKernel) -> list[str]:
     return [f"{d.name}_s{i}" for d in k.inputs for i in range(len(d.dims))]
 
 
-def _load_stmt(ld, k: AttentionKernel, pr: TritonPrinter) -> str:
+def load_stmt(ld, k: AttentionKernel, pr: TritonPrinter) -> str:
     decl = next(d for d in k.inputs if d.name == ld.tensor)
     idx = [pr(i) for i in ld.index]
     addr = " + ".join([ld.tensor] + [f"{i} * {ld.tensor}_s{j}" for j, i in enumerate(idx)])
@@ -137,6 +156,9 @@ def generate(k: AttentionKernel, header: str = "") -> str:
     body()
     body()
     _emit_program(body, k, pr)
+    if k.grad is not None:
+        from attnc.backends.triton.backward import emit_backward  # it builds on this module
+        emit_backward(body, k, pr)
     out = CodeBuilder()
     out(f'"""{header or "attnc kernel"}"""')
     out("import triton")
@@ -170,13 +192,18 @@ def _step_args(k: AttentionKernel) -> list[str]:
              "N", "D", "DV", "scale"] + hoisted + tensors + strides + ["BLOCK_M", "BLOCK_N"])
 
 
+def step_header(c: CodeBuilder, name: str, args: list[str], flags: tuple[str, ...]) -> None:
+    """`@triton.jit def name(...)` of a tile step: the BLOCK_* sizes and the `flags` are
+    constexprs, so each (masked, dtype path) combination compiles to its own code."""
+    params = [f"{a}: tl.constexpr" if a.startswith("BLOCK") else a for a in args]
+    c("@triton.jit")
+    c.call(f"def {name}(", params + [f"{f}: tl.constexpr" for f in flags], "):")
+
+
 def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
     _, step = kernel_names(k)
     inner = _inner_loads(k)
-    args = [a if not a.startswith("BLOCK") else f"{a}: tl.constexpr" for a in _step_args(k)]
-    args += ["MASKED: tl.constexpr", "IEEE: tl.constexpr", "UPCAST: tl.constexpr"]
-    c("@triton.jit")
-    c.call(f"def {step}(", args, "):")
+    step_header(c, step, _step_args(k), ("MASKED", "IEEE", "UPCAST"))
     with c.indented():
         c('"""One key tile: scores, optional mask, online-softmax update."""')
         c("offs_n = start_n + tl.arange(0, BLOCK_N)")
@@ -190,7 +217,7 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
             c("v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)")
         c("qk = _dot(q, kt, IEEE, UPCAST)")
         for ld in inner:
-            c(_load_stmt(ld, k, pr))
+            c(load_stmt(ld, k, pr))
         if k.score.has(S.qk):
             c(f"s = {pr(k.score)}")
         else:  # a score without q.k still needs the tile's shape
@@ -230,13 +257,28 @@ def program_args(k: AttentionKernel) -> list[str]:
         lists = [name for name, _, _ in BLOCK_LISTS]
         list_strides = [f"{short}_s{r}" for _, short, dims in BLOCK_LISTS for r in dims]
         sparse = list(SPARSE_CONSTEXPRS)
-    return (["Q", "K", "V", "Out", "Lse"] + _ptr_args(k) + lists + strides + _stride_args(k)
+    return (["Q", "K", "V", "Out", "Lse"] + ptr_args(k) + lists + strides + stride_args(k)
             + list_strides + ["B", "H", "M", "N", "D", "DV", "GROUP", "scale"]
             + list(PROGRAM_CONSTEXPRS) + sparse)
 
 
 def constexpr_args(k: AttentionKernel) -> tuple[str, ...]:
     return PROGRAM_CONSTEXPRS + (SPARSE_CONSTEXPRS if block_sparse(k) else ())
+
+
+def query_tile_prologue(c: CodeBuilder) -> None:
+    """Which (query tile, b, h) a program owns, for the forward and the dq kernel alike."""
+    c("pid_m = tl.program_id(0)")
+    c("pid_bh = tl.program_id(1)")
+    c("b = pid_bh // H")
+    c("h = pid_bh % H")
+    c("kvh = h // GROUP")
+    c("m_lo = pid_m * BLOCK_M")
+    c("m_hi = tl.minimum(m_lo + BLOCK_M, M) - 1")
+    c("zero = m_lo * 0  # a runtime integer, so bound arithmetic never folds to constants")
+    c("offs_m = m_lo + tl.arange(0, BLOCK_M)")
+    c("offs_d = tl.arange(0, BLOCK_D)")
+    c("offs_dv = tl.arange(0, BLOCK_DV)")
 
 
 def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
@@ -247,17 +289,7 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None
     c.call(f"def {fwd}(", args, "):")
     with c.indented():
         c(f'"""{k.name}: softmax attention forward; one program per (query tile, b * h)."""')
-        c("pid_m = tl.program_id(0)")
-        c("pid_bh = tl.program_id(1)")
-        c("b = pid_bh // H")
-        c("h = pid_bh % H")
-        c("kvh = h // GROUP")
-        c("m_lo = pid_m * BLOCK_M")
-        c("m_hi = tl.minimum(m_lo + BLOCK_M, M) - 1")
-        c("zero = m_lo * 0  # a runtime integer, so bound arithmetic never folds to constants")
-        c("offs_m = m_lo + tl.arange(0, BLOCK_M)")
-        c("offs_d = tl.arange(0, BLOCK_D)")
-        c("offs_dv = tl.arange(0, BLOCK_DV)")
+        query_tile_prologue(c)
         c("q_ptrs = (Q + b.to(tl.int64) * stride_qb + h * stride_qh")
         c("          + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)")
         c("q = tl.load(q_ptrs, mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)")
@@ -265,7 +297,7 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None
         c("v_base = V + b.to(tl.int64) * stride_vb + kvh * stride_vh")
         for ld in k.loads:
             if ld.level in ("program", "row"):
-                c(_load_stmt(ld, k, pr))
+                c(load_stmt(ld, k, pr))
         c('m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)')
         c("l_i = tl.zeros([BLOCK_M], tl.float32)")
         c("acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)")

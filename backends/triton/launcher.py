@@ -51,3 +51,63 @@ def launch(fn, q, k, v, extras: list[torch.Tensor], scale: float, config: dict,
              IEEE=ieee, UPCAST=interpreting(), **sparse,
              num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out, lse
+
+
+def backward_config(config: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tiles for the backward kernels: each holds a k/v tile and its dk/dv accumulators (or q,
+    dO and dq) at once, so on a GPU they are smaller than the forward's."""
+    if device.type != "cuda":
+        return dict(config)
+    size = 32 if dtype == torch.float32 else 64
+    return {**config, "BLOCK_M": min(config["BLOCK_M"], size), "BLOCK_N": min(config["BLOCK_N"], size),
+            "num_stages": min(config["num_stages"], 2)}
+
+
+def launch_backward(fns: dict, ir, q, k, v, extras: list[torch.Tensor], out, lse, dout, dlse,
+                    scale: float, config: dict, block_lists=(), q_lists=(),
+                    block_sizes: tuple[int, int] | None = None, dparams: bool = False):
+    """Run the preprocess, dq and dk/dv kernels. Returns dq, dk, dv and, when `dparams`, the
+    partial-sum buffer of every param load (by load name) for the runtime to reduce."""
+    from attnc.backends.triton.backward import param_loads
+    from attnc.backends.triton.codegen import PRELUDE_PREPROCESS
+
+    B, H, M, D = q.shape
+    Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if B * H == 0 or M == 0 or N == 0:
+        return dq, dk, dv, {}
+    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+    sparse = {}
+    if block_sizes is not None:
+        bm, bn = min(bm, block_sizes[0]), min(bn, block_sizes[1])
+        sparse = {"SPARSE_Q": block_sizes[0], "SPARSE_KV": block_sizes[1]}
+    dout = dout.contiguous()
+    delta = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
+    rows = B * H * M
+    fns[PRELUDE_PREPROCESS][(triton.cdiv(rows, 32),)](
+        out.contiguous(), dout, dlse.contiguous() if dlse is not None else delta, delta, rows, Dv,
+        HAS_DLSE=dlse is not None, BLOCK_R=32, BLOCK_DV=_pow2(Dv))
+    qt, kt = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    shapes = {"program": (B * H, qt), "row": (B * H, M), "key": (B * H, N), "tile": (B * H, M, N)}
+    buffers = {}
+    for kernel in ("dq", "dkdv"):
+        for ld, _ in param_loads(ir, kernel):
+            buffers[ld.name] = (torch.zeros(shapes[ld.level], dtype=torch.float32, device=q.device)
+                                if dparams else torch.empty(0, dtype=torch.float32, device=q.device))
+    dq_buffers = [buffers[ld.name] for ld, _ in param_loads(ir, "dq")]
+    dkdv_buffers = [buffers[ld.name] for ld, _ in param_loads(ir, "dkdv")]
+    strides = [s for t in extras for s in t.stride()]
+    ieee = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), IEEE=ieee,
+                  UPCAST=interpreting(), DPARAMS=dparams, **sparse,
+                  num_warps=config["num_warps"], num_stages=config["num_stages"])
+    sizes = (B, H, M, N, D, Dv, H // Hkv, float(scale))
+    fns["dq"][(qt, B * H)](
+        q, k, v, dout, lse, delta, dq, *extras, *dq_buffers, *block_lists, *q.stride(),
+        *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *strides,
+        *[s for t in block_lists for s in t.stride()], *sizes, **common)
+    fns["dkdv"][(kt, B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, *extras, *dkdv_buffers, *q_lists, *q.stride(),
+        *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *strides,
+        *[s for t in q_lists for s in t.stride()], *sizes, **common)
+    return dq, dk, dv, buffers if dparams else {}

@@ -108,6 +108,10 @@ class TritonPrinter:
             return self._mul(ex)
         if ex.is_Pow:
             return self._pow(ex)
+        if isinstance(ex, (sympy.floor, sympy.ceiling, sympy.Mod)) and not all(
+                a.is_integer for a in (ex.args if isinstance(ex, sympy.Mod)
+                                       else ex.args[0].as_numer_denom())):
+            return self._float_rounding(ex)
         if isinstance(ex, sympy.floor):
             num, den = ex.args[0].as_numer_denom()
             return f"{self.use('_floor_div')}({self.p(num)}, {self.p(den)})"
@@ -142,6 +146,15 @@ class TritonPrinter:
         if ex.func in _HELPER_CALLS:
             return f"{self.use(_HELPER_CALLS[ex.func])}({self._float(ex.args[0])})"
         raise NotImplementedError(f"no Triton spelling for {ex.func.__name__} in {ex}")
+
+    def _float_rounding(self, ex) -> str:
+        """floor, ceiling and modulo of a real (a param, say): Triton's `//` and `%` take
+        integers only, so these go through tl.floor."""
+        if isinstance(ex, sympy.Mod):
+            a, b = (self._float(x) for x in ex.args)
+            return f"({a} - {b} * tl.floor({a} / {b}))"
+        x = self._float(ex.args[0])
+        return f"tl.floor({x})" if isinstance(ex, sympy.floor) else f"(-tl.floor(-{x}))"
 
     def _float(self, ex) -> str:
         """An argument of a float function: Triton's math functions refuse integers (tan(b))."""

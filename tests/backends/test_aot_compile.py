@@ -2,6 +2,7 @@
 
 The interpreter runs kernels as numpy code and accepts things the compiler rejects; lowering to a
 cubin catches those. Each library variant is compiled once for bf16 and the fp32/IEEE path once,
+forward and backward kernels alike,
 in a subprocess with the interpreter switched off. With ATTNC_AOT_PYTHON pointing at another
 Python (e.g. a venv holding Triton 3.6), the same jobs run against that Triton.
 """
@@ -55,26 +56,33 @@ def _traced_kernel():
 def test_representative_kernels_compile_for_sm90(tmp_path):
     """Two key segments (streaming), per-row and per-key input loads (document), a per-tile
     param gather (rel_bias), the fp32 IEEE path (alibi), a block-sparse kernel (document's
-    lists) and a kernel traced from Python mods."""
-    jobs = [aot_check.jobs_for(attnc.load(name)) for name in ("streaming", "document", "rel_bias")]
-    jobs.append(aot_check.jobs_for(attnc.load("alibi"), dtype="fp32", block_m=64, block_n=32,
-                                   ieee=True))
-    jobs.append(aot_check.jobs_for(attnc.load("document", block_sparse=True)))
-    jobs.append(aot_check.jobs_for(_traced_kernel()))
+    lists) and a kernel traced from Python mods. Backward kernels compile slowly (the fp32 IEEE
+    dk/dv kernel alone takes a minute), so here only two get theirs: a per-tile param gradient
+    (rel_bias) and the block-sparse walk; the slow test compiles every backward."""
+    jobs = [j for name in ("streaming", "document") for j in
+            aot_check.jobs_for(attnc.load(name), backward=False)]
+    jobs += aot_check.jobs_for(attnc.load("rel_bias"))
+    jobs += aot_check.jobs_for(attnc.load("alibi"), dtype="fp32", block_m=64, block_n=32,
+                               ieee=True, backward=False)
+    jobs += aot_check.jobs_for(attnc.load("document", block_sparse=True))
+    jobs += aot_check.jobs_for(_traced_kernel(), backward=False)
+    assert sum("_bwd_dkdv" in j["function"] for j in jobs) == 2
     _check(jobs, tmp_path)
 
 
 @pytest.mark.slow
 def test_every_library_kernel_compiles_for_sm90(tmp_path):
-    jobs = [aot_check.jobs_for(attnc.load(name)) for name in attnc.variants()]
-    jobs.append(aot_check.jobs_for(attnc.load("rel_bias"), dtype="fp16", block_d=256,
-                                   block_m=64, block_n=32))
+    jobs = [j for name in attnc.variants() for j in aot_check.jobs_for(attnc.load(name))]
+    jobs += aot_check.jobs_for(attnc.load("rel_bias"), dtype="fp16", block_d=256, block_m=64,
+                               block_n=32)
+    jobs += aot_check.jobs_for(attnc.load("alibi"), dtype="fp32", block_m=64, block_n=32,
+                               ieee=True)
     _check(jobs, tmp_path)
 
 
 def test_a_broken_kernel_is_reported(tmp_path):
     """The check can fail: a source with a type error does not compile."""
-    job = aot_check.jobs_for(attnc.load("causal"))
+    job = aot_check.jobs_for(attnc.load("causal"))[0]
     broken = tmp_path / "broken.py"
     broken.write_text(open(job["path"]).read().replace("acc = tl.zeros([BLOCK_M, BLOCK_DV]",
                                                         "acc = tl.zeros([BLOCK_M, 3]"))

@@ -13,7 +13,8 @@ import sympy
 from attnc import symbols as S
 from attnc.frontends.lower import lower
 from attnc.frontends.parser import parse
-from attnc.passes.mask_bounds import analyze, monotone, tile_schedule
+from attnc.passes.mask_bounds import (analyze, monotone, query_segments, query_tile_schedule,
+                                      tile_schedule)
 
 MASKS = {
     "causal": "n <= m",
@@ -58,6 +59,35 @@ def test_schedule_matches_brute_force(name):
                     assert not any(cells), f"{name}: skipped a visible tile ({M},{N},{i},{start})"
                 elif not kind[start]:
                     assert all(cells) and start + bn <= N, f"{name}: tile ({i},{start}) is not full"
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_transposed_schedule_matches_brute_force(name):
+    """The dk/dv kernel's walk: for each key tile, every query tile with a visible entry is
+    visited, once, and a query tile marked full is visible for every (row, key) in it."""
+    mask = _mask(MASKS[name])
+    visible = _brute(mask)
+    rows = query_segments(mask)
+    for M, N, bm, bn in GRIDS:
+        for j, visits in enumerate(query_tile_schedule(rows, M, N, bm, bn)):
+            starts = [s for s, _ in visits]
+            assert len(starts) == len(set(starts)), "a query tile is visited twice"
+            kind = dict(visits)
+            for start in range(0, M, bm):
+                cells = [visible(r, c, M, N) for r in range(start, min(start + bm, M))
+                         for c in range(j * bn, min(j * bn + bn, N))]
+                if start not in kind:
+                    assert not any(cells), f"{name}: skipped a visible tile ({M},{N},{start},{j})"
+                elif not kind[start]:
+                    assert all(cells) and start + bm <= M, f"{name}: tile ({start},{j}) not full"
+
+
+def test_transposed_causal_prunes():
+    """Causal on 64x64 with 8x8 tiles: key tile j is seen by query tiles j..7, the ones below
+    the diagonal wholly."""
+    plan = query_tile_schedule(query_segments(_mask("n <= m")), 64, 64, 8, 8)
+    assert [[s // 8 for s, _ in v] for v in plan] == [list(range(j, 8)) for j in range(8)]
+    assert sum(not masked for v in plan for _, masked in v) == 28
 
 
 @pytest.mark.parametrize("name,visited,full", [
