@@ -4,7 +4,7 @@
 the kernel in a `torch.library.custom_op` with a fake implementation, so it works under
 `torch.compile(fullgraph=True)`. A second op runs the backward kernels and is registered as the
 first's autograd formula; param gradients leave the kernels as partial sums and are reduced here
-(`param_gradients`, deterministically). `Kernel.__call__` validates every argument and says which one is
+(`ParamGradients`, deterministically). `Kernel.__call__` validates every argument and says which one is
 wrong and what was expected.
 """
 
@@ -102,15 +102,15 @@ class Kernel:
         fns = {role: getattr(module, fn) for role, fn in backward_names(self.kernel_ir).items()}
         fns[PRELUDE_PREPROCESS] = getattr(module, PRELUDE_PREPROCESS)
         config = backward_config(self.config(q, k, v), q.dtype, q.device)
-        dq, dk, dv, buffers = launch_backward(
-            fns, self.kernel_ir, q, k, v, extras, out, lse, dout, dlse, scale, config,
-            block_lists[:4], block_lists[4:], tuple(block_sizes) if block_sizes else None,
-            dparams=any(param_grads))
         wanted = [t for t, flag in zip(extras, param_grads) if flag]
         names = [d.name for d, flag in zip(self.kernel_ir.inputs, param_grads) if flag]
-        grads = param_gradients(self.kernel_ir, buffers, dict(zip(self.inputs, extras)),
-                                names, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        return [dq, dk, dv] + [grads[n].to(t.dtype) for n, t in zip(names, wanted)]
+        grads = ParamGradients(self.kernel_ir, dict(zip(self.inputs, extras)), names,
+                               q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        dq, dk, dv = launch_backward(
+            fns, self.kernel_ir, q, k, v, extras, out, lse, dout, dlse, scale, config,
+            block_lists[:4], block_lists[4:], tuple(block_sizes) if block_sizes else None,
+            on_partial=grads.add if names else None)
+        return [dq, dk, dv] + [grads.grads[n].to(t.dtype) for n, t in zip(names, wanted)]
 
     def config(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
         """Launch configuration for these operands, persisted per (dtype, device capability)."""
@@ -257,38 +257,41 @@ class Kernel:
         return extras
 
 
-def param_gradients(ir: AttentionKernel, buffers: dict, inputs: dict, names: list[str],
-                    B: int, H: int, M: int, N: int) -> dict[str, torch.Tensor]:
-    """Reduce the backward kernels' partial sums into each named param's gradient: evaluate
-    every load's index over the dims its buffer kept and scatter-sum (deterministically)."""
-    from attnc.backends.reference import Evaluator, gather
-    from attnc.scatter import scatter_sum
-    loads = {ld.name: ld for ld in ir.loads}
-    grads = {n: torch.zeros(inputs[n].shape, dtype=torch.float64, device=inputs[n].device)
-             for n in names}
-    for load_name, buf in buffers.items():
-        ld = loads[load_name]
-        if ld.tensor not in grads:
-            continue
-        dev = buf.device
+class ParamGradients:
+    """Param gradients from the backward kernels' partial sums: `add` evaluates a load's index
+    over the dims its buffer kept (rows from `first_row` for a per-element buffer) and
+    scatter-sums the buffer into the param (deterministically, attnc.scatter)."""
+
+    def __init__(self, ir: AttentionKernel, inputs: dict, names: list[str], B, H, M, N):
+        self.loads = {ld.name: ld for ld in ir.loads}
+        self.inputs, self.sizes = inputs, (B, H, M, N)
+        self.grads = {n: torch.zeros(inputs[n].shape, dtype=torch.float64,
+                                     device=inputs[n].device) for n in names}
+
+    def add(self, load_name: str, buffer: torch.Tensor, first_row: int) -> None:
+        from attnc.backends.reference import Evaluator, gather
+        from attnc.scatter import scatter_sum
+        ld = self.loads[load_name]
+        if ld.tensor not in self.grads:
+            return
+        B, H, M, N = self.sizes
+        dev = buffer.device
         ranks = {"program": (), "row": ("m",), "key": ("n",), "tile": ("m", "n")}[ld.level]
-        extent = {"m": M, "n": N}
-        values = (buf.view(B, H, -1).sum(-1) if ld.level == "program"
-                  else buf.view(B, H, *(extent[r] for r in ranks)))
+        positions = {"m": torch.arange(first_row, first_row + (
+            buffer.shape[1] if ld.level == "tile" else M), device=dev),
+            "n": torch.arange(N, device=dev)}
+        values = (buffer.view(B, H, -1).sum(-1) if ld.level == "program"
+                  else buffer.view(B, H, *(len(positions[r]) for r in ranks)))
         nd = 2 + len(ranks)
         syms = {S.B: B, S.H: H, S.M: M, S.N: N, S.m: 0, S.n: 0,
                 S.b: torch.arange(B, device=dev).view([-1] + [1] * (nd - 1)),
                 S.h: torch.arange(H, device=dev).view([1, -1] + [1] * (nd - 2))}
         for i, r in enumerate(ranks):
-            syms[S.RANKS[r]] = torch.arange(extent[r], device=dev).view(
-                [-1 if j == 2 + i else 1 for j in range(nd)])
-
-        def tensor(acc, syms=syms):
-            return gather(inputs[str(acc.base)], [ev(x) for x in acc.indices])
-
-        ev = Evaluator(syms, tensor, values)
-        grads[ld.tensor] += scatter_sum(values, [ev(x) for x in ld.index], grads[ld.tensor].shape)
-    return grads
+            syms[S.RANKS[r]] = positions[r].view([-1 if j == 2 + i else 1 for j in range(nd)])
+        ev = Evaluator(syms, lambda acc: gather(self.inputs[str(acc.base)],
+                                                [ev(x) for x in acc.indices]), values)
+        self.grads[ld.tensor] += scatter_sum(values, [ev(x) for x in ld.index],
+                                             self.grads[ld.tensor].shape)
 
 
 def _index_checks(k: AttentionKernel):

@@ -156,6 +156,32 @@ def test_param_gradients_are_bitwise_deterministic():
         assert torch.equal(a, b)
 
 
+def test_per_element_param_scratch_is_bounded_by_slabs(monkeypatch):
+    """A param indexed by m and n needs per-element partial sums; with the scratch capped at
+    two 16-row slabs' worth, the dq kernel runs on slabs of query tiles, and the gradients
+    agree with one launch."""
+    from attnc.backends.triton import launcher
+    kern = attnc.load("rel_bias", max_distance=8, block_m=16, block_n=16)
+    g = torch.Generator().manual_seed(12)
+    q, k, v = operands(1, 2, 2, 70, 50, 16, 16, torch.float32, g)
+    bias = torch.randn(2, 17, generator=g)
+    whole = _grads(kern, q, k, v, {"bias": bias})[0]
+    launches = []
+    dq_kernel = kern._module().attnc_rel_bias_bwd_dq
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return dq_kernel[grid]
+
+    monkeypatch.setattr(launcher, "TILE_BUFFER_ELEMENTS", 2 * 16 * 50 * 2)
+    monkeypatch.setattr(kern._module(), "attnc_rel_bias_bwd_dq", Counting())
+    slabs = _grads(kern, q, k, v, {"bias": bias})[0]
+    assert launches == [(2, 2), (2, 2), (1, 2)]  # rows 0-31, 32-63, 64-69
+    for a, b in zip(slabs, whole):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph_forward_and_backward(backend):
     kern = attnc.load("alibi", block_m=16, block_n=16)

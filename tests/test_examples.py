@@ -16,5 +16,5 @@ def test_train_tiny_lm_runs_and_learns():
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"step +\d+ +loss (\d+\.\d+)", proc.stdout)]
     assert len(losses) >= 5, proc.stdout
-    assert losses[-1] < losses[0] - 0.5, proc.stdout  # 4.65 at the start, ~3.5 after 8 steps
+    assert losses[-1] < losses[0] - 0.5, proc.stdout  # about 4.7 at the start, 3.5 after 8 steps
     assert "layer 0 bias per head" in proc.stdout

@@ -12,7 +12,9 @@ delta = rowsum(dO * O) - dlse:
 A param gradient is never accumulated with atomics: each program writes its partial sums to a
 buffer of its own slots (per (b, h) and query tile for a load indexed by b, h only; per row for
 one indexed by m; per key, from the dk/dv kernel, for one indexed by n; per element for one
-indexed by m and n) and the runtime reduces the buffers in a fixed order (attnc.scatter).
+indexed by m and n) and the runtime reduces the buffers in a fixed order (attnc.scatter). The
+per-element buffers are bounded: the dq kernel is launched on slabs of query tiles
+(TILE_START, SLAB rows), each slab reduced before the next.
 Rows past M get lse = +inf (so p = 0) and keys past N are masked, so padding never contributes.
 """
 
@@ -65,8 +67,8 @@ def dq_args(k: AttentionKernel) -> list[str]:
     buffers = [f"D_{ld.name}" for ld, _ in param_loads(k, "dq")]
     return (["Q", "K", "V", "DO", "Lse", "Delta", "DQ"] + ptr_args(k) + buffers + lists
             + _operand_strides("q k v do dq") + stride_args(k) + list_strides
-            + ["B", "H", "M", "N", "D", "DV", "GROUP", "scale"] + list(BWD_CONSTEXPRS)
-            + (list(SPARSE_CONSTEXPRS) if _sparse(k) else []))
+            + ["B", "H", "M", "N", "D", "DV", "GROUP", "scale", "TILE_START", "SLAB"]
+            + list(BWD_CONSTEXPRS) + (list(SPARSE_CONSTEXPRS) if _sparse(k) else []))
 
 
 def dkdv_args(k: AttentionKernel) -> list[str]:
@@ -135,7 +137,7 @@ def _dq_step_args(k: AttentionKernel) -> list[str]:
     return (["dq"] + accs + ["q", "do", "lse", "delta", "k_base", "v_base", "start_n", "offs_m",
                              "offs_d", "offs_dv", "stride_kn", "stride_kd", "stride_vn",
                              "stride_vd", "b", "h", "pid_bh", "B", "H", "M", "N", "D", "DV",
-                             "scale"]
+                             "scale", "TILE_START", "SLAB"]
             + hoisted + _tensors_with_strides(k, inner) + tiles + ["BLOCK_M", "BLOCK_N"])
 
 
@@ -157,8 +159,9 @@ def _emit_dq_step(c, k: AttentionKernel, pr: TritonPrinter) -> None:
                 for ld, deriv in loads:
                     contrib = _guarded("ds", deriv, pr)
                     if ld.level == "tile":
-                        c(f"tl.store(D_{ld.name} + pid_bh.to(tl.int64) * M * N + offs_m[:, None] * N"
-                          f" + offs_n[None, :], {contrib},")
+                        c(f"tl.store(D_{ld.name} + pid_bh.to(tl.int64) * SLAB * N"
+                          f" + (offs_m[:, None] - TILE_START * BLOCK_M) * N + offs_n[None, :],"
+                          f" {contrib},")
                         c("         mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))")
                     else:
                         c(f"dacc_{ld.name} += tl.sum({contrib}, 1)")
@@ -171,7 +174,7 @@ def _emit_dq(c, k: AttentionKernel, pr: TritonPrinter) -> None:
     c.call(f"def {names['dq']}(", _signature(dq_args(k), k), "):")
     with c.indented():
         c(f'"""{k.name}: dq (and param partial sums); one program per (query tile, b * h)."""')
-        query_tile_prologue(c)
+        query_tile_prologue(c, "TILE_START")
         c("row_ok = offs_m < M")
         c("q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm")
         c("            + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < D),")
@@ -204,7 +207,7 @@ def _emit_dq(c, k: AttentionKernel, pr: TritonPrinter) -> None:
             with c.block("if DPARAMS:"):
                 for ld, _ in loads:
                     if ld.level == "program":
-                        c(f"tl.store(D_{ld.name} + pid_bh * tl.num_programs(0) + pid_m, "
+                        c(f"tl.store(D_{ld.name} + pid_bh * tl.cdiv(M, BLOCK_M) + pid_m, "
                           f"tl.sum(dacc_{ld.name}, 0))")
                     else:
                         c(f"tl.store(D_{ld.name} + pid_bh.to(tl.int64) * M + offs_m, "

@@ -266,9 +266,10 @@ def constexpr_args(k: AttentionKernel) -> tuple[str, ...]:
     return PROGRAM_CONSTEXPRS + (SPARSE_CONSTEXPRS if block_sparse(k) else ())
 
 
-def query_tile_prologue(c: CodeBuilder) -> None:
-    """Which (query tile, b, h) a program owns, for the forward and the dq kernel alike."""
-    c("pid_m = tl.program_id(0)")
+def query_tile_prologue(c: CodeBuilder, first_tile: str = "") -> None:
+    """Which (query tile, b, h) a program owns, for the forward and the dq kernel alike (the dq
+    kernel may be launched on a slab of query tiles starting at `first_tile`)."""
+    c("pid_m = tl.program_id(0)" + (f" + {first_tile}" if first_tile else ""))
     c("pid_bh = tl.program_id(1)")
     c("b = pid_bh // H")
     c("h = pid_bh % H")

@@ -63,11 +63,18 @@ def backward_config(config: dict, dtype: torch.dtype, device: torch.device) -> d
             "num_stages": min(config["num_stages"], 2)}
 
 
+# Per-element param-gradient scratch (a param indexed by both m and n) is bounded to this many
+# floats: beyond it the dq kernel runs on slabs of query tiles, each reduced before the next.
+TILE_BUFFER_ELEMENTS = 1 << 26
+
+
 def launch_backward(fns: dict, ir, q, k, v, extras: list[torch.Tensor], out, lse, dout, dlse,
                     scale: float, config: dict, block_lists=(), q_lists=(),
-                    block_sizes: tuple[int, int] | None = None, dparams: bool = False):
-    """Run the preprocess, dq and dk/dv kernels. Returns dq, dk, dv and, when `dparams`, the
-    partial-sum buffer of every param load (by load name) for the runtime to reduce."""
+                    block_sizes: tuple[int, int] | None = None, on_partial=None):
+    """Run the preprocess, dq and dk/dv kernels; returns dq, dk, dv. With `on_partial`, the
+    param loads' partial sums are computed too and handed over as on_partial(load name, buffer,
+    first row): per-element buffers once per slab of query rows, the others once at the end,
+    always in the same order."""
     from attnc.backends.triton.backward import param_loads
     from attnc.backends.triton.codegen import PRELUDE_PREPROCESS
 
@@ -75,7 +82,7 @@ def launch_backward(fns: dict, ir, q, k, v, extras: list[torch.Tensor], out, lse
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if B * H == 0 or M == 0 or N == 0:
-        return dq, dk, dv, {}
+        return dq, dk, dv
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     sparse = {}
     if block_sizes is not None:
@@ -88,26 +95,40 @@ def launch_backward(fns: dict, ir, q, k, v, extras: list[torch.Tensor], out, lse
         out.contiguous(), dout, dlse.contiguous() if dlse is not None else delta, delta, rows, Dv,
         HAS_DLSE=dlse is not None, BLOCK_R=32, BLOCK_DV=_pow2(Dv))
     qt, kt = triton.cdiv(M, bm), triton.cdiv(N, bn)
-    shapes = {"program": (B * H, qt), "row": (B * H, M), "key": (B * H, N), "tile": (B * H, M, N)}
-    buffers = {}
-    for kernel in ("dq", "dkdv"):
-        for ld, _ in param_loads(ir, kernel):
-            buffers[ld.name] = (torch.zeros(shapes[ld.level], dtype=torch.float32, device=q.device)
-                                if dparams else torch.empty(0, dtype=torch.float32, device=q.device))
-    dq_buffers = [buffers[ld.name] for ld, _ in param_loads(ir, "dq")]
-    dkdv_buffers = [buffers[ld.name] for ld, _ in param_loads(ir, "dkdv")]
+    dparams = on_partial is not None
+
+    def scratch(*shape):
+        return torch.zeros(shape if dparams else (0,), dtype=torch.float32, device=q.device)
+
+    shapes = {"program": (B * H, qt), "row": (B * H, M), "key": (B * H, N)}
+    whole = {ld.name: scratch(*shapes[ld.level]) for kernel in ("dq", "dkdv")
+             for ld, _ in param_loads(ir, kernel) if ld.level != "tile"}
+    per_element = [ld.name for ld, _ in param_loads(ir, "dq") if ld.level == "tile"]
+    slab = M
+    if dparams and per_element:
+        slab = min(M, max(bm, TILE_BUFFER_ELEMENTS // (B * H * N * len(per_element)) // bm * bm))
     strides = [s for t in extras for s in t.stride()]
     ieee = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), IEEE=ieee,
                   UPCAST=interpreting(), DPARAMS=dparams, **sparse,
                   num_warps=config["num_warps"], num_stages=config["num_stages"])
     sizes = (B, H, M, N, D, Dv, H // Hkv, float(scale))
-    fns["dq"][(qt, B * H)](
-        q, k, v, dout, lse, delta, dq, *extras, *dq_buffers, *block_lists, *q.stride(),
-        *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *strides,
-        *[s for t in block_lists for s in t.stride()], *sizes, **common)
+    for first in range(0, M, slab):
+        count = min(slab, M - first)
+        tiles = {name: scratch(B * H, count, N) for name in per_element}
+        buffers = [tiles[ld.name] if ld.level == "tile" else whole[ld.name]
+                   for ld, _ in param_loads(ir, "dq")]
+        fns["dq"][(triton.cdiv(count, bm), B * H)](
+            q, k, v, dout, lse, delta, dq, *extras, *buffers, *block_lists, *q.stride(),
+            *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *strides,
+            *[s for t in block_lists for s in t.stride()], *sizes, first // bm, count, **common)
+        for name in tiles if dparams else ():
+            on_partial(name, tiles[name], first)
     fns["dkdv"][(kt, B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, *extras, *dkdv_buffers, *q_lists, *q.stride(),
+        q, k, v, dout, lse, delta, dk, dv, *extras,
+        *[whole[ld.name] for ld, _ in param_loads(ir, "dkdv")], *q_lists, *q.stride(),
         *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *strides,
         *[s for t in q_lists for s in t.stride()], *sizes, **common)
-    return dq, dk, dv, buffers if dparams else {}
+    for name in whole if dparams else ():
+        on_partial(name, whole[name], 0)
+    return dq, dk, dv
