@@ -213,12 +213,17 @@ def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict |
             run.env[nd.name] = (out, ("m", "f"))
             run.env[nd.lse] = (lse, ("m",))
     result = {role: run.env[name][0] for role, name in c.outputs}
-    group = q.shape[1] // k.shape[1]
+    return _sum_groups(result, k.shape[1])
+
+
+def _sum_groups(grads: dict, kv_heads: int) -> dict:
+    """dk and dv per query head -> per k/v head: GQA sums each group's heads."""
     for role in ("dk", "dv"):
-        if role in result and group > 1:
-            g = result[role]
-            result[role] = g.view(g.shape[0], k.shape[1], group, *g.shape[2:]).sum(2)
-    return result
+        if role in grads:
+            g = grads[role]
+            grads[role] = g.view(g.shape[0], kv_heads, g.shape[1] // kv_heads,
+                                 *g.shape[2:]).sum(2)
+    return grads
 
 
 def _scatter(run: _Run, nd: ScatterSum) -> torch.Tensor:
@@ -364,9 +369,6 @@ def run_kernel_backward(kernel, q, k, v, *, saved: dict, scale: float | None = N
             p, dqk = tile(rows, cols, masked, ("key",))
             grads["dv"][:, :, cols] += p.transpose(-1, -2) @ saved["dO"][:, :, rows]
             grads["dk"][:, :, cols] += dqk.transpose(-1, -2) @ run.q[:, :, rows]
-    group = q.shape[1] // k.shape[1]
-    for role in ("dk", "dv"):
-        g = grads[role]
-        grads[role] = g.view(B, k.shape[1], group, *g.shape[2:]).sum(2)
+    _sum_groups(grads, k.shape[1])
     grads.update({f"d_{name}": g.to(run.inputs[name].dtype) for name, g in params.items()})
     return grads

@@ -23,8 +23,9 @@ from __future__ import annotations
 import sympy
 
 from attnc import symbols as S
-from attnc.backends.triton.codegen import (BLOCK_LISTS, SPARSE_CONSTEXPRS, load_stmt, ptr_args,
-                                           query_tile_prologue, step_header, stride_args)
+from attnc.backends.triton.codegen import (BLOCK_LISTS, SPARSE_CONSTEXPRS, emit_segment_walk,
+                                           load_stmt, ptr_args, query_tile_prologue, step_header,
+                                           stride_args)
 from attnc.backends.triton.printer import TritonPrinter
 from attnc.kernel_ir import AttentionKernel
 
@@ -48,6 +49,12 @@ def param_loads(k: AttentionKernel, kernel: str) -> list:
     loads = {ld.name: ld for ld in k.loads}
     return [(loads[name], d) for name, d in k.grad.dloads
             if BUFFER_KERNEL[loads[name].level] == kernel]
+
+
+def _accumulators(k: AttentionKernel, kernel: str) -> list[str]:
+    """The running partial sums `kernel`'s steps carry: one per param load whose buffer is not
+    per element (those are stored by the step itself)."""
+    return [f"dacc_{ld.name}" for ld, _ in param_loads(k, kernel) if ld.level != "tile"]
 
 
 def _operand_strides(names: str) -> list[str]:
@@ -132,7 +139,7 @@ def _tensors_with_strides(k: AttentionKernel, loads) -> list[str]:
 def _dq_step_args(k: AttentionKernel) -> list[str]:
     inner = _tile_loads(k, ("key", "tile"))
     hoisted = [ld.name for ld in _tile_loads(k, ("program", "row"))]
-    accs = [f"dacc_{ld.name}" for ld, _ in param_loads(k, "dq") if ld.level != "tile"]
+    accs = _accumulators(k, "dq")
     tiles = [f"D_{ld.name}" for ld, _ in param_loads(k, "dq") if ld.level == "tile"]
     return (["dq"] + accs + ["q", "do", "lse", "delta", "k_base", "v_base", "start_n", "offs_m",
                              "offs_d", "offs_dv", "stride_kn", "stride_kd", "stride_vn",
@@ -142,7 +149,7 @@ def _dq_step_args(k: AttentionKernel) -> list[str]:
 
 
 def _emit_dq_step(c, k: AttentionKernel, pr: TritonPrinter) -> None:
-    accs = [f"dacc_{ld.name}" for ld, _ in param_loads(k, "dq") if ld.level != "tile"]
+    accs = _accumulators(k, "dq")
     step_header(c, backward_names(k)["dq_step"], _dq_step_args(k), STEP_FLAGS)
     with c.indented():
         c('"""One key tile of the dq kernel: recompute p, then ds, and fold into dq."""')
@@ -189,23 +196,22 @@ def _emit_dq(c, k: AttentionKernel, pr: TritonPrinter) -> None:
         for ld in _tile_loads(k, ("program", "row")):
             c(load_stmt(ld, k, pr))
         c("dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)")
-        for ld, _ in param_loads(k, "dq"):
-            if ld.level != "tile":
-                c(f"dacc_{ld.name} = tl.zeros([BLOCK_M], tl.float32)")
-        call = _call(f"{', '.join(['dq'] + [f'dacc_{ld.name}' for ld, _ in param_loads(k, 'dq') if ld.level != 'tile'])} = {names['dq_step']}(",
-                     _dq_step_args(k))
+        for acc in _accumulators(k, "dq"):
+            c(f"{acc} = tl.zeros([BLOCK_M], tl.float32)")
+        targets = ", ".join(["dq"] + _accumulators(k, "dq"))
+        call = _call(f"{targets} = {names['dq_step']}(", _dq_step_args(k))
         if _sparse(k):
             c("qb = m_lo // SPARSE_Q")
             _emit_block_walk(c, call, BLOCK_LISTS, "q", "k")
         else:
-            _emit_tiles(c, k.segments, call, "N", "BLOCK_N", "start_n", TritonPrinter({}))
+            emit_segment_walk(c, k.segments, call, "N", "BLOCK_N", "start_n", pr)
         c("tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm")
         c("         + offs_d[None, :] * stride_dqd, _round(dq, DQ.dtype.element_ty, UPCAST),")
         c("         mask=row_ok[:, None] & (offs_d[None, :] < D))")
-        loads = [(ld, d) for ld, d in param_loads(k, "dq") if ld.level != "tile"]
-        if loads:
+        sums = [ld for ld, _ in param_loads(k, "dq") if ld.level != "tile"]
+        if sums:
             with c.block("if DPARAMS:"):
-                for ld, _ in loads:
+                for ld in sums:
                     if ld.level == "program":
                         c(f"tl.store(D_{ld.name} + pid_bh * tl.cdiv(M, BLOCK_M) + pid_m, "
                           f"tl.sum(dacc_{ld.name}, 0))")
@@ -226,23 +232,6 @@ def _call(head: str, args: list[str]):
     def emit(c, masked: str) -> None:
         c.call(head, args + [f"MASKED={masked}"] + [f"{f}={f}" for f in STEP_FLAGS[1:]])
     return emit
-
-
-def _emit_tiles(c, segments, call, extent: str, block: str, var: str, scalar: TritonPrinter
-                ) -> None:
-    """Walk the tiles of `segments` (masked, full, masked per segment) along one axis."""
-    c("prev_end = zero")
-    for i, seg in enumerate(segments):
-        c(f"# segment {i}: [{seg.lo}, {seg.hi}), full [{seg.full_lo}, {seg.full_hi})")
-        for name, ex in (("lo", seg.lo), ("hi", seg.hi), ("flo", seg.full_lo),
-                         ("fhi", seg.full_hi)):
-            c(f"{name} = {scalar(ex)} + zero")
-        c(f"t0, t1, t2, t3 = _key_tiles(lo, hi, flo, fhi, prev_end, {extent}, {block})")
-        for lo_name, hi_name, masked in (("t0", "t1", "True"), ("t1", "t2", "False"),
-                                         ("t2", "t3", "True")):
-            with c.block(f"for {var} in range({lo_name}, {hi_name}, {block}):"):
-                call(c, masked)
-        c("prev_end = t3")
 
 
 def _emit_block_walk(c, call, lists, own: str, other: str) -> None:
@@ -270,7 +259,7 @@ def _emit_block_walk(c, call, lists, own: str, other: str) -> None:
 def _dkdv_step_args(k: AttentionKernel) -> list[str]:
     inner = _tile_loads(k, ("row", "tile"))
     hoisted = [ld.name for ld in _tile_loads(k, ("program", "key"))]
-    accs = [f"dacc_{ld.name}" for ld, _ in param_loads(k, "dkdv")]
+    accs = _accumulators(k, "dkdv")
     return (["dk", "dv"] + accs + ["kt", "vt", "q_base", "do_base", "lse_base", "delta_base",
                                     "start_m", "offs_n", "offs_d", "offs_dv", "stride_qm",
                                     "stride_qd", "stride_dom", "stride_dod", "b", "h", "B", "H",
@@ -279,7 +268,7 @@ def _dkdv_step_args(k: AttentionKernel) -> list[str]:
 
 
 def _emit_dkdv_step(c, k: AttentionKernel, pr: TritonPrinter) -> None:
-    accs = [f"dacc_{ld.name}" for ld, _ in param_loads(k, "dkdv")]
+    accs = _accumulators(k, "dkdv")
     step_header(c, backward_names(k)["dkdv_step"], _dkdv_step_args(k), STEP_FLAGS)
     with c.indented():
         c('"""One query tile of the dk/dv kernel: recompute p and ds, fold into dk and dv."""')
@@ -341,7 +330,7 @@ def _emit_dkdv(c, k: AttentionKernel, pr: TritonPrinter) -> None:
             c("delta_base = Delta + bh * M")
             for ld in _tile_loads(k, ("program", "key")):
                 c(load_stmt(ld, k, pr))
-            accs = [f"dacc_{ld.name}" for ld, _ in param_loads(k, "dkdv")]
+            accs = _accumulators(k, "dkdv")
             for acc in accs:
                 c(f"{acc} = tl.zeros([BLOCK_N], tl.float32)")
             call = _call(f"{', '.join(['dk', 'dv'] + accs)} = {names['dkdv_step']}(",
@@ -349,7 +338,7 @@ def _emit_dkdv(c, k: AttentionKernel, pr: TritonPrinter) -> None:
             if _sparse(k):
                 _emit_block_walk(c, call, Q_LISTS, "k", "q")
             else:
-                _emit_tiles(c, k.grad.rows, call, "M", "BLOCK_M", "start_m", TritonPrinter({}))
+                emit_segment_walk(c, k.grad.rows, call, "M", "BLOCK_M", "start_m", pr)
             if accs:
                 with c.block("if DPARAMS:"):
                     for ld, _ in param_loads(k, "dkdv"):

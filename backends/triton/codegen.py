@@ -285,7 +285,6 @@ def query_tile_prologue(c: CodeBuilder, first_tile: str = "") -> None:
 def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
     fwd = kernel_names(k)[0]
     args = [f"{a}: tl.constexpr" if a in constexpr_args(k) else a for a in program_args(k)]
-    scalar = TritonPrinter({})
     c("@triton.jit")
     c.call(f"def {fwd}(", args, "):")
     with c.indented():
@@ -305,7 +304,8 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None
         if block_sparse(k):
             _emit_block_lists(c, k)
         else:
-            _emit_segments(c, k, scalar)
+            emit_segment_walk(c, k.segments, lambda c, masked: _step_call(c, k, masked), "N",
+                              "BLOCK_N", "start_n", pr)
         c("empty = l_i == 0.0")
         c("l_safe = tl.where(empty, 1.0, l_i)")
         c("out = acc / l_safe[:, None]")
@@ -315,7 +315,6 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None
         c("tl.store(o_ptrs, _round(out, Out.dtype.element_ty, UPCAST), "
           "mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))")
         c("tl.store(Lse + pid_bh.to(tl.int64) * M + offs_m, lse, mask=offs_m < M)")
-    pr.helpers |= scalar.helpers
 
 
 def _step_call(c: CodeBuilder, k: AttentionKernel, masked: str) -> None:
@@ -323,21 +322,26 @@ def _step_call(c: CodeBuilder, k: AttentionKernel, masked: str) -> None:
         f"MASKED={masked}", "IEEE=IEEE", "UPCAST=UPCAST"])
 
 
-def _emit_segments(c: CodeBuilder, k: AttentionKernel, scalar: TritonPrinter) -> None:
-    """Key tiles from the mask bounds: per segment, masked / full / masked ranges."""
+def emit_segment_walk(c: CodeBuilder, segments, call, extent: str, block: str, var: str,
+                      pr: TritonPrinter) -> None:
+    """Walk the tiles of `segments` along one axis (keys for the forward and dq kernels, queries
+    for the dk/dv kernel): per segment, masked / full / masked ranges, each tile emitted by
+    call(c, masked). The bounds are scalars; helpers they need are added to `pr`'s."""
+    scalar = TritonPrinter({})
     c("prev_end = zero")
-    for i, seg in enumerate(k.segments):
-        c(f"# segment {i}: keys [{seg.lo}, {seg.hi}), every row sees [{seg.full_lo}, {seg.full_hi})")
-        c(f"lo = {scalar(seg.lo)} + zero")
-        c(f"hi = {scalar(seg.hi)} + zero")
-        c(f"flo = {scalar(seg.full_lo)} + zero")
-        c(f"fhi = {scalar(seg.full_hi)} + zero")
-        c("t0, t1, t2, t3 = _key_tiles(lo, hi, flo, fhi, prev_end, N, BLOCK_N)")
+    for i, seg in enumerate(segments):
+        c(f"# segment {i}: [{seg.lo}, {seg.hi}), all of the tile sees [{seg.full_lo}, "
+          f"{seg.full_hi})")
+        for name, ex in (("lo", seg.lo), ("hi", seg.hi), ("flo", seg.full_lo),
+                         ("fhi", seg.full_hi)):
+            c(f"{name} = {scalar(ex)} + zero")
+        c(f"t0, t1, t2, t3 = _key_tiles(lo, hi, flo, fhi, prev_end, {extent}, {block})")
         for lo_name, hi_name, masked in (("t0", "t1", "True"), ("t1", "t2", "False"),
                                          ("t2", "t3", "True")):
-            with c.block(f"for start_n in range({lo_name}, {hi_name}, BLOCK_N):"):
-                _step_call(c, k, masked)
+            with c.block(f"for {var} in range({lo_name}, {hi_name}, {block}):"):
+                call(c, masked)
         c("prev_end = t3")
+    pr.helpers |= scalar.helpers
 
 
 def _emit_block_lists(c: CodeBuilder, k: AttentionKernel) -> None:

@@ -26,6 +26,20 @@ def default_config(D: int, Dv: int, dtype: torch.dtype, device: torch.device) ->
             "num_stages": 2 if wide else 3}
 
 
+def _constexprs(config: dict, q, D: int, Dv: int, block_sizes: tuple[int, int] | None) -> dict:
+    """Tile sizes, dtype path and launch options shared by the forward and backward kernels; a
+    block mask's sizes bound the tiles (a tile never straddles a block of the mask)."""
+    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+    sparse = {}
+    if block_sizes is not None:
+        bm, bn = min(bm, block_sizes[0]), min(bn, block_sizes[1])
+        sparse = {"SPARSE_Q": block_sizes[0], "SPARSE_KV": block_sizes[1]}
+    ieee = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), IEEE=ieee,
+                UPCAST=interpreting(), **sparse, num_warps=config["num_warps"],
+                num_stages=config["num_stages"])
+
+
 def launch(fn, q, k, v, extras: list[torch.Tensor], scale: float, config: dict,
            block_lists: list[torch.Tensor] = (), block_sizes: tuple[int, int] | None = None):
     """Run the kernel; a block-sparse kernel also gets its block mask's four lists (already
@@ -37,19 +51,12 @@ def launch(fn, q, k, v, extras: list[torch.Tensor], scale: float, config: dict,
     if M == 0 or B * H == 0:
         return out, lse
     strides = [s for t in extras for s in t.stride()]
-    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
-    sparse = {}
-    if block_sizes is not None:  # tiles never straddle a block of the mask
-        bm, bn = min(bm, block_sizes[0]), min(bn, block_sizes[1])
-        sparse = {"SPARSE_Q": block_sizes[0], "SPARSE_KV": block_sizes[1]}
     list_strides = [s for t in block_lists for s in t.stride()]
-    grid = (triton.cdiv(M, bm), B * H)
-    ieee = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    common = _constexprs(config, q, D, Dv, block_sizes)
+    grid = (triton.cdiv(M, common["BLOCK_M"]), B * H)
     fn[grid](q, k, v, out, lse, *extras, *block_lists, *q.stride(), *k.stride(), *v.stride(),
              *out.stride(), *strides, *list_strides, B, H, M, N, D, Dv, H // Hkv, float(scale),
-             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-             IEEE=ieee, UPCAST=interpreting(), **sparse,
-             num_warps=config["num_warps"], num_stages=config["num_stages"])
+             **common)
     return out, lse
 
 
@@ -59,8 +66,8 @@ def backward_config(config: dict, dtype: torch.dtype, device: torch.device) -> d
     if device.type != "cuda":
         return dict(config)
     size = 32 if dtype == torch.float32 else 64
-    return {**config, "BLOCK_M": min(config["BLOCK_M"], size), "BLOCK_N": min(config["BLOCK_N"], size),
-            "num_stages": min(config["num_stages"], 2)}
+    return {**config, "BLOCK_M": min(config["BLOCK_M"], size),
+            "BLOCK_N": min(config["BLOCK_N"], size), "num_stages": min(config["num_stages"], 2)}
 
 
 # Per-element param-gradient scratch (a param indexed by both m and n) is bounded to this many
@@ -83,11 +90,9 @@ def launch_backward(fns: dict, ir, q, k, v, extras: list[torch.Tensor], out, lse
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if B * H == 0 or M == 0 or N == 0:
         return dq, dk, dv
-    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
-    sparse = {}
-    if block_sizes is not None:
-        bm, bn = min(bm, block_sizes[0]), min(bn, block_sizes[1])
-        sparse = {"SPARSE_Q": block_sizes[0], "SPARSE_KV": block_sizes[1]}
+    dparams = on_partial is not None
+    common = dict(_constexprs(config, q, D, Dv, block_sizes), DPARAMS=dparams)
+    bm, bn = common["BLOCK_M"], common["BLOCK_N"]
     dout = dout.contiguous()
     delta = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
     rows = B * H * M
@@ -95,7 +100,6 @@ def launch_backward(fns: dict, ir, q, k, v, extras: list[torch.Tensor], out, lse
         out.contiguous(), dout, dlse.contiguous() if dlse is not None else delta, delta, rows, Dv,
         HAS_DLSE=dlse is not None, BLOCK_R=32, BLOCK_DV=_pow2(Dv))
     qt, kt = triton.cdiv(M, bm), triton.cdiv(N, bn)
-    dparams = on_partial is not None
 
     def scratch(*shape):
         return torch.zeros(shape if dparams else (0,), dtype=torch.float32, device=q.device)
@@ -108,10 +112,6 @@ def launch_backward(fns: dict, ir, q, k, v, extras: list[torch.Tensor], out, lse
     if dparams and per_element:
         slab = min(M, max(bm, TILE_BUFFER_ELEMENTS // (B * H * N * len(per_element)) // bm * bm))
     strides = [s for t in extras for s in t.stride()]
-    ieee = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), IEEE=ieee,
-                  UPCAST=interpreting(), DPARAMS=dparams, **sparse,
-                  num_warps=config["num_warps"], num_stages=config["num_stages"])
     sizes = (B, H, M, N, D, Dv, H // Hkv, float(scale))
     for first in range(0, M, slab):
         count = min(slab, M - first)
