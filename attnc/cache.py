@@ -38,8 +38,9 @@ def versions() -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def codegen_fingerprint() -> str:
     """Hash of the code generator's own source: a generator change invalidates old kernels."""
-    from attnc.backends.triton import codegen, printer
-    return digest(*(Path(m.__file__).read_text() for m in (codegen, printer)))[:16]
+    from attnc.backends.triton import backward, codegen, linear_codegen, printer
+    return digest(*(Path(m.__file__).read_text()
+                    for m in (codegen, backward, linear_codegen, printer)))[:16]
 
 
 def digest(*parts: str) -> str:

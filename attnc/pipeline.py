@@ -3,6 +3,10 @@
     parse -> cascade (frontend IR) -> desugar -> pass_count -> online_softmax -> mask_bounds
           -> tile -> autodiff -> fuse (kernel IR) -> triton (forward and backward source)
 
+A `linear` block (a state-update scan) takes its own short pipeline:
+
+    parse -> cascade (LinearScan) -> chunk_scan -> triton (recurrent and chunked kernels)
+
 Each pass is a pure function IR -> IR in its own module; the cascade is verified after every
 pass, and any stage can be printed (`attnc show SPEC --stage NAME`).
 """
@@ -18,11 +22,15 @@ from attnc.frontends.lower import lower
 from attnc.frontends.parser import parse
 from attnc.ir import Cascade, format_cascade, verify
 from attnc.kernel_ir import AttentionKernel, format_kernel
-from attnc.passes import (autodiff, desugar, fuse, mask_bounds, online_softmax, pass_count,
-                          tile)
+from attnc.linear_ir import LinearScan, format_scan
+from attnc.passes import (autodiff, chunk_scan, desugar, fuse, mask_bounds, online_softmax,
+                          pass_count, tile)
 
 PASSES = (desugar, pass_count, online_softmax, mask_bounds, tile, autodiff, fuse)
-STAGES = ("parse", "cascade") + tuple(p.NAME for p in PASSES) + ("kernel", "triton")
+LINEAR_PASSES = (chunk_scan,)
+STAGES = ("parse", "cascade") + tuple(p.NAME for p in PASSES + LINEAR_PASSES) + ("kernel",
+                                                                                 "triton")
+LINEAR_STAGES = ("parse", "cascade", chunk_scan.NAME, "kernel", "triton")
 
 PASS_DOCS = {
     "desugar": "score/mask/normalize blocks into FuseMax's 3-pass softmax cascade",
@@ -32,6 +40,7 @@ PASS_DOCS = {
     "tile": "grid over (b, h, query tiles), sequential loop over key tiles",
     "autodiff": "sympy derivatives of the score: the backward cascade (dq, dk, dv, d<param>)",
     "fuse": "inline everything into one kernel; place param/input loads",
+    "chunk_scan": "(linear blocks) classify each state update; chunkwise-parallel form or why not",
 }
 
 
@@ -64,7 +73,7 @@ def frontend(src: Source, options: dict | None = None):
 def run_passes(ir, upto: str | None = None) -> list[tuple[str, object]]:
     """Run the pipeline, returning (pass name, IR after it) for each pass run."""
     trail = []
-    for p in PASSES:
+    for p in (LINEAR_PASSES if isinstance(ir, LinearScan) else PASSES):
         ir = p.run(ir)
         if isinstance(ir, Cascade):
             verify(ir)
@@ -75,6 +84,8 @@ def run_passes(ir, upto: str | None = None) -> list[tuple[str, object]]:
 
 
 def format_ir(ir) -> str:
+    if isinstance(ir, LinearScan):
+        return format_scan(ir)
     if isinstance(ir, Cascade):
         return format_cascade(ir, passes=pass_count.count(ir))
     if isinstance(ir, AttentionKernel):
@@ -90,6 +101,15 @@ def show(src: Source, stage: str, options: dict | None = None) -> str:
         return tree.pretty()
     if stage == "cascade":
         return format_ir(ir)
+    if isinstance(ir, LinearScan):
+        if stage not in LINEAR_STAGES:
+            raise ValueError(f"stage {stage!r} does not apply to a linear block; its stages: "
+                             + ", ".join(LINEAR_STAGES))
+        scan = run_passes(ir)[-1][1]
+        if stage == "triton":
+            from attnc.backends.triton.linear_codegen import generate as generate_linear
+            return generate_linear(scan)
+        return format_ir(scan)
     if stage in ("kernel", "triton"):
         from attnc.backends.triton.codegen import generate
         kernel = run_passes(ir)[-1][1]

@@ -22,6 +22,7 @@ import attnc.backends.triton as triton_backend
 from attnc import cache
 from attnc import symbols as S
 from attnc.kernel_ir import AttentionKernel
+from attnc.linear_ir import LinearScan
 from attnc.passes.mask_bounds import monotone
 from attnc.pipeline import Source, format_ir, frontend, run_passes
 
@@ -410,9 +411,18 @@ def compile_spec(src: Source, options: dict) -> Kernel:
     """Compile DSL text; `block_sparse=True` makes a kernel that visits a block mask's blocks."""
     launch_overrides = launch_options(options)
     block_sparse = options.pop("block_sparse", False)
+    chunk_size = options.pop("chunk_size", None)
     if not isinstance(block_sparse, bool):
         raise ValueError(f"block_sparse must be True or False, got {block_sparse!r}")
     _, ir = frontend(src, options)
+    if isinstance(ir, LinearScan):
+        if launch_overrides or block_sparse:
+            raise ValueError(f"{sorted(launch_overrides) or ['block_sparse']} do not apply to "
+                             "a linear block (its launch option is chunk_size)")
+        from attnc.linear_runtime import compile_linear
+        return compile_linear(src, options, ir, chunk_size)
+    if chunk_size is not None:
+        raise ValueError("chunk_size applies to linear blocks only")
     if block_sparse:
         ir = replace(ir, block_sparse=True)
     return compile_ir(ir, src, options, launch_overrides)

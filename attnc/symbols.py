@@ -58,6 +58,20 @@ class softplus(sympy.Function):
         return None
 
 
+class elu(sympy.Function):
+    """x for x > 0, exp(x) - 1 otherwise (the +1 of linear attention's feature map is outside)."""
+
+    def fdiff(self, argindex=1):
+        x = self.args[0]
+        return sympy.Piecewise((1, x > 0), (sympy.exp(x), True))
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return x if x > 0 else sympy.exp(x) - 1
+        return None
+
+
 def compare(op: str, a, b) -> sympy.Expr:
     """a <op> b for op in < <= > >= == !=, in one canonical form: > and >= are written as < and
     <= with the sides swapped, so `q_idx >= kv_idx` and `n <= m` are the same IR."""

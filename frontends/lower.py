@@ -24,7 +24,7 @@ _FUNCS = {
     "exp": (1, sympy.exp), "log": (1, sympy.log), "tanh": (1, sympy.tanh),
     "sqrt": (1, sympy.sqrt), "abs": (1, sympy.Abs), "sin": (1, sympy.sin),
     "cos": (1, sympy.cos), "tan": (1, sympy.tan), "exp2": (1, lambda x: 2 ** x),
-    "sigmoid": (1, S.sigmoid), "softplus": (1, S.softplus),
+    "sigmoid": (1, S.sigmoid), "softplus": (1, S.softplus), "elu": (1, S.elu),
     "relu": (1, lambda x: sympy.Max(x, 0)), "clamp": (3, lambda x, lo, hi: sympy.Min(sympy.Max(x, lo), hi)),
 }
 
@@ -60,6 +60,9 @@ class _Lowerer:
             raise self.error(blocks[1], "a spec holds exactly one block",
                              hint="put each variant in its own file or string")
         blk = blocks[0]
+        if blk.data == "linear":
+            from attnc.frontends.lower_linear import lower_linear
+            return lower_linear(self, blk)
         return self.attention(blk) if blk.data == "attention" else self.cascade(blk)
 
     def _declarations(self, stmts, scope: _Scope) -> list:
@@ -183,9 +186,9 @@ class _Lowerer:
         ranks = []
         while kids and isinstance(kids[0], lark.Token) and kids[0].type == "NAME":
             ranks.append(kids.pop(0))
-        if kids and isinstance(kids[0], lark.Token) and kids[0].type == "REDUCTION":
-            reduction = kids.pop(0)
         body = kids[0]
+        if body.data == "reduce":  # a cascade's reduction prefixes the whole right side
+            reduction, body = body.children
         if name in scope.cascade_tensors or name in scope.tensors or name in RESERVED - {"QK"}:
             raise self.error(name_tok, f"'{name}' is already defined")
         for r in ranks:
@@ -258,7 +261,13 @@ class _Lowerer:
             return self._call(node, scope, decl)
         if rule == "access":
             return self._access(node, scope, decl)
+        if rule == "reduce":
+            return self._reduce(node, scope, decl)
         raise self.error(node, f"unsupported expression '{rule}'")  # pragma: no cover
+
+    def _reduce(self, node, scope: _Scope, decl: bool):
+        raise self.error(node, "a reduction here must prefix the whole right side",
+                         hint="write `X[m] = sum(n) ...` with the reduction first")
 
     def _name(self, tok, scope: _Scope, decl: bool):
         name = str(tok)

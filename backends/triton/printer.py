@@ -20,7 +20,7 @@ from attnc import symbols as S
 
 _CALLS = {sympy.exp: "tl.exp", sympy.log: "tl.log", sympy.Abs: "tl.abs", sympy.sin: "tl.sin",
           sympy.cos: "tl.cos", S.sigmoid: "tl.sigmoid"}
-_HELPER_CALLS = {sympy.tanh: "_tanh", S.softplus: "_softplus"}
+_HELPER_CALLS = {sympy.tanh: "_tanh", S.softplus: "_softplus", S.elu: "_elu"}
 _REL = {sympy.Lt: "<", sympy.Le: "<=", sympy.Gt: ">", sympy.Ge: ">=", sympy.Eq: "==",
         sympy.Ne: "!="}
 
@@ -52,6 +52,10 @@ def _tanh(x):
 def _softplus(x):
     # log(1 + exp(x)) without overflow for large x
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+''',
+    "_elu": '''@triton.jit
+def _elu(x):
+    return tl.where(x > 0, x, tl.exp(tl.minimum(x, 0.0)) - 1.0)
 ''',
     "_pow": '''@triton.jit
 def _pow(x, y):
