@@ -9,6 +9,10 @@ FlexAttention's API, on the same compiler:
     out = attnc.flex_attention(q, k, v, score_mod=..., block_mask=...)
     block_mask = attnc.create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN)
     attnc.and_masks / attnc.or_masks / attnc.noop_mask / attnc.BlockMask
+
+State-update (linear) attention: `linear` specs compile to an `attnc.LinearKernel`
+(kernel(q, k, v, initial_state=..., output_final_state=True, cu_seqlens=..., **inputs)), and
+`attnc.ops` has flash-linear-attention-style functions (chunk_gla, fused_recurrent_gla, ...).
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ from attnc.errors import CompileError, SpecError
 
 __all__ = ["compile", "load", "variants", "Kernel", "SpecError", "CompileError", "__version__",
            "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks",
-           "noop_mask"]
+           "noop_mask", "LinearKernel", "ops"]
 
 _LAZY = {"Kernel": "attnc.runtime", "flex_attention": "attnc.flex",
          "create_block_mask": "attnc.block_mask", "BlockMask": "attnc.block_mask",
          "and_masks": "attnc.block_mask", "or_masks": "attnc.block_mask",
-         "noop_mask": "attnc.block_mask"}
+         "noop_mask": "attnc.block_mask", "LinearKernel": "attnc.linear_runtime"}
 
 if "torch" in sys.modules:  # pick Triton's mode (interpreter without CUDA) before others import it
     import attnc.backends.triton  # noqa: F401
@@ -73,6 +77,9 @@ def variants() -> list[str]:
 
 
 def __getattr__(name):
+    if name == "ops":
+        import importlib
+        return importlib.import_module("attnc.ops")
     if name in _LAZY:
         import importlib
         return getattr(importlib.import_module(_LAZY[name]), name)

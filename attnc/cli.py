@@ -73,13 +73,16 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_passes(args) -> int:
-    from attnc.pipeline import PASS_DOCS, PASSES
+    from attnc.pipeline import LINEAR_PASSES, PASS_DOCS, PASSES
 
     print("parse -> cascade -> " + " -> ".join(p.NAME for p in PASSES) + " -> kernel -> triton")
-    width = max(len(p.NAME) for p in PASSES)
+    width = max(len(p.NAME) for p in PASSES + LINEAR_PASSES)
     for i, p in enumerate(PASSES, 1):
-        doc = PASS_DOCS.get(p.NAME) or ((p.__doc__ or "").strip().splitlines() or [""])[0]
-        print(f"{i:>2}. {p.NAME:<{width}}  {doc}".rstrip())
+        print(f"{i:>2}. {p.NAME:<{width}}  {PASS_DOCS[p.NAME]}".rstrip())
+    print("linear blocks: parse -> cascade -> " + " -> ".join(p.NAME for p in LINEAR_PASSES)
+          + " -> kernel -> triton")
+    for i, p in enumerate(LINEAR_PASSES, 1):
+        print(f"{i:>2}. {p.NAME:<{width}}  {PASS_DOCS[p.NAME]}".rstrip())
     return 0
 
 
@@ -122,6 +125,8 @@ def _cmd_check(args) -> int:
             raise ValueError(f"--{k} must be at least {least}, got {v}")
     dtype = getattr(torch, args.dtype)
     kernel = attnc.compile(args.spec, **_options(args))
+    if isinstance(kernel, attnc.LinearKernel):
+        return _check_linear(kernel, args, dtype, shape)
     res = testing.check(kernel, dtype=dtype, seed=args.seed, **shape)
     verdict = "ok" if res["ok"] else "FAILED"
     cmp = "<=" if res["rel_error"] <= res["tolerance"] else ">"
@@ -131,6 +136,24 @@ def _cmd_check(args) -> int:
           f"tolerance {res['tolerance']:.0e}; lse max abs error "
           f"{res['lse_max_abs_error']:.3e}; {grad}: {verdict}")
     return 0 if res["ok"] else 1
+
+
+def _check_linear(kernel, args, dtype, shape: dict) -> int:
+    from attnc import testing
+
+    if {"Hkv", "N"} & set(shape):
+        raise ValueError(f"{kernel.name} is a linear block: its sizes are B, H, M (as T), D, Dv")
+    sizes = {("T" if k == "M" else k): v for k, v in shape.items()}
+    verdicts = []
+    for algorithm in ("chunked", "recurrent") if kernel.why_not_chunked is None else ("recurrent",):
+        res = testing.check_linear(kernel, dtype=dtype, seed=args.seed, algorithm=algorithm,
+                                   **sizes)
+        verdicts.append(res["ok"])
+        cmp = "<=" if res["rel_error"] <= res["tolerance"] else ">"
+        print(f"{kernel.name} {algorithm} ({args.dtype}): relative error {res['rel_error']:.3e} "
+              f"{cmp} tolerance {res['tolerance']:.0e} (output and final states); gradients "
+              f"{res['grad_rel_error']:.3e}: {'ok' if res['ok'] else 'FAILED'}")
+    return 0 if all(verdicts) else 1
 
 
 def _cmd_cache(args) -> int:
@@ -153,9 +176,9 @@ def _cmd_cache(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from attnc import __version__
 
-    # STAGES is a constant of the pipeline; listed here so `--help` works without importing it
+    # SHOW_STAGES is a constant of the pipeline; listed here so `--help` works without importing it
     stages = ("parse", "cascade", "desugar", "pass_count", "online_softmax", "mask_bounds",
-              "tile", "autodiff", "fuse", "kernel", "triton")
+              "tile", "autodiff", "fuse", "kernel", "triton", "chunk_scan")
     parser = argparse.ArgumentParser(
         prog="attnc", description="A compiler for attention variants: specs in, fused Triton "
         "kernels out. SPEC is a .attn file, a library variant name or DSL text.")

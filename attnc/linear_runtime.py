@@ -85,7 +85,8 @@ class LinearKernel:
                  cu_seqlens=None, algorithm=None, **inputs):
         algorithm = self._algorithm(algorithm)
         tensors = self._validate(q, k, v, inputs, cu_seqlens)
-        q, k = LT.apply_maps(self.scan, q, k, inputs)
+        if self.scan.maps:  # feature maps run in fp32; the kernel reads any dtype
+            q, k = LT.apply_maps(self.scan, q.float(), k.float(), inputs)
         dk, dv = q.shape[-1], v.shape[-1]
         scale = dk ** -0.5 if scale is None else float(scale)
         N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -130,12 +131,13 @@ class LinearKernel:
                              f"{', '.join(self.inputs) or 'none'}")
         B, H, Tn, Dq = q.shape
         sizes = {S.B: B, S.H: H, T: Tn, DV: v.shape[-1], D: Dq}
-        mapped_dk = LT.apply_maps(self.scan, q[:, :, :0], k[:, :, :0], inputs)[0].shape[-1] \
-            if self.scan.maps else Dq
-        sizes[DK] = mapped_dk
         options = dict(self.scan.options)
-        out = []
-        for d in self.scan.decls:
+        mapped = {p for mp in self.scan.maps for p in mp.params}
+        # a feature map's weights first: they size DK, which sizes the other tensors
+        for d in sorted(self.scan.decls, key=lambda d: d.name not in mapped):
+            if d.name not in mapped and DK not in sizes:
+                sizes[DK] = LT.apply_maps(self.scan, q[:, :, :0].float(), k[:, :, :0].float(),
+                                          inputs)[0].shape[-1]
             if d.name not in inputs:
                 raise ValueError(f"{self.name} needs the {d.kind} {d.name!r} "
                                  f"[{', '.join(map(str, d.dims))}]")
@@ -146,6 +148,7 @@ class LinearKernel:
                                  f"{tuple(getattr(x, 'shape', ()))}")
             if x.device != q.device or not x.is_floating_point():
                 raise ValueError(f"{d.name} must be a floating tensor on {q.device}")
+        out = []
         for d in tensor_args(self.scan):
             out.append(inputs[d.name])
         return out
@@ -197,7 +200,7 @@ def launch(kernel: LinearKernel, algorithm: str, q, k, v, tensors, inits, scale,
     B, H, Tn, dk = q.shape
     dv = v.shape[-1]
     N = B if cu is None else cu.numel() - 1
-    q, k, v = (x.contiguous() for x in (q, k, v))
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     o = torch.empty(B, H, Tn, dv, dtype=v.dtype, device=v.device)
     shapes = [LT.state_shape(s, N, H, dk, dv) for s in scan.states]
     finals = [torch.empty(sh, dtype=torch.float32, device=q.device) for sh in shapes]

@@ -28,9 +28,9 @@ from attnc.passes import (autodiff, chunk_scan, desugar, fuse, mask_bounds, onli
 
 PASSES = (desugar, pass_count, online_softmax, mask_bounds, tile, autodiff, fuse)
 LINEAR_PASSES = (chunk_scan,)
-STAGES = ("parse", "cascade") + tuple(p.NAME for p in PASSES + LINEAR_PASSES) + ("kernel",
-                                                                                 "triton")
-LINEAR_STAGES = ("parse", "cascade", chunk_scan.NAME, "kernel", "triton")
+STAGES = ("parse", "cascade") + tuple(p.NAME for p in PASSES) + ("kernel", "triton")
+LINEAR_STAGES = ("parse", "cascade") + tuple(p.NAME for p in LINEAR_PASSES) + ("kernel", "triton")
+SHOW_STAGES = STAGES + tuple(s for s in LINEAR_STAGES if s not in STAGES)
 
 PASS_DOCS = {
     "desugar": "score/mask/normalize blocks into FuseMax's 3-pass softmax cascade",
@@ -40,7 +40,7 @@ PASS_DOCS = {
     "tile": "grid over (b, h, query tiles), sequential loop over key tiles",
     "autodiff": "sympy derivatives of the score: the backward cascade (dq, dk, dv, d<param>)",
     "fuse": "inline everything into one kernel; place param/input loads",
-    "chunk_scan": "(linear blocks) classify each state update; chunkwise-parallel form or why not",
+    "chunk_scan": "classify each state update: its chunkwise-parallel form, or why it has none",
 }
 
 
@@ -94,8 +94,8 @@ def format_ir(ir) -> str:
 
 
 def show(src: Source, stage: str, options: dict | None = None) -> str:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    if stage not in SHOW_STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(SHOW_STAGES)}")
     tree, ir = frontend(src, options)
     if stage == "parse":
         return tree.pretty()
@@ -110,6 +110,9 @@ def show(src: Source, stage: str, options: dict | None = None) -> str:
             from attnc.backends.triton.linear_codegen import generate as generate_linear
             return generate_linear(scan)
         return format_ir(scan)
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} applies to linear blocks only; stages: "
+                         + ", ".join(STAGES))
     if stage in ("kernel", "triton"):
         from attnc.backends.triton.codegen import generate
         kernel = run_passes(ir)[-1][1]

@@ -89,3 +89,77 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
         return math.inf
     denom = ref.norm().item()
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def random_linear_inputs(kernel, B: int, H: int, T: int, D: int, Dv: int,
+                         generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Inputs and params of a `linear` kernel: per-step values in [-0.4, 0.2) (mild as log-space
+    gates, as betas or as step sizes), a feature map's weights ~ N(0, 0.3^2)."""
+    from attnc.linear_ir import DK, DV, D as D_IN, T as T_SYM
+
+    scan = kernel.scan
+    mapped = {p for mp in scan.maps for p in mp.params}
+    dk = D
+    if scan.maps:  # the feature dimension after the maps, from a dry run on empty rows
+        from attnc.backends.linear_torch import apply_maps
+        probe = {n: torch.zeros(tuple(int(sympy.sympify(d).xreplace(
+            {S.B: B, S.H: H, T_SYM: T, D_IN: D, **dict(scan.options)})) for d in decl.dims))
+            for decl in scan.decls if (n := decl.name) in mapped}
+        dk = apply_maps(scan, torch.zeros(B, H, 0, D), torch.zeros(B, H, 0, D), probe)[0].shape[-1]
+    sizes = {S.B: B, S.H: H, T_SYM: T, DK: dk, DV: Dv, D_IN: D, **dict(scan.options)}
+    out = {}
+    for decl in scan.decls:
+        shape = tuple(int(sympy.sympify(d).xreplace(sizes)) for d in decl.dims)
+        if decl.name in mapped:
+            out[decl.name] = 0.3 * torch.randn(shape, generator=generator)
+        else:
+            out[decl.name] = 0.6 * torch.rand(shape, generator=generator) - 0.4
+    return out
+
+
+def check_linear(kernel, *, B=2, H=4, T=45, D=32, Dv=32, dtype=torch.float32, device=None,
+                 seed=0, algorithm=None) -> dict:
+    """Run a `linear` kernel (forward with an initial state, and backward) on random inputs and
+    compare with the scan's recurrence (backends/linear_torch.interpret) in float64: the output,
+    the final states, and the gradients of q, k, v, inputs, params and the initial states."""
+    from attnc.backends.linear_torch import interpret, public_state, state_shape
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, H, T, D, generator=g) for _ in range(2))
+    v = torch.randn(B, H, T, Dv, generator=g)
+    inputs = random_linear_inputs(kernel, B, H, T, D, Dv, g)
+    dk = interpret_dk(kernel, q, k, inputs)
+    init = {s.name: 0.3 * public_state(s, torch.randn(state_shape(s, B, H, dk, Dv), generator=g))
+            for s in kernel.scan.states}
+    leaves = {"q": q, "k": k, "v": v, **inputs, **{f"init_{n}": x for n, x in init.items()}}
+    run = {n: x.to(device, dtype if n in "qkv" else torch.float32).requires_grad_()
+           for n, x in leaves.items()}
+    state_arg = {n: run[f"init_{n}"] for n in init}
+    out, final = kernel(run["q"], run["k"], run["v"], initial_state=state_arg,
+                        output_final_state=True, algorithm=algorithm,
+                        **{n: run[n] for n in inputs})
+    final = final if isinstance(final, dict) else {kernel.states[0]: final}
+    # the reference sees q, k, v rounded to the kernel's dtype: what is measured is the kernel's
+    # own error, not the inputs' quantization
+    ref_leaves = {n: (x.to(dtype) if n in "qkv" else x).double().requires_grad_()
+                  for n, x in leaves.items()}
+    ref_out, ref_final = interpret(kernel.scan, ref_leaves["q"], ref_leaves["k"], ref_leaves["v"],
+                                   {n: ref_leaves[n] for n in inputs},
+                                   initial_state={n: ref_leaves[f"init_{n}"] for n in init})
+    err = max([rel_error(out, ref_out)] + [rel_error(final[n], ref_final[n]) for n in init])
+    d_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((out.double().cpu() * d_out).sum(), list(run.values()),
+                              allow_unused=True)
+    want = torch.autograd.grad((ref_out * d_out).sum(), list(ref_leaves.values()),
+                               allow_unused=True)
+    grad_err = max(rel_error(a if a is not None else torch.zeros_like(b), b)
+                   for a, b in zip(got, want) if b is not None)
+    tol = TOLERANCE[dtype]
+    return {"rel_error": err, "grad_rel_error": grad_err, "tolerance": tol,
+            "ok": err <= tol and grad_err <= 2 * tol}
+
+
+def interpret_dk(kernel, q, k, inputs) -> int:
+    from attnc.backends.linear_torch import apply_maps
+    return apply_maps(kernel.scan, q[:, :, :0], k[:, :, :0], inputs)[0].shape[-1]

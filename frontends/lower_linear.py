@@ -19,7 +19,6 @@ import lark
 import sympy
 
 from attnc import symbols as S
-from attnc.errors import SpecError
 from attnc.frontends.lower import NUM, _Lowerer, _Scope, _position
 from attnc.ir import TensorDecl
 from attnc.linear_ir import (AXES, DK, DV, MAPS, OPERAND_AXES, D, FeatureMap, LinearScan,
@@ -39,8 +38,6 @@ class _LinearLowerer(_Lowerer):
         name = str(blk.children[0])
         scope = _Scope()
         stmts = self._declarations(blk.children[1:], scope)
-        for decl in scope.tensors.values():
-            self._check_layout(blk, decl)
         maps: list[FeatureMap] = []
         updates: dict[str, tuple[Update, lark.Tree]] = {}
         output = None
@@ -93,17 +90,16 @@ class _LinearLowerer(_Lowerer):
                           updates=tuple(u for u, _ in updates.values()), output=output,
                           options=tuple(scope.options.items()))
 
-    def _check_layout(self, blk, decl: TensorDecl) -> None:
+    def _tensor_decl(self, td: lark.Tree, kind: str, scope: _Scope) -> TensorDecl:
+        decl = super()._tensor_decl(td, kind, scope)
         dims = decl.dims
-        lead = [d for d in dims[:3] if d in _IMPLICIT]
-        if tuple(lead) != tuple(d for d in _IMPLICIT if d in dims) or any(
-                d in _IMPLICIT for d in dims[len(lead):]):
-            raise SpecError(f"{decl.name}: dims b, h, t come first and in that order",
-                            filename=self.filename,
-                            hint="e.g. input g[b, h, t, i], param A[h]")
-        if T in dims and S.B not in dims:
-            raise SpecError(f"{decl.name}: a per-step tensor is indexed [b, h, t, ...]",
-                            filename=self.filename)
+        lead = [d for d in dims if d in _IMPLICIT]
+        if tuple(lead) != tuple(dims[:len(lead)]) or len(set(lead)) != len(lead) or \
+                tuple(lead) not in ((), (S.H,), (S.B, S.H), (S.B, S.H, T)):
+            raise self.error(td, f"{decl.name} is laid out [{', '.join(map(str, dims))}]",
+                             hint="b, h, t lead, in that order: [b, h, t, i] for a per-step "
+                                  "tensor, [h] or [b, h] for a constant")
+        return decl
 
     def _state(self, sd: lark.Tree, scope: _Scope) -> None:
         tok, *axes = sd.children

@@ -93,8 +93,13 @@ def test_passes_lists_the_pipeline_in_order(capsys):
     assert rc == 0 and err == ""
     lines = out.splitlines()
     assert lines[0] == " -> ".join(pipeline.STAGES)
-    assert len(lines) == 1 + len(pipeline.PASSES)
+    assert len(lines) == 2 + len(pipeline.PASSES) + len(pipeline.LINEAR_PASSES)
     for i, (p, line) in enumerate(zip(pipeline.PASSES, lines[1:]), 1):
+        assert line.split()[:2] == [f"{i}.", p.NAME]
+        assert line.endswith(pipeline.PASS_DOCS[p.NAME])
+    linear = lines[1 + len(pipeline.PASSES):]
+    assert linear[0] == "linear blocks: " + " -> ".join(pipeline.LINEAR_STAGES)
+    for i, (p, line) in enumerate(zip(pipeline.LINEAR_PASSES, linear[1:]), 1):
         assert line.split()[:2] == [f"{i}.", p.NAME]
         assert line.endswith(pipeline.PASS_DOCS[p.NAME])
 
@@ -102,7 +107,7 @@ def test_passes_lists_the_pipeline_in_order(capsys):
 def test_cli_stage_choices_match_the_pipeline():
     show = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["show"]._actions
                 if a.dest == "stage")
-    assert tuple(show.choices) == pipeline.STAGES
+    assert tuple(show.choices) == pipeline.SHOW_STAGES
 
 
 # --- show ---------------------------------------------------------------------------------------
@@ -120,6 +125,45 @@ MARKERS = {
     "kernel": "dk/dv kernel, per key tile",
     "triton": "def attnc_win_bwd_dkdv(",
 }
+
+
+LINEAR_MARKERS = {
+    "parse": "start\n  linear\n    gated_delta_net",
+    "cascade": "linear gated_delta_net   (scan over t",
+    "chunk_scan": "S: gated_delta_rule",
+    "kernel": "log a_t = g",
+    "triton": "def gated_delta_net_chunked(",
+}
+
+
+@pytest.mark.parametrize("stage", pipeline.LINEAR_STAGES)
+def test_show_every_linear_stage(capsys, stage):
+    assert tuple(LINEAR_MARKERS) == pipeline.LINEAR_STAGES
+    rc, out, err = run(capsys, "show", "gated_delta_net", "--stage", stage)
+    assert rc == 0 and err == ""
+    assert LINEAR_MARKERS[stage] in out
+
+
+def test_show_says_why_a_scan_is_not_chunked(capsys):
+    rc, out, _ = run(capsys, "show", "flowformer", "--stage", "chunk_scan")
+    assert rc == 0
+    assert "recurrent (sequential over t) -- not chunked: the update of ko reads state sq" in out
+
+
+def test_show_refuses_stages_of_the_other_pipeline(capsys, spec_file):
+    rc, _, err = run(capsys, "show", "gla", "--stage", "online_softmax")
+    assert rc == 2 and "does not apply to a linear block" in err
+    rc, _, err = run(capsys, "show", spec_file, "--stage", "chunk_scan")
+    assert rc == 2 and "applies to linear blocks only" in err
+
+
+def test_check_a_linear_spec(capsys):
+    rc, out, err = run(capsys, "check", "simple_gla", "--M", "21", "--D", "16", "--Dv", "16",
+                       "--B", "1", "--H", "2")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert [line.split()[1] for line in lines] == ["chunked", "recurrent"]
+    assert all(line.endswith(": ok") for line in lines)
 
 
 def test_markers_cover_every_stage():
@@ -370,5 +414,5 @@ def test_installed_entry_point():
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == " -> ".join(pipeline.STAGES)
-    assert [line.split()[1] for line in proc.stdout.splitlines()[1:]] == [
-        p.NAME for p in pipeline.PASSES]
+    assert [line.split()[1] for line in proc.stdout.splitlines()[1:1 + len(pipeline.PASSES)]] \
+        == [p.NAME for p in pipeline.PASSES]

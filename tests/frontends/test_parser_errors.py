@@ -222,6 +222,88 @@ CASES = [
      "  option w = 2\n"
      "}\n",
      "cascade c defines no einsum", 1, 1, None),
+    # --- linear blocks ---------------------------------------------------------------------------
+    ("linear_wrong_axis",
+     "linear a {\n"
+     "  state S[i, j]\n"
+     "  S[i, j] = S[i, j] + k[j] * v[j]\n"   # the access 'k[j]' starts at column 23
+     "  o[j] = sum(i) q[i] * S[i, j]\n"
+     "}\n",
+     "k is indexed [i], got [j]", 3, 23, None),
+    ("linear_free_axis",
+     "linear a {\n"
+     "  state z[i]\n"
+     "  z[i] = z[i] + v[j]\n"                # the right side starts at column 10
+     "  o[j] = sum(i) q[i] * z[i]\n"
+     "}\n",
+     "axis j is free on the right but z has no j axis", 3, 10, "sum(j)"),
+    ("linear_undeclared_state",
+     "linear a {\n"
+     "  state S[i, j]\n"
+     "  S[i, j] = S[i, j] + k[i] * v[j]\n"
+     "  Z[i, j] = S[i, j]\n"                 # 'Z' is column 3
+     "  o[j] = sum(i) q[i] * S[i, j]\n"
+     "}\n",
+     "'Z' is not a declared state", 4, 3, "state Z[i, j]"),
+    ("linear_state_updated_twice",
+     "linear a {\n"
+     "  state S[i, j]\n"
+     "  S[i, j] = S[i, j] + k[i] * v[j]\n"
+     "  S[i, j] = S[i, j]\n"                 # the second update is column 3
+     "  o[j] = sum(i) q[i] * S[i, j]\n"
+     "}\n",
+     "state S is updated twice", 4, 3, "first on line 3"),
+    ("linear_no_output",
+     "linear a {\n"
+     "  state S[i, j]\n"
+     "  S[i, j] = S[i, j] + k[i] * v[j]\n"
+     "}\n",
+     "linear a has no output", 1, 1, "o[j] ="),
+    ("linear_reduction_over_time",
+     "linear a {\n"
+     "  state S[i, j]\n"
+     "  S[i, j] = S[i, j] + k[i] * v[j]\n"
+     "  o[j] = sum(t) q[i] * S[i, j]\n"      # 'sum(t)' is column 10
+     "}\n",
+     "unsupported reduction sum(t)", 4, 10, "sum(i) or sum(j)"),
+    ("linear_map_of_v",
+     "linear a {\n"
+     "  map v = taylor2(v)\n"                # 'v' is column 7
+     "  state S[i, j]\n"
+     "  S[i, j] = S[i, j] + k[i] * v[j]\n"
+     "  o[j] = sum(i) q[i] * S[i, j]\n"
+     "}\n",
+     "a feature map replaces q or k, not 'v'", 2, 7, None),
+    ("linear_map_without_weights",
+     "linear a {\n"
+     "  map q = hedgehog(q)\n"               # the call is column 11
+     "  state S[i, j]\n"
+     "  S[i, j] = S[i, j] + k[i] * v[j]\n"
+     "  o[j] = sum(i) q[i] * S[i, j]\n"
+     "}\n",
+     "hedgehog takes (q, W)", 2, 11, None),
+    ("linear_bad_layout",
+     "linear a {\n"
+     "  input g[t, b, h]\n"                  # the declaration 'g[...]' is column 9
+     "  state S[i, j]\n"
+     "  S[i, j] = exp(g) * S[i, j] + k[i] * v[j]\n"
+     "  o[j] = sum(i) q[i] * S[i, j]\n"
+     "}\n",
+     "g is laid out [T, B, H]", 2, 9, "b, h, t lead"),
+    ("linear_bad_state_axes",
+     "linear a {\n"
+     "  state S[j, i]\n"                     # the declaration is column 9
+     "  S[j, i] = S[j, i]\n"
+     "  o[j] = S[j, i]\n"
+     "}\n",
+     "state S has axes [j, i]", 2, 9, "S[i, j], z[i]"),
+    ("linear_dot",
+     "linear a {\n"
+     "  state S[i, j]\n"
+     "  S[i, j] = S[i, j] + k[i] * v[j]\n"
+     "  o[j] = dot(q, S)\n"                  # 'dot' is column 10
+     "}\n",
+     "dot is not used in a linear block", 4, 10, "sum(i) q[i] * S[i, j]"),
 ]
 
 
