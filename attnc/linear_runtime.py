@@ -209,13 +209,11 @@ def launch(kernel: LinearKernel, algorithm: str, q, k, v, tensors, inits, scale,
                  for s, x, sh in zip(scan.states, inits, shapes)] if has_init else finals
     if N == 0 or H == 0:
         return o, finals
-    full_j = any(sm.args[1][0] == j for ex in _all_exprs(scan) for sm in ex.atoms(sympy.Sum))
-    BV = _pow2(dv) if full_j else min(64, _pow2(dv))
+    BV = value_tile(scan, dv, dk)
     constexprs = dict(HAS_INIT=has_init, STORE_FINAL=True, VARLEN=cu is not None, BK=_pow2(dk),
                       BV=BV, IEEE=q.dtype == torch.float32, UPCAST=triton_backend.interpreting())
     if algorithm == "chunked":
-        diagonal = any(p.kind == "diagonal_decay" for p in scan.schedule.states)
-        constexprs["BT"] = kernel.chunk_size or (16 if diagonal else 32)
+        constexprs["BT"] = chunk_tile(scan, kernel.chunk_size, dk)
     cu_arg = cu.to(torch.int32) if cu is not None else torch.zeros(1, dtype=torch.int32,
                                                                      device=q.device)
     strides = [s for x in (q, k, v, o) for s in x.stride()[:3]]
@@ -224,6 +222,30 @@ def launch(kernel: LinearKernel, algorithm: str, q, k, v, tensors, inits, scale,
     kernel._function(algorithm)[grid](q, k, v, o, *tensors, *init_bufs, *finals, cu_arg,
                                       *strides, Tn, H, dk, dv, scale, **constexprs)
     return o, finals
+
+
+# Key features above this make a chunk's tiles large ([BT, BK] and [BK, BV] per state, all
+# of BK at once): chunks and value tiles then shrink to 16 to fit in shared memory (a Taylor
+# feature map of head dim 16 has 273 features).
+WIDE_KEYS = 128
+
+
+def chunk_tile(scan: LinearScan, chunk_size: int | None = None, dk: int = 0) -> int:
+    """BT: steps per chunk. Vector (diagonal) decays use 16: their intra-chunk product splits
+    exp(G_t - G_s) as exp(G_t) exp(-G_s), which stays in fp32 range only over short chunks."""
+    if chunk_size is not None:
+        return chunk_size
+    diagonal = any(p.kind == "diagonal_decay" for p in scan.schedule.states)
+    return 16 if diagonal or _pow2(dk) > WIDE_KEYS else 32
+
+
+def value_tile(scan: LinearScan, dv: int, dk: int = 0) -> int:
+    """BV: value features per program. A sum over j (an output norm, say) needs all of them in
+    one program; otherwise tiles of up to 64 (16 for wide keys) run in parallel."""
+    full_j = any(sm.args[1][0] == j for ex in _all_exprs(scan) for sm in ex.atoms(sympy.Sum))
+    if full_j:
+        return _pow2(dv)
+    return min(16 if _pow2(dk) > WIDE_KEYS else 64, _pow2(dv))
 
 
 def _all_exprs(scan: LinearScan):
@@ -278,7 +300,7 @@ def recompute(kernel: LinearKernel, algorithm: str, q, k, v, tensors, inits, sca
         B, H, Tn, dk = qf.shape
         spans = [(0, Tn)] if cu is None else list(zip(cu.tolist()[:-1], cu.tolist()[1:]))
         run = LT.interpret_chunked if algorithm == "chunked" else LT.interpret
-        extra = {"chunk": 32} if algorithm == "chunked" else {}
+        extra = {"checkpoint": True, **({"chunk": 32} if algorithm == "chunked" else {})}
         outs, finals = [], [[] for _ in scan.states]
         for n, (a, b) in enumerate(spans):
             init = None

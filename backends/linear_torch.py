@@ -195,30 +195,56 @@ def initial_states(scan: LinearScan, initial: dict | None, B, H, dk, dv, like) -
 
 # --- the recurrence ----------------------------------------------------------------------------
 def interpret(scan: LinearScan, q, k, v, inputs: dict, scale: float | None = None,
-              initial_state: dict | None = None):
-    """The scan's meaning: (o [B, H, T, DV], final states {name: public shape})."""
+              initial_state: dict | None = None, checkpoint: bool = False):
+    """The scan's meaning: (o [B, H, T, DV], final states {name: public shape}).
+
+    With `checkpoint`, autograd keeps only the states between segments of SEGMENT steps and
+    recomputes the steps inside a segment during backward."""
     q, k = apply_maps(scan, q, k, inputs)
     B, H, Tn, dk = q.shape
     dv = v.shape[-1]
     scale = dk ** -0.5 if scale is None else scale
     states = initial_states(scan, initial_state, B, H, dk, dv, q)
-    outs = []
-    for step in range(Tn):
-        env = environment(scan, q, k, v, inputs, scale, step)
-        for u in scan.updates:
-            s = scan.state(u.state)
-            env.update({read(n, scan.state(n).axes): x for n, x in states.items()})
-            new = evaluate(u.expr, env)
-            states[u.state] = _tensor(new).to(q.dtype).expand(state_shape(s, B, H, dk, dv))
-        env.update({read(n, scan.state(n).axes): x for n, x in states.items()})
-        outs.append(_tensor(evaluate(scan.output, env)).expand(B, H, 1, dv)[:, :, 0])
-    o = torch.stack(outs, dim=2) if outs else v.new_zeros(B, H, 0, dv)
+    names = [s.name for s in scan.states]
+
+    def segment(start, stop, *carried):
+        now = dict(zip(names, carried))
+        outs = []
+        for step in range(start, stop):
+            env = environment(scan, q, k, v, inputs, scale, step)
+            for u in scan.updates:
+                env.update({read(n, scan.state(n).axes): x for n, x in now.items()})
+                new = evaluate(u.expr, env)
+                now[u.state] = _tensor(new).to(q.dtype).expand(
+                    state_shape(scan.state(u.state), B, H, dk, dv))
+            env.update({read(n, scan.state(n).axes): x for n, x in now.items()})
+            outs.append(_tensor(evaluate(scan.output, env)).expand(B, H, 1, dv)[:, :, 0])
+        return (torch.stack(outs, dim=2) if outs else v.new_zeros(B, H, 0, dv),
+                *(now[n] for n in names))
+
+    pieces = []
+    for start in range(0, Tn, SEGMENT):
+        args = (start, min(start + SEGMENT, Tn), *(states[n] for n in names))
+        o, *carried = _maybe_checkpoint(checkpoint, segment, *args)
+        states = dict(zip(names, carried))
+        pieces.append(o)
+    o = torch.cat(pieces, dim=2) if pieces else v.new_zeros(B, H, 0, dv)
     return o, {s.name: public_state(s, states[s.name]) for s in scan.states}
+
+
+SEGMENT = 64
+
+
+def _maybe_checkpoint(on: bool, fn, *args):
+    if on and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 # --- the chunked form --------------------------------------------------------------------------
 def interpret_chunked(scan: LinearScan, q, k, v, inputs: dict, scale: float | None = None,
-                      initial_state: dict | None = None, chunk: int = 16):
+                      initial_state: dict | None = None, chunk: int = 16,
+                      checkpoint: bool = False):
     """The schedule's chunked form; same results as `interpret` (up to rounding)."""
     sch: Schedule = scan.schedule
     assert sch is not None and sch.chunked, "interpret_chunked needs a chunked schedule"
@@ -240,9 +266,10 @@ def interpret_chunked(scan: LinearScan, q, k, v, inputs: dict, scale: float | No
         if plan.kind in ("delta_rule", "gated_delta_rule"):
             beta = _seq(evaluate(plan.beta, env), shape, -1, q)[..., 0]
             reads_, final = chunk_delta(queries, key, value, logd[..., 0], beta,
-                                        init[plan.state], chunk)
+                                        init[plan.state], chunk, checkpoint)
         else:
-            reads_, final = chunk_decay(queries, key, value, logd, init[plan.state], chunk)
+            reads_, final = chunk_decay(queries, key, value, logd, init[plan.state], chunk,
+                                        checkpoint)
         finals[plan.state] = public_state(s, final)
         for r, x in zip(readers, reads_):
             values[r.symbol] = x[..., None, :]
@@ -273,32 +300,41 @@ def _chunks(x: torch.Tensor, chunk: int, time_dim: int = 2) -> torch.Tensor:
     return x.unflatten(time_dim, (-1, chunk))
 
 
-def chunk_decay(queries, key, value, logd, S0, chunk: int):
+def chunk_decay(queries, key, value, logd, S0, chunk: int, checkpoint: bool = False):
     """S_t = diag(exp(logd_t)) S_{t-1} + key_t value_t^T; readouts x_t^T S_t per query.
 
-    key/logd/queries [B, H, T, K], value [B, H, T, V], S0 [B, H, K, V]."""
+    key/logd/queries [B, H, T, K], value [B, H, T, V], S0 [B, H, K, V]. With `checkpoint`,
+    autograd keeps only the state between chunks."""
     Tn = key.shape[2]
     kc, vc, gc = _chunks(key, chunk), _chunks(value, chunk), _chunks(logd, chunk)
     xcs = [_chunks(x, chunk) for x in queries]
-    C = chunk
-    causal = torch.ones(C, C, dtype=torch.bool, device=key.device).tril()
     state, outs = S0, [[] for _ in queries]
     for c in range(kc.shape[2]):
-        G = gc[:, :, c].cumsum(-2)                      # [B, H, C, K]
-        diff = G[..., :, None, :] - G[..., None, :, :]  # [B, H, C(t), C(s), K]
-        decay = torch.exp(diff.masked_fill(~causal[..., None], float("-inf")))
-        for x, out in zip(xcs, outs):
-            xq = x[:, :, c]
-            inter = (xq * torch.exp(G)) @ state
-            scores = torch.einsum("bhtk,bhsk,bhtsk->bhts", xq, kc[:, :, c], decay)
-            out.append(inter + scores @ vc[:, :, c])
-        last = G[..., -1:, :]
-        state = torch.exp(last[..., 0, :])[..., None] * state + \
-            (kc[:, :, c] * torch.exp(last - G)).transpose(-1, -2) @ vc[:, :, c]
+        state, *reads = _maybe_checkpoint(checkpoint, _decay_chunk, state, kc[:, :, c],
+                                          vc[:, :, c], gc[:, :, c], *(x[:, :, c] for x in xcs))
+        for out, r in zip(outs, reads):
+            out.append(r)
     return [torch.cat(o, dim=2)[:, :, :Tn] for o in outs], state
 
 
-def chunk_delta(queries, key, value, logd, beta, S0, chunk: int):
+def _decay_chunk(state, k, v, g, *queries):
+    C = k.shape[2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+    G = g.cumsum(-2)                                # [B, H, C, K]
+    diff = G[..., :, None, :] - G[..., None, :, :]  # [B, H, C(t), C(s), K]
+    decay = torch.exp(diff.masked_fill(~causal[..., None], float("-inf")))
+    reads = []
+    for xq in queries:
+        inter = (xq * torch.exp(G)) @ state
+        scores = torch.einsum("bhtk,bhsk,bhtsk->bhts", xq, k, decay)
+        reads.append(inter + scores @ v)
+    last = G[..., -1:, :]
+    state = torch.exp(last[..., 0, :])[..., None] * state + \
+        (k * torch.exp(last - G)).transpose(-1, -2) @ v
+    return (state, *reads)
+
+
+def chunk_delta(queries, key, value, logd, beta, S0, chunk: int, checkpoint: bool = False):
     """S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T with a_t = exp(logd_t), by the
     WY/UT form: per chunk, delta = T (beta V) - T (beta Gamma K) S0 with the unit lower triangular
     T = (I + tril(diag(beta) (Gamma_t / Gamma_s) K K^T, -1))^-1.
@@ -308,29 +344,34 @@ def chunk_delta(queries, key, value, logd, beta, S0, chunk: int):
     kc, vc = _chunks(key, chunk), _chunks(value, chunk)
     gc, bc = _chunks(logd, chunk), _chunks(beta, chunk)
     xcs = [_chunks(x, chunk) for x in queries]
-    C = chunk
-    eye = torch.eye(C, dtype=key.dtype, device=key.device)
-    lower = torch.ones(C, C, dtype=torch.bool, device=key.device).tril()
-    strict = lower & ~eye.bool()
     state, outs = S0, [[] for _ in queries]
     for c in range(kc.shape[2]):
-        G = gc[:, :, c].cumsum(-1)                                  # [B, H, C]
-        ratio = G[..., :, None] - G[..., None, :]
-        kk = kc[:, :, c] @ kc[:, :, c].transpose(-1, -2)
-        b = bc[:, :, c]
-        L = torch.where(strict, torch.exp(ratio.masked_fill(~strict, 0.0)) * kk, 0.0)
-        Mx = eye + b[..., :, None] * L
-        U = torch.linalg.solve_triangular(Mx, b[..., None] * vc[:, :, c], upper=False,
-                                          unitriangular=True)
-        W = torch.linalg.solve_triangular(Mx, (b * torch.exp(G))[..., None] * kc[:, :, c],
-                                          upper=False, unitriangular=True)
-        delta = U - W @ state
-        decay = torch.where(lower, torch.exp(ratio.masked_fill(~lower, 0.0)), 0.0)
-        for x, out in zip(xcs, outs):
-            xq = x[:, :, c]
-            scores = (xq @ kc[:, :, c].transpose(-1, -2)) * decay
-            out.append(torch.exp(G)[..., None] * (xq @ state) + scores @ delta)
-        last = G[..., -1:]
-        state = torch.exp(last)[..., None] * state + \
-            (kc[:, :, c] * torch.exp(last - G)[..., None]).transpose(-1, -2) @ delta
+        state, *reads = _maybe_checkpoint(checkpoint, _delta_chunk, state, kc[:, :, c],
+                                          vc[:, :, c], gc[:, :, c], bc[:, :, c],
+                                          *(x[:, :, c] for x in xcs))
+        for out, r in zip(outs, reads):
+            out.append(r)
     return [torch.cat(o, dim=2)[:, :, :Tn] for o in outs], state
+
+
+def _delta_chunk(state, k, v, g, b, *queries):
+    C = k.shape[2]
+    eye = torch.eye(C, dtype=k.dtype, device=k.device)
+    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+    strict = lower & ~eye.bool()
+    G = g.cumsum(-1)                                # [B, H, C]
+    ratio = G[..., :, None] - G[..., None, :]
+    L = torch.where(strict, torch.exp(ratio.masked_fill(~strict, 0.0)) * (k @ k.transpose(-1, -2)),
+                    0.0)
+    unit = eye + b[..., :, None] * L
+    U = torch.linalg.solve_triangular(unit, b[..., None] * v, upper=False, unitriangular=True)
+    W = torch.linalg.solve_triangular(unit, (b * torch.exp(G))[..., None] * k, upper=False,
+                                      unitriangular=True)
+    delta = U - W @ state
+    decay = torch.where(lower, torch.exp(ratio.masked_fill(~lower, 0.0)), 0.0)
+    reads = [torch.exp(G)[..., None] * (xq @ state) + ((xq @ k.transpose(-1, -2)) * decay) @ delta
+             for xq in queries]
+    last = G[..., -1:]
+    state = torch.exp(last)[..., None] * state + \
+        (k * torch.exp(last - G)[..., None]).transpose(-1, -2) @ delta
+    return (state, *reads)

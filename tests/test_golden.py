@@ -1,5 +1,5 @@
-"""Golden IR dumps: `attnc.pipeline.show` after every stage but `triton`, for three small specs,
-compared with tests/golden/<spec>/<stage>.txt.
+"""Golden IR dumps: `attnc.pipeline.show` after every stage but `triton`, for three small softmax
+specs and two linear ones, compared with tests/golden/<spec>/<stage>.txt.
 
 After an intended change to a pass or a printer, rewrite the files and review the diff:
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from attnc.pipeline import STAGES, read_spec, show
+from attnc.pipeline import LINEAR_STAGES, STAGES, read_spec, show
 from tests.specs import FUSEMAX_3PASS
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -35,8 +35,21 @@ attention alibi {
     "attention_3pass": FUSEMAX_3PASS,  # FuseMax's 3-pass softmax cascade, written out by hand
 }
 
+LINEAR_SPECS = {
+    "gated_delta_net": "gated_delta_net",  # a library variant: the (gated) delta-rule class
+    "tanh_state": """\
+linear tanh_state {
+  state S[i, j]
+  S[i, j] = tanh(S[i, j] + k[i] * v[j])
+  o[j] = sum(i) q[i] * S[i, j]
+}
+""",
+}
+
 # the generated Triton source is covered by the runtime tests, not pinned here
 GOLDEN_STAGES = tuple(s for s in STAGES if s != "triton")
+CASES = [(spec, stage) for spec in SPECS for stage in GOLDEN_STAGES] + [
+    (spec, stage) for spec in LINEAR_SPECS for stage in LINEAR_STAGES if stage != "triton"]
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +58,11 @@ def update_golden(request) -> bool:
 
 
 def dump(spec: str, stage: str) -> str:
-    text = show(read_spec(SPECS[spec]), stage)
+    text = show(read_spec({**SPECS, **LINEAR_SPECS}[spec]), stage)
     return text if text.endswith("\n") else text + "\n"
 
 
-@pytest.mark.parametrize("stage", GOLDEN_STAGES)
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec, stage", CASES)
 def test_golden(spec, stage, update_golden):
     path = GOLDEN / spec / f"{stage}.txt"
     actual = dump(spec, stage)
@@ -71,6 +83,6 @@ def test_golden(spec, stage, update_golden):
 
 
 def test_no_stale_golden_files():
-    expected = {(spec, f"{stage}.txt") for spec in SPECS for stage in GOLDEN_STAGES}
+    expected = {(spec, f"{stage}.txt") for spec, stage in CASES}
     found = {(p.parent.name, p.name) for p in GOLDEN.glob("*/*.txt")}
     assert found - expected == set(), "golden files for no spec/stage; delete them"

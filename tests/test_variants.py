@@ -144,12 +144,14 @@ def check_variant(name, dtype, shape, tiles, opts, scale, seed, q_mult=1.0):
 
 
 # --- the library -----------------------------------------------------------------------------
-def test_library_is_the_13_variants():
-    assert set(attnc.variants()) == set(VARIANTS)
+def test_library_is_13_softmax_and_11_linear_variants():
+    from tests.test_linear import SPECS as LINEAR
+    assert set(attnc.variants()) == set(VARIANTS) | set(LINEAR)
     assert set(R.VARIANTS) == set(VARIANTS)
+    assert len(LINEAR) == 11
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", attnc.variants())
 def test_variant_describes_itself(name):
     line = describe(name)
     assert line.startswith(f"{name}:"), line

@@ -7,7 +7,9 @@ This file imports only Triton, so any Python with any Triton version can run it:
     python backends/triton/aot_check.py jobs.json
 
 `jobs.json` is a list of {"path", "function", "signature", "constexprs", "arch"} objects, as
-`jobs_for` builds them (forward and backward kernels); the script prints one JSON line per job with "ok" and "error".
+`jobs_for` (attention: forward and backward kernels) and `linear_jobs_for` (linear blocks:
+recurrent and chunked kernels) build them; the script prints one JSON line per job with "ok"
+and "error".
 """
 
 from __future__ import annotations
@@ -55,6 +57,36 @@ def jobs_for(kernel, dtype: str = "bf16", arch: int = 90, block_m: int = 128, bl
                         ("HAS_DLSE", "BLOCK_R", "BLOCK_DV")))
         jobs.append(job(names["dq"], dq_args(ir), bwd_constexprs(ir)))
         jobs.append(job(names["dkdv"], dkdv_args(ir), bwd_constexprs(ir)))
+    return jobs
+
+
+def linear_jobs_for(kernel, dtype: str = "bf16", arch: int = 90, dk: int = 128, dv: int = 128,
+                    chunk: int | None = None, varlen: bool = False,
+                    ieee: bool = False) -> list[dict]:
+    """Jobs for an attnc.LinearKernel's recurrent and (when it has one) chunked kernels, with
+    the launcher's tile choices for head dims (dk, dv) (and its chunk size unless given)."""
+    from attnc import cache
+    from attnc.backends.triton.linear_codegen import kernel_args, kernel_names, tensor_args
+    from attnc.linear_runtime import chunk_tile, value_tile
+
+    scan = kernel.scan
+    qk = "*fp32" if scan.maps else f"*{dtype}"  # feature maps run in fp32 before the kernel
+    types = {"q": qk, "k": qk, "v": f"*{dtype}", "o": f"*{dtype}", "cu_seqlens": "*i32",
+             "scale": "fp32"}
+    types.update({f"x_{d.name}": "*fp32" for d in tensor_args(scan)})
+    types.update({f"{p}_{s.name}": "*fp32" for s in scan.states for p in ("init", "final")})
+    values = {"HAS_INIT": True, "STORE_FINAL": True, "VARLEN": varlen,
+              "BK": 1 << max(4, (dk - 1).bit_length()), "BV": value_tile(scan, dv, dk),
+              "BT": chunk_tile(scan, chunk or kernel.chunk_size, dk), "IEEE": ieee,
+              "UPCAST": False}
+    jobs = []
+    for algorithm, function in kernel_names(scan).items():
+        args = [a.split(":")[0] for a in kernel_args(scan, chunked=algorithm == "chunked")]
+        constexprs = [a for a in args if a in values]
+        jobs.append({"path": str(cache.kernel_path(kernel.key)), "function": function,
+                     "arch": arch,
+                     "signature": {a: types.get(a, "i32") for a in args if a not in constexprs},
+                     "constexprs": {a: values[a] for a in constexprs}})
     return jobs
 
 

@@ -1,7 +1,7 @@
 """Generated kernels compile for a real GPU target (sm_90, Hopper) without a GPU.
 
 The interpreter runs kernels as numpy code and accepts things the compiler rejects; lowering to a
-cubin catches those. Each library variant is compiled once for bf16 and the fp32/IEEE path once,
+cubin catches those, and the shared memory each kernel asks for is checked against the limit. Each library variant is compiled once for bf16 and the fp32/IEEE path once,
 forward and backward kernels alike,
 in a subprocess with the interpreter switched off. With ATTNC_AOT_PYTHON pointing at another
 Python (e.g. a venv holding Triton 3.6), the same jobs run against that Triton.
@@ -38,6 +38,8 @@ def _check(jobs, tmp_path):
     failures = [r for r in results if not r["ok"]]
     assert not failures, failures
     assert proc.returncode == 0
+    # an H100/H200 block gets at most 227 KiB of shared memory; more fails at launch
+    assert [r for r in results if r["shared_bytes"] > 227 * 1024] == []
 
 
 def _traced_kernel():
@@ -70,9 +72,31 @@ def test_representative_kernels_compile_for_sm90(tmp_path):
     _check(jobs, tmp_path)
 
 
+def test_representative_linear_kernels_compile_for_sm90(tmp_path):
+    """A diagonal decay (gla, also fp32 IEEE with varlen and ragged head dims), the WY/UT
+    delta-rule chunk (gated_delta_net), a vector normalizer state (linear_attn), a sum over j
+    (lightning), scalar states and coupled updates (flowformer's recurrent kernel) and wide keys
+    (based: a Taylor map of head dim 16 has 273 features)."""
+    jobs = [j for name in ("gla", "gated_delta_net", "linear_attn", "lightning", "flowformer")
+            for j in aot_check.linear_jobs_for(attnc.load(name))]
+    jobs += aot_check.linear_jobs_for(attnc.load("gla"), dtype="fp32", ieee=True, varlen=True,
+                                      dk=64, dv=96)
+    jobs += aot_check.linear_jobs_for(attnc.load("based"), dk=273, dv=64)
+    assert sum(j["function"].endswith("_chunked") for j in jobs) == 6
+    _check(jobs, tmp_path)
+
+
+def _is_linear(name: str) -> bool:
+    return isinstance(attnc.load(name), attnc.LinearKernel)
+
+
 @pytest.mark.slow
 def test_every_library_kernel_compiles_for_sm90(tmp_path):
-    jobs = [j for name in attnc.variants() for j in aot_check.jobs_for(attnc.load(name))]
+    jobs = [j for name in attnc.variants() if not _is_linear(name)
+            for j in aot_check.jobs_for(attnc.load(name))]
+    jobs += [j for name in attnc.variants() if _is_linear(name)
+             for dk, dv in ((64, 64), (128, 128)) for dtype in ("bf16", "fp16")
+             for j in aot_check.linear_jobs_for(attnc.load(name), dtype=dtype, dk=dk, dv=dv)]
     jobs += aot_check.jobs_for(attnc.load("rel_bias"), dtype="fp16", block_d=256, block_m=64,
                                block_n=32)
     jobs += aot_check.jobs_for(attnc.load("alibi"), dtype="fp32", block_m=64, block_n=32,
