@@ -1,4 +1,5 @@
-"""The training example runs end to end (a few steps) and its loss goes down."""
+"""The examples run end to end: the training example learns, the linear-attention tour agrees
+with itself."""
 
 from __future__ import annotations
 
@@ -18,3 +19,17 @@ def test_train_tiny_lm_runs_and_learns():
     assert len(losses) >= 5, proc.stdout
     assert losses[-1] < losses[0] - 0.5, proc.stdout  # about 4.7 at the start, 3.5 after 8 steps
     assert "layer 0 bias per head" in proc.stdout
+
+
+def test_linear_attention_example():
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "linear_attention.py")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "S: gated_delta_rule" in out
+    diffs = [float(x) for x in re.findall(r"relative difference (\S+?)[;\n]", out)]
+    assert len(diffs) == 2 and max(diffs) < 1e-5, out
+    assert "not chunked because the update of S is not linear in S" in out
+    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", out)]
+    assert len(losses) == 6 and losses[-1] < losses[0], out
+    assert float(re.search(r"equals the spec's kernel: (\S+)", out).group(1)) < 1e-5
