@@ -274,6 +274,13 @@ class _LinearFunction(torch.autograd.Function):
     def backward(ctx, do, *dfinals):
         q, k, v, *rest = ctx.saved_tensors
         kernel = ctx.kernel
+        if kernel.why_not_chunked is None:  # fused chunked core kernels, eager pro/epilogue
+            from attnc.linear_backward import backward
+            tensors, inits = rest[:ctx.n_tensors], rest[ctx.n_tensors:]
+            got = backward(kernel.scan, q, k, v, list(tensors), list(inits), ctx.scale, ctx.cu,
+                           do, list(dfinals), chunk_tile(kernel.scan, kernel.chunk_size,
+                                                         q.shape[-1]))
+            return (None, None, None, None, None, *got)
         leaves = [x.detach().requires_grad_() for x in (q, k, v, *rest)]
         lq, lk, lv, *lrest = leaves
         tensors, inits = lrest[:ctx.n_tensors], lrest[ctx.n_tensors:]

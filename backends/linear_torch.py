@@ -118,10 +118,12 @@ def apply_maps(scan: LinearScan, q, k, inputs: dict):
 
 
 # --- environments ------------------------------------------------------------------------------
-def environment(scan: LinearScan, q, k, v, inputs: dict, scale: float, step=None) -> dict:
+def environment(scan: LinearScan, q, k, v, inputs: dict, scale: float, step=None,
+                positions: torch.Tensor | None = None) -> dict:
     """Values of q, k, v, per-step inputs and params, shaped [B, H, (T,) I|1, J|1].
 
-    With `step` the per-step tensors are taken at that step (no T dim); without, whole sequences.
+    With `step` the per-step tensors are taken at that step (no T dim); without, whole sequences
+    (`positions`: each step's t, for sequences packed along T; default 0..T-1).
     """
     B, H, Tn, dk = q.shape
     env = {S.scale: scale, S.H: H, DK: dk, DV: v.shape[-1]}
@@ -134,7 +136,8 @@ def environment(scan: LinearScan, q, k, v, inputs: dict, scale: float, step=None
     if step is not None:
         env[t] = float(step)
     else:
-        env[t] = torch.arange(Tn, device=q.device, dtype=q.dtype).view(1, 1, Tn, 1, 1)
+        pos = torch.arange(Tn, device=q.device) if positions is None else positions
+        env[t] = pos.to(q.dtype).view(1, 1, Tn, 1, 1)
     for d in scan.decls:
         if d.name not in inputs or any(mp.params and d.name in mp.params for mp in scan.maps):
             continue

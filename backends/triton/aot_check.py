@@ -90,6 +90,31 @@ def linear_jobs_for(kernel, dtype: str = "bf16", arch: int = 90, dk: int = 128, 
     return jobs
 
 
+def core_jobs(arch: int = 90, dk: int = 128, dv: int = 128, chunk: int = 32,
+              ieee: bool = False) -> list[dict]:
+    """Jobs for the linear backward's fixed core kernels (backends/triton/linear_core.py), one
+    per class: additive, scalar and vector decays, delta rule, gated delta rule."""
+    from attnc.backends.triton import linear_core
+
+    bk = 1 << max(4, (dk - 1).bit_length())
+    bv = min(64 if bk <= 128 else 16, 1 << max(4, (dv - 1).bit_length()))
+    jobs = []
+    for gate, delta in ((0, False), (1, False), (2, False), (0, True), (1, True)):
+        values = {"GATE": gate, "DELTA": delta, "HAS_S0": True, "VARLEN": False,
+                  "BT": 16 if gate == 2 else chunk, "BK": bk, "BV": bv, "IEEE": ieee,
+                  "UPCAST": False}
+        for fn in (linear_core.core_forward, linear_core.core_backward):
+            args = fn.arg_names
+            pointers = [a for a in args if a not in values and a not in (
+                "T", "H", "K", "V", "NV_STRIDE")]
+            jobs.append({"path": linear_core.__file__, "function": fn.__name__, "arch": arch,
+                         "signature": {a: ("*i32" if a in ("cu_seqlens", "chunk_offsets")
+                                           else "*fp32") if a in pointers else "i32"
+                                       for a in args if a not in values},
+                         "constexprs": {a: values[a] for a in args if a in values}})
+    return jobs
+
+
 def compile_job(job: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget

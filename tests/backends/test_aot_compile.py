@@ -83,6 +83,11 @@ def test_representative_linear_kernels_compile_for_sm90(tmp_path):
                                       dk=64, dv=96)
     jobs += aot_check.linear_jobs_for(attnc.load("based"), dk=273, dv=64)
     assert sum(j["function"].endswith("_chunked") for j in jobs) == 6
+    # the backward's fixed core kernels: the gated delta rule's and the vector decay's
+    core = aot_check.core_jobs()
+    jobs += [j for j in core if j["function"] == "core_backward"
+             and (j["constexprs"]["DELTA"] and j["constexprs"]["GATE"] == 1
+                  or j["constexprs"]["GATE"] == 2)]
     _check(jobs, tmp_path)
 
 
@@ -97,6 +102,7 @@ def test_every_library_kernel_compiles_for_sm90(tmp_path):
     jobs += [j for name in attnc.variants() if _is_linear(name)
              for dk, dv in ((64, 64), (128, 128)) for dtype in ("bf16", "fp16")
              for j in aot_check.linear_jobs_for(attnc.load(name), dtype=dtype, dk=dk, dv=dv)]
+    jobs += aot_check.core_jobs() + aot_check.core_jobs(ieee=True, dk=64, dv=96)
     jobs += aot_check.jobs_for(attnc.load("rel_bias"), dtype="fp16", block_d=256, block_m=64,
                                block_n=32)
     jobs += aot_check.jobs_for(attnc.load("alibi"), dtype="fp32", block_m=64, block_n=32,

@@ -1,0 +1,198 @@
+"""The backward of a chunked `linear` scan: eager prologue and epilogue around fused chunked
+core kernels (backends/triton/linear_core.py).
+
+    prologue   key, value, log decay, beta and readout queries per state, from q, k, v and the
+               inputs (elementwise per step, recomputed here with autograd on)
+    core       per state and readout: `core_forward` (readouts, and the state entering every
+               chunk), then `core_backward` (the adjoints, chunks in reverse)
+    epilogue   the output from the readouts (autograd gives d readout and direct gradients)
+
+The gradients of the prologue tensors then flow back to q, k, v, inputs and params through
+autograd; the core's dS0 is the initial states' gradient. The core's backward is linear in
+(d readout, d final state), so a state read by several readouts runs once per readout and the
+results add up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import attnc.backends.triton as triton_backend
+from attnc.backends import linear_torch as LT
+from attnc.linear_ir import LinearScan, StatePlan
+
+_GATE = {"additive": 0, "delta_rule": 0, "scalar_decay": 1, "gated_delta_rule": 1,
+         "diagonal_decay": 2}
+
+
+def positions(Tn: int, cu, device) -> torch.Tensor | None:
+    """Each packed step's position within its own sequence (None: plain 0..T-1)."""
+    if cu is None:
+        return None
+    lengths = (cu[1:] - cu[:-1]).to(device)
+    starts = torch.repeat_interleave(cu[:-1].to(device), lengths)
+    return torch.arange(Tn, device=device) - starts
+
+
+def backward(scan: LinearScan, q, k, v, tensors: list, inits: list, scale: float, cu, do,
+             dfinals: list, chunk: int) -> list:
+    """Gradients of (q, k, v, *tensors, *inits), as the autograd Function returns them."""
+    from attnc.backends.triton.linear_codegen import tensor_args
+
+    names = [d.name for d in tensor_args(scan)]
+    leaves = [x.detach().float().requires_grad_() for x in (q, k, v, *tensors)]
+    with torch.enable_grad():
+        lq, lk, lv, *lt = leaves
+        inputs = dict(zip(names, lt))
+        env = LT.environment(scan, lq, lk, lv, inputs, scale,
+                             positions=positions(q.shape[2], cu, q.device))
+        B, H, Tn, dk = q.shape
+        dv = v.shape[-1]
+        N = B if cu is None else cu.numel() - 1
+        outs, grads, d_inits, readouts = [], [], [], {}
+        plans = []
+        for s, plan in zip(scan.states, scan.schedule.states):
+            shape = (B, H, Tn) + LT.state_shape(s, B, H, dk, dv)[2:]
+            pieces = _prologue(scan, plan, env, shape, lq)
+            plans.append((s, plan, pieces))
+            init = inits[len(d_inits)] if inits else None
+            init = torch.zeros((N, H) + shape[3:], device=q.device) if init is None else \
+                LT.internal_state(s, init.float()).expand((N, H) + shape[3:]).contiguous()
+            pieces["init"] = init
+            d_inits.append(None)
+            pieces["h"] = None  # the chunk-start states: the same whatever the readout
+            for r, x in zip(pieces["readers"], pieces["queries"]):
+                rr, pieces["h"] = _core_forward(plan, x, pieces, init, cu, chunk)
+                readouts[r.symbol] = rr.requires_grad_()
+            if pieces["h"] is None:
+                pieces["h"] = _core_forward(plan, torch.zeros_like(pieces["key"]), pieces, init,
+                                            cu, chunk)[1]
+        env.update({sym: x[..., None, :] for sym, x in readouts.items()})
+        o = LT._tensor(LT.evaluate(scan.schedule.output, env)).expand(B, H, Tn, 1, dv)[..., 0, :]
+        epi = torch.autograd.grad(o, list(readouts.values()) + leaves, do.float(),
+                                  allow_unused=True, retain_graph=True)
+        d_read = dict(zip(readouts, epi[:len(readouts)]))
+        direct = epi[len(readouts):]
+        for n, (s, plan, pieces) in enumerate(plans):
+            d_final = dfinals[n].float() if dfinals[n] is not None else None
+            parts = []
+            runs = list(zip(pieces["readers"], pieces["queries"])) or [(None, None)]
+            for idx, (r, x) in enumerate(runs):
+                x = torch.zeros_like(pieces["key"]) if x is None else x
+                dr = d_read.get(r.symbol) if r is not None else None
+                dr = torch.zeros(pieces["value"].shape, device=q.device) if dr is None else dr
+                dfin = d_final if idx == 0 and d_final is not None else \
+                    torch.zeros_like(pieces["init"])
+                parts.append(_core_backward(plan, x, pieces, dr.contiguous(), dfin, cu, chunk))
+            for idx, part in enumerate(parts):
+                if pieces["readers"] and pieces["queries"][idx].requires_grad:
+                    outs.append(pieces["queries"][idx])
+                    grads.append(part["dx"])
+                for name in ("key", "value", "logd", "beta"):
+                    if name in pieces and pieces[name].requires_grad:
+                        outs.append(pieces[name])
+                        grads.append(part[f"d{name}"])
+            d_inits[n] = sum(p["ds0"] for p in parts)
+        through = torch.autograd.grad(outs, leaves, grads, allow_unused=True) if outs else \
+            [None] * len(leaves)
+    result = []
+    for x, a, b in zip((q, k, v, *tensors), direct, through):
+        total = None if a is None and b is None else (0 if a is None else a) + \
+            (0 if b is None else b)
+        result.append(None if total is None else total.to(x.dtype))
+    if inits:
+        result += [LT.public_state(s, d) for s, d in zip(scan.states, d_inits)]
+    return result
+
+
+def _prologue(scan, plan: StatePlan, env, shape, like) -> dict:
+    """The core's inputs for one state, contiguous fp32: key [B, H, T, K], value [.., V]
+    (V = 1 for a vector state), log decay [B, H, T] or [B, H, T, K], beta [B, H, T]."""
+    readers = [r for r in scan.schedule.readouts if r.state == plan.state]
+    pieces = {"readers": readers,
+              "key": LT._seq(LT.evaluate(plan.key, env), shape, -1, like).contiguous(),
+              "value": LT._seq(LT.evaluate(plan.value, env), shape, -2, like).contiguous(),
+              "queries": [LT._seq(LT.evaluate(r.query, env), shape, -1, like).contiguous()
+                          for r in readers]}
+    gate = _GATE[plan.kind]
+    if gate:
+        logd = LT._seq(LT.evaluate(plan.log_decay, env), shape, -1, like)
+        pieces["logd"] = (logd if gate == 2 else logd[..., 0]).contiguous()
+    if plan.kind in ("delta_rule", "gated_delta_rule"):
+        pieces["beta"] = LT._seq(LT.evaluate(plan.beta, env), shape, -1, like)[..., 0] \
+            .contiguous()
+    return pieces
+
+
+def _geometry(pieces, cu, chunk):
+    key, value = pieces["key"], pieces["value"]
+    B, H, Tn, K = key.shape
+    V = value.shape[-1]
+    if cu is None:
+        N, lengths = B, [Tn] * B
+    else:
+        N, lengths = cu.numel() - 1, (cu[1:] - cu[:-1]).tolist()
+    counts = [math.ceil(n / chunk) for n in lengths]
+    offsets = torch.tensor([0] + counts, device=key.device).cumsum(0).to(torch.int32)
+    BK = max(16, 1 << max(0, (K - 1).bit_length()))
+    BV = min(64 if BK <= 128 else 16, max(16, 1 << max(0, (V - 1).bit_length())))
+    cu_arg = cu.to(torch.int32).to(key.device) if cu is not None else \
+        torch.zeros(1, dtype=torch.int32, device=key.device)
+    return dict(B=B, H=H, T=Tn, K=K, V=V, N=N, total=int(offsets[-1]), offsets=offsets, BK=BK,
+                BV=BV, NV=math.ceil(V / BV), cu=cu_arg)
+
+
+def _flags(plan, geo, cu, chunk):
+    return dict(GATE=_GATE[plan.kind], DELTA=plan.kind in ("delta_rule", "gated_delta_rule"),
+                VARLEN=cu is not None, BT=chunk, BK=geo["BK"], BV=geo["BV"],
+                IEEE=not torch.backends.cuda.matmul.allow_tf32,
+                UPCAST=triton_backend.interpreting())
+
+
+def _dummy(x):
+    return torch.zeros(1, device=x.device)
+
+
+def _core_forward(plan, x, pieces, init, cu, chunk):
+    from attnc.backends.triton.linear_core import core_forward
+
+    geo = _geometry(pieces, cu, chunk)
+    key = pieces["key"]
+    r = torch.empty(pieces["value"].shape, device=key.device)
+    h = torch.empty(geo["total"], geo["H"], geo["K"], geo["V"], device=key.device)
+    final = torch.empty_like(init)
+    if geo["N"] and geo["H"]:
+        with torch.no_grad():
+            core_forward[(geo["N"], geo["H"], geo["NV"])](
+                x.detach(), key.detach(), pieces["value"].detach(),
+                pieces["logd"].detach() if "logd" in pieces else _dummy(key),
+                pieces["beta"].detach() if "beta" in pieces else _dummy(key), init, r, h, final,
+                geo["cu"], geo["offsets"], geo["T"], geo["H"], geo["K"], geo["V"],
+                HAS_S0=True, **_flags(plan, geo, cu, chunk))
+    return r, h
+
+
+def _core_backward(plan, x, pieces, dr, d_final, cu, chunk) -> dict:
+    from attnc.backends.triton.linear_core import core_backward
+
+    geo = _geometry(pieces, cu, chunk)
+    key = pieces["key"]
+    NV, B, H, Tn, K, V = geo["NV"], geo["B"], geo["H"], geo["T"], geo["K"], geo["V"]
+    dx = torch.zeros(NV, B, H, Tn, K, device=key.device)
+    dkey = torch.zeros_like(dx)
+    dvalue = torch.zeros(B, H, Tn, V, device=key.device)
+    dlogd = torch.zeros((NV,) + tuple(pieces["logd"].shape) if "logd" in pieces else
+                        (NV, B, H, Tn), device=key.device)
+    dbeta = torch.zeros(NV, B, H, Tn, device=key.device)
+    ds0 = torch.zeros_like(pieces["init"])
+    if geo["N"] and geo["H"]:
+        core_backward[(geo["N"], H, NV)](
+            x.detach(), key.detach(), pieces["value"].detach(),
+            pieces["logd"].detach() if "logd" in pieces else _dummy(key),
+            pieces["beta"].detach() if "beta" in pieces else _dummy(key), pieces["h"], dr,
+            d_final.contiguous(), dx, dkey, dvalue, dlogd, dbeta, ds0, geo["cu"], geo["offsets"],
+            Tn, H, K, V, B * H * Tn, **_flags(plan, geo, cu, chunk))
+    return {"dx": dx.sum(0), "dkey": dkey.sum(0), "dvalue": dvalue, "dlogd": dlogd.sum(0),
+            "dbeta": dbeta.sum(0), "ds0": ds0}
