@@ -91,8 +91,8 @@ class LinearKernel:
         scale = dk ** -0.5 if scale is None else float(scale)
         N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         inits = self._initial(initial_state, N, q.shape[1], dk, dv, q.device)
-        outs = _LinearFunction.apply(self, algorithm, scale, cu_seqlens, len(tensors),
-                                     q, k, v, *tensors, *inits)
+        outs = _apply(self, algorithm, scale, cu_seqlens, len(tensors), q, k, v, *tensors,
+                      *inits)
         o, finals = outs[0], outs[1:]
         if not output_final_state:
             return o
@@ -256,6 +256,13 @@ def _all_exprs(scan: LinearScan):
         yield scan.schedule.output
 
 # --- autograd ----------------------------------------------------------------------------------
+@torch.compiler.disable
+def _apply(*args):
+    """The kernels and their eager backward are opaque to torch.compile: a graph break (the
+    backward differentiates an eager recomputation, which a custom op could not do)."""
+    return _LinearFunction.apply(*args)
+
+
 class _LinearFunction(torch.autograd.Function):
     """Forward: the fused kernel. Backward: autograd through the eager chunked form (or the
     recurrence), recomputed from the saved inputs."""

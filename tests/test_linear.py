@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import attnc
+import attnc.testing
 from attnc.backends import linear_torch as LT
 from tests import linear_reference as R
 
@@ -245,3 +246,27 @@ def test_bad_compile_options():
         attnc.load("gla", block_m=64)
     with pytest.raises(ValueError, match="chunk_size applies to linear blocks only"):
         attnc.load("causal", chunk_size=32)
+
+
+@pytest.mark.parametrize("name, dtype", [("gla", torch.bfloat16), ("gated_delta_net", torch.bfloat16),
+                                         ("flowformer", torch.bfloat16),
+                                         ("mamba2_ssd", torch.float16)])
+def test_low_precision_forward_and_gradients(name, dtype):
+    """attnc.testing.check_linear: output, final states and every gradient against the float64
+    recurrence on the same (rounded) q, k, v."""
+    res = attnc.testing.check_linear(attnc.load(name), B=1, H=2, T=29, D=16, Dv=16, dtype=dtype)
+    assert res["ok"], res
+
+
+def test_under_torch_compile():
+    """A linear kernel is a graph break under torch.compile; results and gradients unchanged."""
+    kernel, _, q, k, v, inputs, _ = _case("simple_gla", with_state=False)
+    leaves = [x.clone().requires_grad_() for x in (q, k)]
+
+    def loss(a, b):
+        return (kernel(a, b, v, **inputs) * 2).square().sum()
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    compiled = torch.compile(loss, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
