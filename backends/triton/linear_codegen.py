@@ -179,15 +179,20 @@ def _used(exprs) -> set[str]:
 
 
 # --- the recurrent kernel ----------------------------------------------------------------------
-def _emit_recurrent(c: CodeBuilder, scan: LinearScan) -> TritonPrinter:
+def _names(scan: LinearScan, suffix: str) -> dict:
+    """Kernel variable names of the per-step values: q_t, x_beta_t, ... (q_c, ... in chunks)."""
     names = {S.scale: "scale", S.h: "hh_f", S.H: "H", DK: "DK", DV: "DV", t: "t_f"}
+    for x, axis in (("q", "i"), ("k", "i"), ("v", "j")):
+        names[read(x, (axis,))] = f"{x}_{suffix}"
+    for d in tensor_args(scan):
+        names[read(d.name, step_axes(d))] = f"x_{d.name}_{suffix}"
+    return names
+
+
+def _emit_recurrent(c: CodeBuilder, scan: LinearScan) -> TritonPrinter:
+    names = _names(scan, "t")
     for s in scan.states:
         names[read(s.name, s.axes)] = f"st_{s.name}"
-    names[read("q", ("i",))] = "q_t"
-    names[read("k", ("i",))] = "k_t"
-    names[read("v", ("j",))] = "v_t"
-    for d in tensor_args(scan):
-        names[read(d.name, step_axes(d))] = f"x_{d.name}_t"
     pr = _Printer(names, "step")
     used = _used([u.expr for u in scan.updates] + [scan.output])
     c("@triton.jit")
@@ -234,12 +239,7 @@ def _step_load(d, time: str) -> str:
 # --- the chunked kernel ------------------------------------------------------------------------
 def _emit_chunked(c: CodeBuilder, scan: LinearScan) -> TritonPrinter:
     sch = scan.schedule
-    names = {S.scale: "scale", S.h: "hh_f", S.H: "H", DK: "DK", DV: "DV", t: "t_f"}
-    names[read("q", ("i",))] = "q_c"
-    names[read("k", ("i",))] = "k_c"
-    names[read("v", ("j",))] = "v_c"
-    for d in tensor_args(scan):
-        names[read(d.name, step_axes(d))] = f"x_{d.name}_c"
+    names = _names(scan, "c")
     for r in sch.readouts:
         names[r.symbol] = f"rd_{r.symbol}"
     pr = _Printer(names, "chunk")

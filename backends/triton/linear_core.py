@@ -42,6 +42,21 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _sequence(cu_seqlens, chunk_offsets, n, hh, T, H, VARLEN: tl.constexpr):
+    """Program n's sequence: its length, its first chunk's index among all sequences' chunks,
+    and the row of its step 0 for head hh in the [B, H, T] layout."""
+    if VARLEN:
+        bos = tl.load(cu_seqlens + n).to(tl.int64)
+        seq_len = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
+        bb = 0
+    else:
+        bos = 0
+        seq_len = T
+        bb = n
+    return seq_len, tl.load(chunk_offsets + n).to(tl.int64), (bb * H + hh).to(tl.int64) * T + bos
+
+
+@triton.jit
 def _rows(ptr, base, row, tm, offs, width, fmask):
     return tl.load(ptr + base + row[:, None] * width + offs[None, :],
                    mask=tm[:, None] & fmask[None, :], other=0.0).to(tl.float32)
@@ -87,16 +102,7 @@ def core_forward(x, k, v, g, beta, s0, r, h, s_final, cu_seqlens, chunk_offsets,
     n = tl.program_id(0)
     hh = tl.program_id(1)
     pv = tl.program_id(2)
-    if VARLEN:
-        bos = tl.load(cu_seqlens + n).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
-        bb = 0
-    else:
-        bos = 0
-        seq_len = T
-        bb = n
-    first_chunk = tl.load(chunk_offsets + n).to(tl.int64)
-    base = (bb * H + hh).to(tl.int64) * T + bos
+    seq_len, first_chunk, base = _sequence(cu_seqlens, chunk_offsets, n, hh, T, H, VARLEN)
     offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
     offs_v = pv * BV + tl.arange(0, BV)
@@ -156,16 +162,7 @@ def core_backward(x, k, v, g, beta, h, dr, ds_final, dx, dk, dv, dg, dbeta, ds0,
     n = tl.program_id(0)
     hh = tl.program_id(1)
     pv = tl.program_id(2)
-    if VARLEN:
-        bos = tl.load(cu_seqlens + n).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
-        bb = 0
-    else:
-        bos = 0
-        seq_len = T
-        bb = n
-    first_chunk = tl.load(chunk_offsets + n).to(tl.int64)
-    base = (bb * H + hh).to(tl.int64) * T + bos
+    seq_len, first_chunk, base = _sequence(cu_seqlens, chunk_offsets, n, hh, T, H, VARLEN)
     part = pv.to(tl.int64) * NV_STRIDE  # this value tile's slice of the partial-sum buffers
     offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
