@@ -56,6 +56,7 @@ def backward(scan: LinearScan, q, k, v, tensors: list, inits: list, scale: float
         for s, plan in zip(scan.states, scan.schedule.states):
             shape = (B, H, Tn) + LT.state_shape(s, B, H, dk, dv)[2:]
             pieces = _prologue(scan, plan, env, shape, lq)
+            pieces["ieee"] = v.dtype == torch.float32  # exact fp32 products for fp32 data
             plans.append((s, plan, pieces))
             init = inits[len(d_inits)] if inits else None
             init = torch.zeros((N, H) + shape[3:], device=q.device) if init is None else \
@@ -144,10 +145,9 @@ def _geometry(pieces, cu, chunk):
                 BV=BV, NV=math.ceil(V / BV), cu=cu_arg)
 
 
-def _flags(plan, geo, cu, chunk):
+def _flags(plan, geo, cu, chunk, ieee: bool):
     return dict(GATE=_GATE[plan.kind], DELTA=plan.kind in ("delta_rule", "gated_delta_rule"),
-                VARLEN=cu is not None, BT=chunk, BK=geo["BK"], BV=geo["BV"],
-                IEEE=not torch.backends.cuda.matmul.allow_tf32,
+                VARLEN=cu is not None, BT=chunk, BK=geo["BK"], BV=geo["BV"], IEEE=ieee,
                 UPCAST=triton_backend.interpreting())
 
 
@@ -170,7 +170,7 @@ def _core_forward(plan, x, pieces, init, cu, chunk):
                 pieces["logd"].detach() if "logd" in pieces else _dummy(key),
                 pieces["beta"].detach() if "beta" in pieces else _dummy(key), init, r, h, final,
                 geo["cu"], geo["offsets"], geo["T"], geo["H"], geo["K"], geo["V"],
-                HAS_S0=True, **_flags(plan, geo, cu, chunk))
+                HAS_S0=True, **_flags(plan, geo, cu, chunk, pieces["ieee"]))
     return r, h
 
 
@@ -193,6 +193,6 @@ def _core_backward(plan, x, pieces, dr, d_final, cu, chunk) -> dict:
             pieces["logd"].detach() if "logd" in pieces else _dummy(key),
             pieces["beta"].detach() if "beta" in pieces else _dummy(key), pieces["h"], dr,
             d_final.contiguous(), dx, dkey, dvalue, dlogd, dbeta, ds0, geo["cu"], geo["offsets"],
-            Tn, H, K, V, B * H * Tn, **_flags(plan, geo, cu, chunk))
+            Tn, H, K, V, B * H * Tn, **_flags(plan, geo, cu, chunk, pieces["ieee"]))
     return {"dx": dx.sum(0), "dkey": dkey.sum(0), "dvalue": dvalue, "dlogd": dlogd.sum(0),
             "dbeta": dbeta.sum(0), "ds0": ds0}

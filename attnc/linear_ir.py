@@ -171,8 +171,8 @@ def format_scan(scan: LinearScan) -> str:
         if p.kind != "additive" and p.kind != "delta_rule":
             lines.append(f"      log a_t = {sympy.sstr(p.log_decay)}")
         if p.kind in ("delta_rule", "gated_delta_rule"):
-            lines.append(f"      beta = {sympy.sstr(p.beta)}  (WY/UT form: T = (I + tril(diag(beta) "
-                         "Gamma K K^T, -1))^-1 by forward substitution)")
+            lines.append(f"      beta = {sympy.sstr(p.beta)}  (WY/UT form: T = (I + tril(diag("
+                         "beta) Gamma K K^T, -1))^-1 by forward substitution)")
     for r in sch.readouts:
         lines.append(f"    {r.symbol} = sum(i) {sympy.sstr(r.query)} * {_lhs(scan.state(r.state))}")
     lines.append(f"    o[j] = {sympy.sstr(sch.output)}")

@@ -9,10 +9,11 @@ Core layout: q, k [B, H, T, D], v [B, H, T, DV], per-step inputs [B, H, T, ...];
 state takes and returns a tensor, one with several a dict by state name.
 
 Forward runs a fused Triton kernel: the chunked one when `chunk_scan` chunked the scan (and
-the kernel covers it), else the recurrent one; `algorithm=` forces either. Backward recomputes
-the forward in eager torch, chunk by chunk for a chunked schedule (backends/linear_torch.py),
-step by step otherwise, and differentiates that: gradients reach q, k, v, every per-step input
-and param, and the initial state.
+the kernel covers it), else the recurrent one; `algorithm=` forces either. Backward: for a
+chunked scan, fused core kernels between an eager prologue and epilogue
+(attnc/linear_backward.py); otherwise autograd through the eager recurrence
+(backends/linear_torch.py), checkpointed. Gradients reach q, k, v, every per-step input and
+param, and the initial state.
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def launch(kernel: LinearKernel, algorithm: str, q, k, v, tensors, inits, scale,
         return o, finals
     BV = value_tile(scan, dv, dk)
     constexprs = dict(HAS_INIT=has_init, STORE_FINAL=True, VARLEN=cu is not None, BK=_pow2(dk),
-                      BV=BV, IEEE=q.dtype == torch.float32, UPCAST=triton_backend.interpreting())
+                      BV=BV, IEEE=v.dtype == torch.float32, UPCAST=triton_backend.interpreting())
     if algorithm == "chunked":
         constexprs["BT"] = chunk_tile(scan, kernel.chunk_size, dk)
     cu_arg = cu.to(torch.int32) if cu is not None else torch.zeros(1, dtype=torch.int32,
@@ -255,6 +256,7 @@ def _all_exprs(scan: LinearScan):
     if scan.schedule.chunked:
         yield scan.schedule.output
 
+
 # --- autograd ----------------------------------------------------------------------------------
 @torch.compiler.disable
 def _apply(*args):
@@ -264,16 +266,14 @@ def _apply(*args):
 
 
 class _LinearFunction(torch.autograd.Function):
-    """Forward: the fused kernel. Backward: autograd through the eager chunked form (or the
-    recurrence), recomputed from the saved inputs."""
+    """Forward: the fused kernel. Backward: the fused chunked backward, or for a scan the
+    chunked kernels do not cover, autograd through its eager form recomputed from the inputs."""
 
     @staticmethod
     def forward(ctx, kernel, algorithm, scale, cu, n_tensors, q, k, v, *rest):
         tensors, inits = list(rest[:n_tensors]), list(rest[n_tensors:])
         o, finals = launch(kernel, algorithm, q, k, v, tensors, inits, scale, cu)
-        ctx.kernel, ctx.algorithm, ctx.scale, ctx.cu, ctx.n_tensors = (kernel, algorithm, scale,
-                                                                       cu, n_tensors)
-        ctx.n_inits = len(inits)
+        ctx.kernel, ctx.scale, ctx.cu, ctx.n_tensors = kernel, scale, cu, n_tensors
         ctx.save_for_backward(q, k, v, *rest)
         return (o, *finals)
 
@@ -291,8 +291,7 @@ class _LinearFunction(torch.autograd.Function):
         leaves = [x.detach().requires_grad_() for x in (q, k, v, *rest)]
         lq, lk, lv, *lrest = leaves
         tensors, inits = lrest[:ctx.n_tensors], lrest[ctx.n_tensors:]
-        o, finals = recompute(kernel, ctx.algorithm, lq, lk, lv, tensors, inits, ctx.scale,
-                              ctx.cu)
+        o, finals = recompute(kernel, lq, lk, lv, tensors, inits, ctx.scale, ctx.cu)
         outs, grads = [o], [do]
         for f, g in zip(finals, dfinals):
             if g is not None:
@@ -303,8 +302,9 @@ class _LinearFunction(torch.autograd.Function):
         return (None, None, None, None, None, *got)
 
 
-def recompute(kernel: LinearKernel, algorithm: str, q, k, v, tensors, inits, scale, cu):
-    """The forward in eager torch (fp32), differentiable: (o, finals as [N, H, I, J])."""
+def recompute(kernel: LinearKernel, q, k, v, tensors, inits, scale, cu):
+    """The forward in eager torch (fp32), differentiable and checkpointed: (o, finals as
+    [N, H, I, J]); the chunked form where the schedule has one, else the recurrence."""
     scan = kernel.scan
     with torch.enable_grad():
         names = [d.name for d in tensor_args(scan)]
@@ -313,8 +313,9 @@ def recompute(kernel: LinearKernel, algorithm: str, q, k, v, tensors, inits, sca
         qf, kf, vf = (x.to(work) for x in (q, k, v))
         B, H, Tn, dk = qf.shape
         spans = [(0, Tn)] if cu is None else list(zip(cu.tolist()[:-1], cu.tolist()[1:]))
-        run = LT.interpret_chunked if algorithm == "chunked" else LT.interpret
-        extra = {"checkpoint": True, **({"chunk": 32} if algorithm == "chunked" else {})}
+        chunked = scan.schedule.chunked
+        run = LT.interpret_chunked if chunked else LT.interpret
+        extra = {"checkpoint": True, **({"chunk": 32} if chunked else {})}
         outs, finals = [], [[] for _ in scan.states]
         for n, (a, b) in enumerate(spans):
             init = None

@@ -57,7 +57,9 @@ def evaluate(ex: sympy.Expr, env: dict) -> torch.Tensor | float:
         return base ** exp
     if ex.func in _UNARY:
         x = args[0]
-        return _UNARY[ex.func](x if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64))
+        if not torch.is_tensor(x):
+            x = torch.tensor(float(x), dtype=torch.float64)
+        return _UNARY[ex.func](x)
     if isinstance(ex, (sympy.Max, sympy.Min)):
         out = _tensor(args[0])
         for a in args[1:]:

@@ -66,7 +66,8 @@ class _LinearLowerer(_Lowerer):
                 state = self.states.get(target)
                 if state is None:
                     raise self.error(st, f"'{target}' is not a declared state",
-                                     hint="declare it with `state " f"{target}[i, j]` (or [i], or none)")
+                                     hint=f"declare it with `state {target}[i, j]` (or [i], "
+                                          "or none)")
                 if axes != state.axes:
                     raise self.error(st, f"state {target} is indexed [{', '.join(state.axes)}], "
                                          f"written [{', '.join(axes)}]")
@@ -121,13 +122,15 @@ class _LinearLowerer(_Lowerer):
             raise self.error(tok, f"a feature map replaces q or k, not '{target}'")
         if any(m.target == target for m in maps):
             raise self.error(tok, f"{target} is mapped twice")
-        if not (isinstance(call, lark.Tree) and call.data == "call" and str(call.children[0]) in MAPS):
+        if not (isinstance(call, lark.Tree) and call.data == "call"
+                and str(call.children[0]) in MAPS):
             raise self.error(call, "a feature map is one of: " + ", ".join(
                 f"{f}({target}{', W' * n})" for f, n in MAPS.items()),
                 hint="elementwise maps (elu(x) + 1, relu, exp) are written inline")
         fn, *args = call.children
         want = MAPS[str(fn)]
-        if len(args) != want + 1 or not (args[0].data == "name" and str(args[0].children[0]) == target):
+        if len(args) != want + 1 or not (args[0].data == "name"
+                                         and str(args[0].children[0]) == target):
             raise self.error(call, f"{fn} takes ({target}{', W' * want})")
         params = []
         for a in args[1:]:

@@ -248,9 +248,9 @@ def test_bad_compile_options():
         attnc.load("causal", chunk_size=32)
 
 
-@pytest.mark.parametrize("name, dtype", [("gla", torch.bfloat16), ("gated_delta_net", torch.bfloat16),
-                                         ("flowformer", torch.bfloat16),
-                                         ("mamba2_ssd", torch.float16)])
+@pytest.mark.parametrize("name, dtype", [
+    ("gla", torch.bfloat16), ("gated_delta_net", torch.bfloat16), ("flowformer", torch.bfloat16),
+    ("mamba2_ssd", torch.float16)])
 def test_low_precision_forward_and_gradients(name, dtype):
     """attnc.testing.check_linear: output, final states and every gradient against the float64
     recurrence on the same (rounded) q, k, v."""

@@ -22,7 +22,7 @@ import sympy
 from attnc import symbols as S
 from attnc.backends.triton.codegen import PRELUDE, CodeBuilder
 from attnc.backends.triton.printer import HELPERS, TritonPrinter
-from attnc.linear_ir import DK, DV, T, LinearScan, StatePlan, i, j, read, step_axes, t
+from attnc.linear_ir import DK, DV, T, LinearScan, StatePlan, i, read, step_axes, t
 
 _STATE_MASK = {("i", "j"): "m_ij", ("i",): "m_i", ("j",): "m_j", (): "m_0"}
 _STATE_SHAPE = {("i", "j"): "[BK, BV]", ("i",): "[BK, 1]", ("j",): "[1, BV]", (): "[1, 1]"}
@@ -319,8 +319,8 @@ def _emit_state_chunk(c: CodeBuilder, scan: LinearScan, plan: StatePlan, pr) -> 
         c("k_in = kk * tl.exp(-G)")
         for r in readers:
             c(f"xq = tl.where(tm & cm_i, {pr(r.query)} + col_t, 0.0) * tl.exp(G)")
-            c(f"rd_{r.symbol} = " + _read(matrix, st, "xq", "tl.where(lower, _dot(xq, tl.trans(k_in), "
-                                        "IEEE, UPCAST), 0.0)"))
+            scores = "tl.where(lower, _dot(xq, tl.trans(k_in), IEEE, UPCAST), 0.0)"
+            c(f"rd_{r.symbol} = " + _read(matrix, st, "xq", scores))
         decay_state = "tl.exp(g_last)[:, None]" if matrix else "tl.exp(g_last)[None, :]"
         c(f"{st} = {st} * {decay_state} + " + _write(matrix, "k_end"))
         return
@@ -331,7 +331,8 @@ def _emit_state_chunk(c: CodeBuilder, scan: LinearScan, plan: StatePlan, pr) -> 
     c("k_end = kk * tl.exp(g_last - G)[:, None]")
     if plan.kind in ("delta_rule", "gated_delta_rule"):
         c(f"bt = tl.sum(tl.where(tm, {pr(plan.beta)} + col_t, 0.0), axis=1)")
-        c("a_low = tl.where(strict, decay * _dot(kk, tl.trans(kk), IEEE, UPCAST), 0.0) * bt[:, None]")
+        c("a_low = tl.where(strict, decay * _dot(kk, tl.trans(kk), IEEE, UPCAST), 0.0) "
+          "* bt[:, None]")
         c("tinv = tl.where(offs_t[:, None] == offs_t[None, :], 1.0, 0.0)")
         # forward substitution: row r of (I + a_low)^-1 is e_r - sum_s a_low[r, s] tinv[s, :]
         with c.block("for r in range(1, BT):"):

@@ -1,8 +1,9 @@
 """Generated kernels compile for a real GPU target (sm_90, Hopper) without a GPU.
 
 The interpreter runs kernels as numpy code and accepts things the compiler rejects; lowering to a
-cubin catches those, and the shared memory each kernel asks for is checked against the limit. Each library variant is compiled once for bf16 and the fp32/IEEE path once,
-forward and backward kernels alike,
+cubin catches those, and each kernel's shared memory is checked against Hopper's limit. Each
+library variant is compiled once for bf16 and the fp32/IEEE path once, forward and backward
+kernels alike (linear blocks: recurrent and chunked kernels, and the backward's core kernels),
 in a subprocess with the interpreter switched off. With ATTNC_AOT_PYTHON pointing at another
 Python (e.g. a venv holding Triton 3.6), the same jobs run against that Triton.
 """
