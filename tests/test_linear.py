@@ -86,10 +86,12 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype, with_state", [(torch.float32, True), (torch.float32, False),
+                                               (torch.bfloat16, True)],
+                         ids=["fp32", "fp32-zero-state", "bf16"])
 @pytest.mark.parametrize("name, algorithm", KERNELS)
-def test_forward_matches_the_naive_recurrence(name, algorithm, dtype):
-    kernel, ref, q, k, v, inputs, init = _case(name, dtype)
+def test_forward_matches_the_naive_recurrence(name, algorithm, dtype, with_state):
+    kernel, ref, q, k, v, inputs, init = _case(name, dtype, with_state=with_state)
     out, final = kernel(q, k, v, initial_state=init, output_final_state=True,
                         algorithm=algorithm, **inputs)
     want, want_final = ref(q, k, v, **inputs, initial_state=init)
