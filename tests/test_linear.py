@@ -272,3 +272,31 @@ def test_under_torch_compile():
     got = torch.autograd.grad(compiled(*leaves), leaves)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+POSITIONAL = """
+linear positional {
+  state S[i, j]
+  S[i, j] = exp(-0.05 * (t + 1)) * S[i, j] + k[i] * v[j] / (t + 1)
+  o[j] = sum(i) q[i] * S[i, j]
+}
+"""
+
+
+@pytest.mark.parametrize("algorithm", ["chunked", "recurrent"])
+def test_t_counts_from_each_packed_sequence_start(algorithm):
+    """`t` is the step within its own sequence, in both kernels and in the fused backward."""
+    kernel = attnc.compile(POSITIONAL)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 30, 16, generator=gen) for _ in range(3))
+    cu = torch.tensor([0, 7, 30])
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = kernel(*leaves, cu_seqlens=cu, algorithm=algorithm)
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    for a, b in ((0, 7), (7, 30)):
+        part = [x[:, :, a:b].clone().requires_grad_() for x in (q, k, v)]
+        want, _ = LT.interpret(kernel.scan, *(x.double() for x in part), {})
+        torch.testing.assert_close(out[:, :, a:b].double(), want, rtol=1e-5, atol=1e-6)
+        one = kernel(*part, algorithm=algorithm)
+        for g, w in zip(grads, torch.autograd.grad(one.square().sum(), part)):
+            torch.testing.assert_close(g[:, :, a:b], w, rtol=1e-4, atol=1e-5)
