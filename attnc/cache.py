@@ -38,9 +38,11 @@ def versions() -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def codegen_fingerprint() -> str:
     """Hash of the code generator's own source: a generator change invalidates old kernels."""
-    from attnc.backends.triton import backward, codegen, linear_codegen, printer
+    from attnc.backends.triton import (backward, codegen, linear_codegen, linear_recurrent_bwd,
+                                       printer)
     return digest(*(Path(m.__file__).read_text()
-                    for m in (codegen, backward, linear_codegen, printer)))[:16]
+                    for m in (codegen, backward, linear_codegen, linear_recurrent_bwd,
+                              printer)))[:16]
 
 
 def digest(*parts: str) -> str:

@@ -196,3 +196,71 @@ def _core_backward(plan, x, pieces, dr, d_final, cu, chunk) -> dict:
             Tn, H, K, V, B * H * Tn, **_flags(plan, geo, cu, chunk, pieces["ieee"]))
     return {"dx": dx.sum(0), "dkey": dkey.sum(0), "dvalue": dvalue, "dlogd": dlogd.sum(0),
             "dbeta": dbeta.sum(0), "ds0": ds0}
+
+
+# --- the recurrent kernels' backward ---------------------------------------------------------
+SEGMENT = 64  # steps between stored states; a segment's steps are replayed into scratch
+
+
+def recurrent_backward(kernel, q, k, v, tensors: list, inits: list, scale: float, cu, do,
+                       dfinals: list) -> list:
+    """Gradients of (q, k, v, *tensors, *inits) from the generated `*_recurrent_bwd` kernel: one
+    program per (sequence, head) holding all of DK x DV."""
+    from attnc.backends.triton.linear_codegen import tensor_args
+    from attnc.linear_ir import DK, DV, T
+
+    scan = kernel.scan
+    B, H, Tn, dk = q.shape
+    dv = v.shape[-1]
+    N = B if cu is None else cu.numel() - 1
+    longest = Tn if cu is None else int((cu[1:] - cu[:-1]).max()) if N else 0
+    BK = max(16, 1 << max(0, (dk - 1).bit_length()))
+    BV = max(16, 1 << max(0, (dv - 1).bit_length()))
+    nseg = max(1, math.ceil(longest / SEGMENT))
+    dev = q.device
+    decls = tensor_args(scan)
+    xs = [x.contiguous() for x in tensors]
+
+    def padded(s, x):  # a state [N, H, I, J] in fp32, padded to the tile [BK|1, BV|1]
+        rows, cols = (BK if "i" in s.axes else 1), (BV if "j" in s.axes else 1)
+        out = torch.zeros(N, H, rows, cols, device=dev)
+        if x is not None:
+            inner = LT.internal_state(s, x.float())
+            out[:, :, :inner.shape[2], :inner.shape[3]] = inner
+        return out
+
+    init = [padded(s, inits[n] if inits else None) for n, s in enumerate(scan.states)]
+    dfin = [padded(s, None if d is None else LT.public_state(s, d))
+            for s, d in zip(scan.states, dfinals)]
+    ck = [torch.zeros(N * H * nseg * x[0, 0].numel(), device=dev) for x in init]
+    sc = [torch.zeros(N * H * SEGMENT * x[0, 0].numel(), device=dev) for x in init]
+    dq, dk_ = (torch.zeros(B, H, Tn, dk, device=dev) for _ in range(2))
+    dv_ = torch.zeros(B, H, Tn, dv, device=dev)
+    dxs = [torch.zeros(x.shape, device=dev) if T in d.dims else
+           torch.zeros(N * H, BK, BV, device=dev) for d, x in zip(decls, xs)]
+    dinit = [torch.zeros_like(x) for x in init]
+    if N and H:
+        strides = [s for x in (q, k, v, do) for s in x.stride()[:3]]
+        strides += [s for x in xs for s in x.stride()]
+        cu_arg = cu.to(torch.int32).to(dev) if cu is not None else \
+            torch.zeros(1, dtype=torch.int32, device=dev)
+        kernel._function("recurrent_bwd")[(N, H, 1)](
+            q, k, v, *xs, *init, cu_arg, do, *dfin, *ck, *sc, dq, dk_, dv_, *dxs, *dinit,
+            *strides, Tn, H, dk, dv, scale, nseg, HAS_INIT=bool(inits), VARLEN=cu is not None,
+            BK=BK, BV=BV, SEG=SEGMENT, IEEE=v.dtype == torch.float32,
+            UPCAST=triton_backend.interpreting())
+    grads = [dq.to(q.dtype), dk_.to(k.dtype), dv_.to(v.dtype)]
+    for d, x, g in zip(decls, tensors, dxs):
+        if T not in d.dims:  # a param: per-program sums over its axes, then over programs
+            axes = [a for a in d.dims if a in (DK, DV)]
+            g = g.view(N, H, BK, BV)
+            g = g[..., :dk, :dv] if axes == [DK, DV] else g[..., :dk, 0] if axes == [DK] \
+                else g[..., 0, :dv] if axes == [DV] else g[..., 0, 0]
+            g = g.sum(0) if len(x.shape) == len(g.shape) - 1 else g.sum(0, keepdim=True) \
+                if x.shape[0] != N else g
+        grads.append(g.reshape(x.shape).to(x.dtype))
+    if inits:
+        grads += [LT.public_state(s, g[:, :, :(dk if "i" in s.axes else 1),
+                                       :(dv if "j" in s.axes else 1)])
+                  for s, g in zip(scan.states, dinit)]
+    return grads

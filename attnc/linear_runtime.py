@@ -10,10 +10,10 @@ state takes and returns a tensor, one with several a dict by state name.
 
 Forward runs a fused Triton kernel: the chunked one when `chunk_scan` chunked the scan (and
 the kernel covers it), else the recurrent one; `algorithm=` forces either. Backward: for a
-chunked scan, fused core kernels between an eager prologue and epilogue
-(attnc/linear_backward.py); otherwise autograd through the eager recurrence
-(backends/linear_torch.py), checkpointed. Gradients reach q, k, v, every per-step input and
-param, and the initial state.
+chunked scan, fused core kernels between an eager prologue and epilogue; otherwise the
+generated recurrent backward kernel (both in attnc/linear_backward.py); where sympy cannot
+differentiate an update, autograd through the eager recurrence (backends/linear_torch.py),
+checkpointed. Gradients reach q, k, v, every per-step input and param, and the initial state.
 """
 
 from __future__ import annotations
@@ -260,14 +260,14 @@ def _all_exprs(scan: LinearScan):
 # --- autograd ----------------------------------------------------------------------------------
 @torch.compiler.disable
 def _apply(*args):
-    """The kernels and their eager backward are opaque to torch.compile: a graph break (the
-    backward differentiates an eager recomputation, which a custom op could not do)."""
+    """The kernels and their backward are opaque to torch.compile: a graph break (the backward
+    runs autograd over its eager prologue and epilogue, which a custom op could not do)."""
     return _LinearFunction.apply(*args)
 
 
 class _LinearFunction(torch.autograd.Function):
-    """Forward: the fused kernel. Backward: the fused chunked backward, or for a scan the
-    chunked kernels do not cover, autograd through its eager form recomputed from the inputs."""
+    """Forward: the fused kernel. Backward: the fused chunked backward, else the generated
+    recurrent backward, else autograd through the eager form recomputed from the inputs."""
 
     @staticmethod
     def forward(ctx, kernel, algorithm, scale, cu, n_tensors, q, k, v, *rest):
@@ -287,6 +287,12 @@ class _LinearFunction(torch.autograd.Function):
             got = backward(kernel.scan, q, k, v, list(tensors), list(inits), ctx.scale, ctx.cu,
                            do, list(dfinals), chunk_tile(kernel.scan, kernel.chunk_size,
                                                          q.shape[-1]))
+            return (None, None, None, None, None, *got)
+        if "recurrent_bwd" in kernel_names(kernel.scan):  # the generated fused backward
+            from attnc.linear_backward import recurrent_backward
+            tensors, inits = rest[:ctx.n_tensors], rest[ctx.n_tensors:]
+            got = recurrent_backward(kernel, q, k, v, list(tensors), list(inits), ctx.scale,
+                                     ctx.cu, do.contiguous(), list(dfinals))
             return (None, None, None, None, None, *got)
         leaves = [x.detach().requires_grad_() for x in (q, k, v, *rest)]
         lq, lk, lv, *lrest = leaves

@@ -34,13 +34,15 @@ def evaluate(ex: sympy.Expr, env: dict) -> torch.Tensor | float:
         return float(ex)
     if ex is sympy.true or ex is sympy.false:
         return bool(ex)
-    if isinstance(ex, sympy.Sum):
+    if isinstance(ex, sympy.Sum):  # one limit per contraction (sympy merges nested sums)
         body = evaluate(ex.args[0], env)
-        dim = -2 if ex.args[1][0] == i else -1
-        if not torch.is_tensor(body) or body.shape[dim] == 1:
-            size = env[DK if ex.args[1][0] == i else DV]
-            return body * size
-        return body.sum(dim=dim, keepdim=True)
+        for axis, *_ in ex.args[1:]:
+            dim = -2 if axis == i else -1
+            if not torch.is_tensor(body) or body.shape[dim] == 1:
+                body = body * env[DK if axis == i else DV]
+            else:
+                body = body.sum(dim=dim, keepdim=True)
+        return body
     args = [evaluate(a, env) for a in ex.args]
     if ex.is_Add:
         return sum(args[1:], args[0])
@@ -60,6 +62,10 @@ def evaluate(ex: sympy.Expr, env: dict) -> torch.Tensor | float:
         if not torch.is_tensor(x):
             x = torch.tensor(float(x), dtype=torch.float64)
         return _UNARY[ex.func](x)
+    if isinstance(ex, sympy.floor):
+        return torch.floor(_tensor(args[0]))
+    if isinstance(ex, sympy.Mod):
+        return torch.remainder(_tensor(args[0]), _tensor(args[1]))
     if isinstance(ex, (sympy.Max, sympy.Min)):
         out = _tensor(args[0])
         for a in args[1:]:

@@ -63,10 +63,12 @@ def jobs_for(kernel, dtype: str = "bf16", arch: int = 90, block_m: int = 128, bl
 def linear_jobs_for(kernel, dtype: str = "bf16", arch: int = 90, dk: int = 128, dv: int = 128,
                     chunk: int | None = None, varlen: bool = False,
                     ieee: bool = False) -> list[dict]:
-    """Jobs for an attnc.LinearKernel's recurrent and (when it has one) chunked kernels, with
-    the launcher's tile choices for head dims (dk, dv) (and its chunk size unless given)."""
+    """Jobs for an attnc.LinearKernel's recurrent, chunked and recurrent-backward kernels (those
+    it has), with the launchers' tile choices for head dims (dk, dv) (and chunk size unless
+    given)."""
     from attnc import cache
     from attnc.backends.triton.linear_codegen import kernel_args, kernel_names, tensor_args
+    from attnc.backends.triton.linear_recurrent_bwd import kernel_args as bwd_args
     from attnc.linear_runtime import chunk_tile, value_tile
 
     scan = kernel.scan
@@ -79,14 +81,25 @@ def linear_jobs_for(kernel, dtype: str = "bf16", arch: int = 90, dk: int = 128, 
               "BK": 1 << max(4, (dk - 1).bit_length()), "BV": value_tile(scan, dv, dk),
               "BT": chunk_tile(scan, chunk or kernel.chunk_size, dk), "IEEE": ieee,
               "UPCAST": False}
+    types.update({"do": f"*{dtype}", "dq": "*fp32", "dk": "*fp32", "dv": "*fp32"})
+    types.update({f"{p}_{s.name}": "*fp32" for s in scan.states
+                  for p in ("dfinal", "ck", "sc", "dinit")})
+    types.update({f"dx_{d.name}": "*fp32" for d in tensor_args(scan)})
+    values["SEG"] = 64
     jobs = []
     for algorithm, function in kernel_names(scan).items():
-        args = [a.split(":")[0] for a in kernel_args(scan, chunked=algorithm == "chunked")]
+        if algorithm == "recurrent_bwd":
+            args = [a.split(":")[0] for a in bwd_args(scan, tensor_args(scan))]
+        else:
+            args = [a.split(":")[0] for a in kernel_args(scan, chunked=algorithm == "chunked")]
         constexprs = [a for a in args if a in values]
+        chosen = dict(values)
+        if algorithm == "recurrent_bwd":  # one program holds all of DV
+            chosen["BV"] = 1 << max(4, (dv - 1).bit_length())
         jobs.append({"path": str(cache.kernel_path(kernel.key)), "function": function,
                      "arch": arch,
                      "signature": {a: types.get(a, "i32") for a in args if a not in constexprs},
-                     "constexprs": {a: values[a] for a in constexprs}})
+                     "constexprs": {a: chosen[a] for a in constexprs}})
     return jobs
 
 

@@ -17,6 +17,8 @@ as contiguous fp32 [N, H, I, J] (I = DK or 1, J = DV or 1).
 
 from __future__ import annotations
 
+import functools
+
 import sympy
 
 from attnc import symbols as S
@@ -39,14 +41,15 @@ class _Printer(TritonPrinter):
         self.orient = orient
 
     def p(self, ex) -> str:
-        if isinstance(ex, sympy.Sum):
-            axis = ex.args[1][0]
-            body = self.p(ex.args[0])
-            if self.orient == "chunk":
-                mask = "cm_i" if axis == i else "cm_j"
-                return f"tl.sum(tl.where({mask}, {body}, 0.0), axis=1, keep_dims=True)"
-            mask, dim = ("m_i", 0) if axis == i else ("m_j", 1)
-            return f"tl.sum(tl.where({mask}, {body}, 0.0), axis={dim}, keep_dims=True)"
+        if isinstance(ex, sympy.Sum):  # sympy merges nested sums: one limit per contraction
+            text = self.p(ex.args[0])
+            for axis, *_ in ex.args[1:]:
+                if self.orient == "chunk":
+                    mask, dim = ("cm_i" if axis == i else "cm_j"), 1
+                else:
+                    mask, dim = ("m_i", 0) if axis == i else ("m_j", 1)
+                text = f"tl.sum(tl.where({mask}, {text}, 0.0), axis={dim}, keep_dims=True)"
+            return text
         return super().p(ex)
 
 
@@ -54,7 +57,24 @@ def kernel_names(scan: LinearScan) -> dict[str, str]:
     names = {"recurrent": f"{scan.name}_recurrent"}
     if chunk_supported(scan) is None:
         names["chunked"] = f"{scan.name}_chunked"
+    if recurrent_backward(scan) is not None:
+        names["recurrent_bwd"] = f"{scan.name}_recurrent_bwd"
     return names
+
+
+@functools.lru_cache(maxsize=64)
+def recurrent_backward(scan: LinearScan) -> tuple[str, frozenset] | None:
+    """The fused recurrent backward's source and helpers; None when a chunked scan does not need
+    it (its backward is the chunked core's) or a VJP cannot be derived."""
+    from attnc.backends.triton import linear_recurrent_bwd as bwd
+    if chunk_supported(scan) is None:
+        return None
+    c = CodeBuilder()
+    try:
+        pr = bwd.emit(c, scan, _names(scan, "t"), _Printer)
+    except bwd.NotDifferentiable:
+        return None
+    return c.text(), frozenset(pr.helpers)
 
 
 def chunk_supported(scan: LinearScan) -> str | None:
@@ -101,6 +121,10 @@ def generate(scan: LinearScan, header: str = "") -> str:
     if chunk_supported(scan) is None:
         printers.append(_emit_chunked(body, scan))
     helpers = set().union(*(p.helpers for p in printers))
+    backward = recurrent_backward(scan)
+    if backward is not None:
+        body.lines.append(backward[0])
+        helpers |= backward[1]
     for name in sorted(helpers):
         c(HELPERS[name])
     return c.text() + body.text()

@@ -20,6 +20,7 @@ import torch
 
 import attnc
 from attnc.backends.triton import aot_check
+from tests.test_linear import MIXED
 
 
 def _run(jobs, tmp_path, python=sys.executable):
@@ -76,14 +77,17 @@ def test_representative_kernels_compile_for_sm90(tmp_path):
 def test_representative_linear_kernels_compile_for_sm90(tmp_path):
     """A diagonal decay (gla, also fp32 IEEE with varlen and ragged head dims), the WY/UT
     delta-rule chunk (gated_delta_net), a vector normalizer state (linear_attn), a sum over j
-    (lightning), scalar states and coupled updates (flowformer's recurrent kernel) and wide keys
-    (based: a Taylor map of head dim 16 has 273 features)."""
+    (lightning), scalar states and coupled updates (flowformer's recurrent kernel and its
+    generated backward, and a nonlinear update's) and wide keys (based: a Taylor map of head
+    dim 16 has 273 features)."""
     jobs = [j for name in ("gla", "gated_delta_net", "linear_attn", "lightning", "flowformer")
             for j in aot_check.linear_jobs_for(attnc.load(name))]
     jobs += aot_check.linear_jobs_for(attnc.load("gla"), dtype="fp32", ieee=True, varlen=True,
                                       dk=64, dv=96)
     jobs += aot_check.linear_jobs_for(attnc.load("based"), dk=273, dv=64)
+    jobs += aot_check.linear_jobs_for(attnc.compile(MIXED), dtype="fp32", ieee=True, varlen=True)
     assert sum(j["function"].endswith("_chunked") for j in jobs) == 6
+    assert sum(j["function"].endswith("_recurrent_bwd") for j in jobs) == 2  # generated VJPs
     # the backward's fixed core kernels: the gated delta rule's and the vector decay's
     core = aot_check.core_jobs()
     jobs += [j for j in core if j["function"] == "core_backward"
