@@ -230,15 +230,7 @@ def _emit_recurrent(c: CodeBuilder, scan: LinearScan) -> TritonPrinter:
         with c.block("for tt in range(0, seq_len):"):
             c("row = bos + tt")
             c("t_f = tt * 1.0")
-            for x, axis in (("q", "i"), ("k", "i"), ("v", "j")):
-                if x in used:
-                    offs, mask = ("offs_i", "mask_i") if axis == "i" else ("offs_j", "mask_j")
-                    tail = "[:, None]" if axis == "i" else "[None, :]"
-                    c(f"{x}_t = tl.load({x} + bb * s{x}_b + hh * s{x}_h + row * s{x}_t + {offs}, "
-                      f"mask={mask}, other=0.0).to(tl.float32){tail}")
-            for d in tensor_args(scan):
-                if T in d.dims and d.name in used:
-                    c(f"x_{d.name}_t = {_step_load(d, 'row')}")
+            emit_step_loads(c, scan, used)
             for u in scan.updates:
                 s = scan.state(u.state)
                 c(f"st_{s.name} = tl.where({_STATE_MASK[s.axes]}, {pr(u.expr)}, 0.0)")
@@ -248,6 +240,19 @@ def _emit_recurrent(c: CodeBuilder, scan: LinearScan) -> TritonPrinter:
         _store_states(c, scan, row_vectors=False)
     c()
     return pr
+
+
+def emit_step_loads(c: CodeBuilder, scan: LinearScan, used: set) -> None:
+    """Step t's rows of q, k, v and of the per-step inputs among `used`, as step tiles."""
+    for x, axis in (("q", "i"), ("k", "i"), ("v", "j")):
+        if x in used:
+            offs, mask = ("offs_i", "mask_i") if axis == "i" else ("offs_j", "mask_j")
+            tail = "[:, None]" if axis == "i" else "[None, :]"
+            c(f"{x}_t = tl.load({x} + bb * s{x}_b + hh * s{x}_h + row * s{x}_t + {offs}, "
+              f"mask={mask}, other=0.0).to(tl.float32){tail}")
+    for d in tensor_args(scan):
+        if T in d.dims and d.name in used:
+            c(f"x_{d.name}_t = {_step_load(d, 'row')}")
 
 
 def _step_load(d, time: str) -> str:

@@ -112,7 +112,7 @@ def emit(c: CodeBuilder, scan: LinearScan, names: dict, printer_cls):
     raises NotDifferentiable, having emitted nothing, when a VJP cannot be derived."""
     from attnc.backends.triton.linear_codegen import (_STATE_MASK, _STATE_SHAPE,
                                                       _program_prologue, _step_load,
-                                                      tensor_args)
+                                                      emit_step_loads, tensor_args)
     tensors = tensor_args(scan)
     per_step = {d.name for d in tensors if T in d.dims}
     states = {s.name: s for s in scan.states}
@@ -205,7 +205,7 @@ def emit(c: CodeBuilder, scan: LinearScan, names: dict, printer_cls):
             with c.block("if tt % SEG == 0:"):
                 for n in states:
                     c(f"tl.store({slot('ck', n, 'tt // SEG')} + {offs[n]}, st_{n})")
-            _forward_step(c, scan, pr, per_step)
+            _forward_step(c, scan, pr)
         for n, s in states.items():
             c(f"lam_{n} = tl.load(dfinal_{n} + prog * {size[n]} + {offs[n]})")
         c("n_seg = tl.cdiv(seq_len, SEG)")
@@ -218,14 +218,14 @@ def emit(c: CodeBuilder, scan: LinearScan, names: dict, printer_cls):
             with c.block("for tt in range(start, stop):"):
                 for n in states:
                     c(f"tl.store({slot('sc', n, 'tt - start')} + {offs[n]}, st_{n})")
-                _forward_step(c, scan, pr, per_step)
+                _forward_step(c, scan, pr)
             with c.block("for back in range(0, stop - start):"):
                 c("tt = stop - 1 - back")
                 c("row = bos + tt")
                 c("t_f = tt * 1.0")
                 for n in states:
                     c(f"old_{n} = tl.load({slot('sc', n, 'tt - start')} + {offs[n]})")
-                _step_loads(c, scan, per_step)
+                emit_step_loads(c, scan, _ALL)
                 c("lam_o = tl.load(do + bb * sdo_b + hh * sdo_h + row * sdo_t + offs_j, "
                   "mask=mask_j, other=0.0).to(tl.float32)[None, :]")
                 c.lines.extend(body.lines)
@@ -276,28 +276,26 @@ def _grad_store(d, axes, tile: str, time: str) -> str:
     return f"tl.store(dx_{d.name} + {off}, {_vector(axes, tile)}{mask})"
 
 
-def _step_loads(c: CodeBuilder, scan: LinearScan, per_step: set) -> None:
-    from attnc.backends.triton.linear_codegen import _step_load, tensor_args
-    for x, axis in (("q", "i"), ("k", "i"), ("v", "j")):
-        offs, mask = ("offs_i", "mask_i") if axis == "i" else ("offs_j", "mask_j")
-        tail = "[:, None]" if axis == "i" else "[None, :]"
-        c(f"{x}_t = tl.load({x} + bb * s{x}_b + hh * s{x}_h + row * s{x}_t + {offs}, "
-          f"mask={mask}, other=0.0).to(tl.float32){tail}")
-    for d in tensor_args(scan):
-        if d.name in per_step:
-            c(f"x_{d.name}_t = {_step_load(d, 'row')}")
+class _Everything:
+    """`used` for the backward: it loads every operand and per-step input."""
+
+    def __contains__(self, name) -> bool:
+        return True
 
 
-def _forward_step(c: CodeBuilder, scan: LinearScan, pr, per_step: set) -> None:
+_ALL = _Everything()
+
+
+def _forward_step(c: CodeBuilder, scan: LinearScan, pr) -> None:
     """One forward step on the st_* registers (the printer's state names are switched to them
     and back)."""
-    from attnc.backends.triton.linear_codegen import _STATE_MASK
+    from attnc.backends.triton.linear_codegen import _STATE_MASK, emit_step_loads
     saved = {read(s.name, s.axes): pr.names[read(s.name, s.axes)] for s in scan.states}
     for s in scan.states:
         pr.names[read(s.name, s.axes)] = f"st_{s.name}"
     c("row = bos + tt")
     c("t_f = tt * 1.0")
-    _step_loads(c, scan, per_step)
+    emit_step_loads(c, scan, _ALL)
     for u in scan.updates:
         s = scan.state(u.state)
         c(f"st_{s.name} = tl.where({_STATE_MASK[s.axes]}, {pr(u.expr)}, 0.0)")
