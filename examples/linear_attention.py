@@ -4,8 +4,8 @@
    chunked (WY/UT) form; the chunked and the recurrent kernel agree.
 2. Decoding: the recurrent kernel one token at a time, carrying the state, reproduces the
    sequence run.
-3. A nonlinear update still compiles (to the recurrent kernel), and attnc says why it could not
-   be chunked.
+3. A nonlinear update still compiles (to the recurrent kernel, with a backward kernel generated
+   from sympy's derivatives), and attnc says why it could not be chunked.
 4. A BASED-style hybrid: the `based` linear spec (Taylor feature map) plus `sliding_window`
    softmax, mixed, trained for a few steps on a toy copy task to show gradients flow through
    both kernels (q, k, v and the mixing weight).
@@ -79,7 +79,10 @@ def main() -> None:
     section("3. a nonlinear update falls back to the recurrence")
     saturating = attnc.compile(NONLINEAR)
     print(f"algorithm: {saturating.algorithm}; not chunked because {saturating.why_not_chunked}")
-    print(f"output {tuple(saturating(q, k, v).shape)}")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    saturating(*leaves).square().sum().backward()  # the backward kernel generated from sympy
+    norms = ", ".join(f"{x.grad.norm().item():.3f}" for x in leaves)
+    print(f"gradient norms of q, k, v from the generated backward kernel: {norms}")
 
     section("4. BASED hybrid: Taylor linear attention + sliding-window softmax")
     based = attnc.load("based")

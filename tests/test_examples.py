@@ -30,6 +30,8 @@ def test_linear_attention_example():
     diffs = [float(x) for x in re.findall(r"relative difference (\S+?)[;\n]", out)]
     assert len(diffs) == 2 and max(diffs) < 1e-5, out
     assert "not chunked because the update of S is not linear in S" in out
+    norms = re.search(r"generated backward kernel: (\S+), (\S+), (\S+)", out).groups()
+    assert all(0 < float(x) < 1e6 for x in norms), out
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", out)]
     assert len(losses) == 6 and losses[-1] < losses[0], out
     assert float(re.search(r"equals the spec's kernel: (\S+)", out).group(1)) < 1e-5
