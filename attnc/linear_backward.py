@@ -109,21 +109,18 @@ def backward(scan: LinearScan, q, k, v, tensors: list, inits: list, scale: float
 
 
 def _prologue(scan, plan: StatePlan, env, shape, like) -> dict:
-    """The core's inputs for one state, contiguous fp32: key [B, H, T, K], value [.., V]
-    (V = 1 for a vector state), log decay [B, H, T] or [B, H, T, K], beta [B, H, T]."""
-    readers = [r for r in scan.schedule.readouts if r.state == plan.state]
-    pieces = {"readers": readers,
-              "key": LT._seq(LT.evaluate(plan.key, env), shape, -1, like).contiguous(),
-              "value": LT._seq(LT.evaluate(plan.value, env), shape, -2, like).contiguous(),
-              "queries": [LT._seq(LT.evaluate(r.query, env), shape, -1, like).contiguous()
-                          for r in readers]}
+    """The core's inputs for one state (LT.chunk_inputs), contiguous: the log decay as
+    [B, H, T, K] for a vector gate, [B, H, T] for a scalar one, absent without decay; beta only
+    for delta rules."""
+    x = LT.chunk_inputs(scan, plan, env, shape, like)
+    pieces = {"readers": x["readers"], "key": x["key"].contiguous(),
+              "value": x["value"].contiguous(),
+              "queries": [q.contiguous() for q in x["queries"]]}
     gate = _GATE[plan.kind]
     if gate:
-        logd = LT._seq(LT.evaluate(plan.log_decay, env), shape, -1, like)
-        pieces["logd"] = (logd if gate == 2 else logd[..., 0]).contiguous()
-    if plan.kind in ("delta_rule", "gated_delta_rule"):
-        pieces["beta"] = LT._seq(LT.evaluate(plan.beta, env), shape, -1, like)[..., 0] \
-            .contiguous()
+        pieces["logd"] = (x["logd"] if gate == 2 else x["logd"][..., 0]).contiguous()
+    if x["beta"] is not None:
+        pieces["beta"] = x["beta"].contiguous()
     return pieces
 
 

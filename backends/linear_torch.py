@@ -268,25 +268,34 @@ def interpret_chunked(scan: LinearScan, q, k, v, inputs: dict, scale: float | No
     finals, values = {}, {}
     for plan in sch.states:
         s = scan.state(plan.state)
-        shape = (B, H, Tn) + state_shape(s, B, H, dk, dv)[2:]
-        key = _seq(evaluate(plan.key, env), shape, -1, q)
-        value = _seq(evaluate(plan.value, env), shape, -2, q)
-        readers = [r for r in sch.readouts if r.state == plan.state]
-        queries = [_seq(evaluate(r.query, env), shape, -1, q) for r in readers]
-        logd = _seq(evaluate(plan.log_decay, env), shape, -1, q)
-        if plan.kind in ("delta_rule", "gated_delta_rule"):
-            beta = _seq(evaluate(plan.beta, env), shape, -1, q)[..., 0]
-            reads_, final = chunk_delta(queries, key, value, logd[..., 0], beta,
-                                        init[plan.state], chunk, checkpoint)
+        x = chunk_inputs(scan, plan, env, (B, H, Tn) + state_shape(s, B, H, dk, dv)[2:], q)
+        if x["beta"] is not None:
+            reads_, final = chunk_delta(x["queries"], x["key"], x["value"], x["logd"][..., 0],
+                                        x["beta"], init[plan.state], chunk, checkpoint)
         else:
-            reads_, final = chunk_decay(queries, key, value, logd, init[plan.state], chunk,
-                                        checkpoint)
+            reads_, final = chunk_decay(x["queries"], x["key"], x["value"], x["logd"],
+                                        init[plan.state], chunk, checkpoint)
         finals[plan.state] = public_state(s, final)
-        for r, x in zip(readers, reads_):
-            values[r.symbol] = x[..., None, :]
+        for r, read_ in zip(x["readers"], reads_):
+            values[r.symbol] = read_[..., None, :]
     env.update(values)
     o = _tensor(evaluate(sch.output, env)).expand(B, H, Tn, 1, dv)[..., 0, :]
     return o, finals
+
+
+def chunk_inputs(scan: LinearScan, plan, env: dict, shape: tuple, like) -> dict:
+    """One state's inputs to the chunked form, from a whole-sequence environment: key and
+    log decay [B, H, T, K] (a scalar decay repeated over K), value [B, H, T, V], a query
+    [B, H, T, K] per readout of the state (`readers`), beta [B, H, T] for delta rules (else None).
+    `shape` is (B, H, T, K, V) with K = DK and V = DV or 1 for a vector state."""
+    readers = [r for r in scan.schedule.readouts if r.state == plan.state]
+    delta = plan.kind in ("delta_rule", "gated_delta_rule")
+    return {"readers": readers,
+            "key": _seq(evaluate(plan.key, env), shape, -1, like),
+            "value": _seq(evaluate(plan.value, env), shape, -2, like),
+            "queries": [_seq(evaluate(r.query, env), shape, -1, like) for r in readers],
+            "logd": _seq(evaluate(plan.log_decay, env), shape, -1, like),
+            "beta": _seq(evaluate(plan.beta, env), shape, -1, like)[..., 0] if delta else None}
 
 
 def _seq(x, shape, axis, like) -> torch.Tensor:
