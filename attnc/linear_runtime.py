@@ -137,8 +137,7 @@ class LinearKernel:
         # a feature map's weights first: they size DK, which sizes the other tensors
         for d in sorted(self.scan.decls, key=lambda d: d.name not in mapped):
             if d.name not in mapped and DK not in sizes:
-                sizes[DK] = LT.apply_maps(self.scan, q[:, :, :0].float(), k[:, :, :0].float(),
-                                          inputs)[0].shape[-1]
+                sizes[DK] = LT.feature_dim(self.scan, q, inputs)
             if d.name not in inputs:
                 raise ValueError(f"{self.name} needs the {d.kind} {d.name!r} "
                                  f"[{', '.join(map(str, d.dims))}]")

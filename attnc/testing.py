@@ -97,18 +97,16 @@ def random_linear_inputs(kernel, B: int, H: int, T: int, D: int, Dv: int,
     gates, as betas or as step sizes), a feature map's weights ~ N(0, 0.3^2)."""
     from attnc.linear_ir import DK, DV, D as D_IN, T as T_SYM
 
+    from attnc.backends.linear_torch import feature_dim
+
     scan = kernel.scan
     mapped = {p for mp in scan.maps for p in mp.params}
-    dk = D
-    if scan.maps:  # the feature dimension after the maps, from a dry run on empty rows
-        from attnc.backends.linear_torch import apply_maps
-        probe = {n: torch.zeros(tuple(int(sympy.sympify(d).xreplace(
-            {S.B: B, S.H: H, T_SYM: T, D_IN: D, **dict(scan.options)})) for d in decl.dims))
-            for decl in scan.decls if (n := decl.name) in mapped}
-        dk = apply_maps(scan, torch.zeros(B, H, 0, D), torch.zeros(B, H, 0, D), probe)[0].shape[-1]
-    sizes = {S.B: B, S.H: H, T_SYM: T, DK: dk, DV: Dv, D_IN: D, **dict(scan.options)}
+    sizes = {S.B: B, S.H: H, T_SYM: T, DV: Dv, D_IN: D, **dict(scan.options)}
     out = {}
-    for decl in scan.decls:
+    # a feature map's weights first: they size DK, which sizes the other tensors
+    for decl in sorted(scan.decls, key=lambda d: d.name not in mapped):
+        if decl.name not in mapped and DK not in sizes:
+            sizes[DK] = feature_dim(scan, torch.zeros(B, H, 0, D), out)
         shape = tuple(int(sympy.sympify(d).xreplace(sizes)) for d in decl.dims)
         if decl.name in mapped:
             out[decl.name] = 0.3 * torch.randn(shape, generator=generator)
@@ -122,14 +120,14 @@ def check_linear(kernel, *, B=2, H=4, T=45, D=32, Dv=32, dtype=torch.float32, de
     """Run a `linear` kernel (forward with an initial state, and backward) on random inputs and
     compare with the scan's recurrence (backends/linear_torch.interpret) in float64: the output,
     the final states, and the gradients of q, k, v, inputs, params and the initial states."""
-    from attnc.backends.linear_torch import interpret, public_state, state_shape
+    from attnc.backends.linear_torch import feature_dim, interpret, public_state, state_shape
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, H, T, D, generator=g) for _ in range(2))
     v = torch.randn(B, H, T, Dv, generator=g)
     inputs = random_linear_inputs(kernel, B, H, T, D, Dv, g)
-    dk = interpret_dk(kernel, q, k, inputs)
+    dk = feature_dim(kernel.scan, q, inputs)
     init = {s.name: 0.3 * public_state(s, torch.randn(state_shape(s, B, H, dk, Dv), generator=g))
             for s in kernel.scan.states}
     leaves = {"q": q, "k": k, "v": v, **inputs, **{f"init_{n}": x for n, x in init.items()}}
@@ -158,8 +156,3 @@ def check_linear(kernel, *, B=2, H=4, T=45, D=32, Dv=32, dtype=torch.float32, de
     tol = TOLERANCE[dtype]
     return {"rel_error": err, "grad_rel_error": grad_err, "tolerance": tol,
             "ok": err <= tol and grad_err <= 2 * tol}
-
-
-def interpret_dk(kernel, q, k, inputs) -> int:
-    from attnc.backends.linear_torch import apply_maps
-    return apply_maps(kernel.scan, q[:, :, :0], k[:, :, :0], inputs)[0].shape[-1]

@@ -125,6 +125,12 @@ def apply_maps(scan: LinearScan, q, k, inputs: dict):
     return mapped["q"], mapped["k"]
 
 
+def feature_dim(scan: LinearScan, q, inputs: dict) -> int:
+    """DK: q's head dim after the feature maps (the maps run on zero rows of q)."""
+    empty = torch.zeros(q.shape[:2] + (0, q.shape[-1]), device=q.device)
+    return apply_maps(scan, empty, empty, inputs)[0].shape[-1]
+
+
 # --- environments ------------------------------------------------------------------------------
 def environment(scan: LinearScan, q, k, v, inputs: dict, scale: float, step=None,
                 positions: torch.Tensor | None = None) -> dict:

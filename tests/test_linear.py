@@ -66,8 +66,7 @@ def _case(name, dtype=torch.float32, seed=0, with_state=True):
     kernel = attnc.load(name)
     init = None
     if with_state:  # states sized after the feature maps; positive, as normalizers are
-        fdk = LT.apply_maps(kernel.scan, q[:, :, :0].float(), k[:, :, :0].float(),
-                            inputs)[0].shape[-1]
+        fdk = LT.feature_dim(kernel.scan, q, inputs)
         init = {s.name: 0.3 * LT.public_state(s, torch.randn(LT.state_shape(s, B, H, fdk, DV),
                                                              generator=gen)).abs()
                 for s in kernel.scan.states}

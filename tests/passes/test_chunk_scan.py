@@ -126,7 +126,7 @@ def test_chunked_form_equals_the_recurrence(name, chunk):
     if name == "based":
         q, k = q * 0.5, k * 0.5
     inputs = _inputs(scan, B, H, T, D, gen)
-    dk = LT.apply_maps(scan, q, k, inputs)[0].shape[-1]
+    dk = LT.feature_dim(scan, q, inputs)
     init = {s.name: LT.public_state(s, torch.randn(LT.state_shape(s, B, H, dk, D),
                                                    generator=gen, dtype=torch.float64))
             for s in scan.states}
