@@ -24,7 +24,7 @@ import sympy
 from attnc import symbols as S
 from attnc.backends.triton.codegen import PRELUDE, CodeBuilder
 from attnc.backends.triton.printer import HELPERS, TritonPrinter
-from attnc.linear_ir import DK, DV, T, LinearScan, StatePlan, i, read, step_axes, t
+from attnc.linear_ir import DK, DV, T, LinearScan, StatePlan, i, read, reads, step_axes, t
 
 _STATE_MASK = {("i", "j"): "m_ij", ("i",): "m_i", ("j",): "m_j", (): "m_0"}
 _STATE_SHAPE = {("i", "j"): "[BK, BV]", ("i",): "[BK, 1]", ("j",): "[1, BV]", (): "[1, 1]"}
@@ -194,14 +194,6 @@ def _decl_offset(d, time: str, feature: dict) -> str:
     return " + ".join(parts) if parts else "0"
 
 
-def _used(exprs) -> set[str]:
-    out = set()
-    for ex in exprs:
-        out |= {str(a.base) for a in ex.atoms(sympy.Indexed)}
-        out |= {s.name for s in ex.free_symbols}
-    return out
-
-
 # --- the recurrent kernel ----------------------------------------------------------------------
 def _names(scan: LinearScan, suffix: str) -> dict:
     """Kernel variable names of the per-step values: q_t, x_beta_t, ... (q_c, ... in chunks)."""
@@ -218,7 +210,7 @@ def _emit_recurrent(c: CodeBuilder, scan: LinearScan) -> TritonPrinter:
     for s in scan.states:
         names[read(s.name, s.axes)] = f"st_{s.name}"
     pr = _Printer(names, "step")
-    used = _used([u.expr for u in scan.updates] + [scan.output])
+    used = set().union(*map(reads, [u.expr for u in scan.updates] + [scan.output]))
     c("@triton.jit")
     c.call(f"def {scan.name}_recurrent(", kernel_args(scan, chunked=False), "):")
     with c.indented():
@@ -242,17 +234,25 @@ def _emit_recurrent(c: CodeBuilder, scan: LinearScan) -> TritonPrinter:
     return pr
 
 
-def emit_step_loads(c: CodeBuilder, scan: LinearScan, used: set) -> None:
-    """Step t's rows of q, k, v and of the per-step inputs among `used`, as step tiles."""
+def emit_step_loads(c: CodeBuilder, scan: LinearScan, used, chunk: bool = False) -> None:
+    """The rows of q, k, v and of the per-step inputs among `used` at step `row`: step tiles
+    (q_t [BK, 1], v_t [1, BV]), or with `chunk` the chunk's rows (q_c [BT, BK], v_c [BT, BV])."""
     for x, axis in (("q", "i"), ("k", "i"), ("v", "j")):
-        if x in used:
-            offs, mask = ("offs_i", "mask_i") if axis == "i" else ("offs_j", "mask_j")
+        if x not in used:
+            continue
+        offs = "offs_i" if axis == "i" else "offs_j"
+        if chunk:
+            c(f"{x}_c = tl.load({x} + bb * s{x}_b + hh * s{x}_h + row[:, None] * s{x}_t "
+              f"+ {offs}[None, :], mask=tm & c{'m_i' if axis == 'i' else 'm_j'}, "
+              "other=0.0).to(tl.float32)")
+        else:
             tail = "[:, None]" if axis == "i" else "[None, :]"
             c(f"{x}_t = tl.load({x} + bb * s{x}_b + hh * s{x}_h + row * s{x}_t + {offs}, "
-              f"mask={mask}, other=0.0).to(tl.float32){tail}")
+              f"mask={'mask_i' if axis == 'i' else 'mask_j'}, other=0.0).to(tl.float32){tail}")
     for d in tensor_args(scan):
         if T in d.dims and d.name in used:
-            c(f"x_{d.name}_t = {_step_load(d, 'row')}")
+            load = _chunk_load(d, "row") if chunk else _step_load(d, "row")
+            c(f"x_{d.name}_{'c' if chunk else 't'} = {load}")
 
 
 def _step_load(d, time: str) -> str:
@@ -275,7 +275,7 @@ def _emit_chunked(c: CodeBuilder, scan: LinearScan) -> TritonPrinter:
     exprs = [sch.output] + [r.query for r in sch.readouts]
     for p in sch.states:
         exprs += [p.key, p.value, p.log_decay, p.beta]
-    used = _used(exprs)
+    used = set().union(*map(reads, exprs))
     c("@triton.jit")
     c.call(f"def {scan.name}_chunked(", kernel_args(scan, chunked=True), "):")
     with c.indented():
@@ -296,14 +296,7 @@ def _emit_chunked(c: CodeBuilder, scan: LinearScan) -> TritonPrinter:
             c("tm = tmask[:, None]")
             c("row = bos + tpos")
             c("t_f = tpos.to(tl.float32)[:, None]")
-            for x, axis in (("q", "i"), ("k", "i"), ("v", "j")):
-                if x in used:
-                    offs, mask = ("offs_i", "cm_i") if axis == "i" else ("offs_j", "cm_j")
-                    c(f"{x}_c = tl.load({x} + bb * s{x}_b + hh * s{x}_h + row[:, None] * s{x}_t "
-                      f"+ {offs}[None, :], mask=tm & {mask}, other=0.0).to(tl.float32)")
-            for d in tensor_args(scan):
-                if T in d.dims and d.name in used:
-                    c(f"x_{d.name}_c = {_chunk_load(d, 'row')}")
+            emit_step_loads(c, scan, used, chunk=True)
             for plan in sch.states:
                 _emit_state_chunk(c, scan, plan, pr)
             c(f"o_c = tl.where(tm & cm_j, {pr(sch.output)}, 0.0)")
@@ -349,7 +342,7 @@ def _emit_state_chunk(c: CodeBuilder, scan: LinearScan, plan: StatePlan, pr) -> 
         for r in readers:
             c(f"xq = tl.where(tm & cm_i, {pr(r.query)} + col_t, 0.0) * tl.exp(G)")
             scores = "tl.where(lower, _dot(xq, tl.trans(k_in), IEEE, UPCAST), 0.0)"
-            c(f"rd_{r.symbol} = " + _read(matrix, st, "xq", scores))
+            c(f"rd_{r.symbol} = {_inter(matrix, st)} + " + _mix(matrix, scores))
         decay_state = "tl.exp(g_last)[:, None]" if matrix else "tl.exp(g_last)[None, :]"
         c(f"{st} = {st} * {decay_state} + " + _write(matrix, "k_end"))
         return
@@ -373,17 +366,16 @@ def _emit_state_chunk(c: CodeBuilder, scan: LinearScan, plan: StatePlan, pr) -> 
         c(f"vv = u_new - _dot(w_new, {st}, IEEE, UPCAST)")
     for r in readers:
         c(f"xq = tl.where(tm & cm_i, {pr(r.query)} + col_t, 0.0)")
-        inter = f"_dot(xq, {st}, IEEE, UPCAST)" if matrix else \
-            f"tl.sum(xq * {st}, axis=1, keep_dims=True)"
         intra = "_dot(xq, tl.trans(kk), IEEE, UPCAST) * decay"
-        c(f"rd_{r.symbol} = {inter} * tl.exp(G)[:, None] + " + _mix(matrix, intra))
+        c(f"rd_{r.symbol} = {_inter(matrix, st)} * tl.exp(G)[:, None] + " + _mix(matrix, intra))
     c(f"{st} = {st} * tl.exp(g_last) + " + _write(matrix, "k_end"))
 
 
-def _read(matrix: bool, st: str, xq: str, scores: str) -> str:
-    inter = f"_dot({xq}, {st}, IEEE, UPCAST)" if matrix else \
-        f"tl.sum({xq} * {st}, axis=1, keep_dims=True)"
-    return f"{inter} + " + _mix(matrix, scores)
+def _inter(matrix: bool, st: str) -> str:
+    """The chunk's queries xq read the state entering the chunk: xq @ S, or xq . z per row."""
+    if matrix:
+        return f"_dot(xq, {st}, IEEE, UPCAST)"
+    return f"tl.sum(xq * {st}, axis=1, keep_dims=True)"
 
 
 def _mix(matrix: bool, scores: str) -> str:

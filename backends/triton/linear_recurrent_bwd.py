@@ -133,12 +133,10 @@ def emit(c: CodeBuilder, scan: LinearScan, names: dict, printer_cls):
         return f"{kind}_{n} + (prog * {'NSEG' if kind == 'ck' else 'SEG'} + {index}) * {size[n]}"
 
     # the reverse step, into `body`: recompute, output VJP, statement VJPs, per-step grads
-    seen: dict[str, str] = {}
-    for n, s in states.items():
-        seen[n] = f"old_{n}"
+    seen = {n: f"old_{n}" for n in states}
     for u in scan.updates:
         for n in states:
-            pr.names[read(n, states[n].axes)] = f"{seen[n]}"
+            pr.names[read(n, states[n].axes)] = seen[n]
         body(f"new_{u.state} = tl.where({_STATE_MASK[states[u.state].axes]}, {pr(u.expr)}, 0.0)")
         seen[u.state] = f"new_{u.state}"
     for n in states:
@@ -225,7 +223,7 @@ def emit(c: CodeBuilder, scan: LinearScan, names: dict, printer_cls):
                 c("t_f = tt * 1.0")
                 for n in states:
                     c(f"old_{n} = tl.load({slot('sc', n, 'tt - start')} + {offs[n]})")
-                emit_step_loads(c, scan, _ALL)
+                emit_step_loads(c, scan, _everything(scan))
                 c("lam_o = tl.load(do + bb * sdo_b + hh * sdo_h + row * sdo_t + offs_j, "
                   "mask=mask_j, other=0.0).to(tl.float32)[None, :]")
                 c.lines.extend(body.lines)
@@ -239,13 +237,11 @@ def emit(c: CodeBuilder, scan: LinearScan, names: dict, printer_cls):
     return pr
 
 
-_SHAPE = {("i", "j"): "[BK, BV]", ("i",): "[BK, 1]", ("j",): "[1, BV]", (): "[1, 1]"}
-
-
 def _shaped(axes, got: str) -> str:
     """A contribution as a tile of exactly its atom's shape, zero in the padding."""
-    from attnc.backends.triton.linear_codegen import _STATE_MASK
-    return f"tl.where({_STATE_MASK[axes]}, {got} + tl.zeros({_SHAPE[axes]}, tl.float32), 0.0)"
+    from attnc.backends.triton.linear_codegen import _STATE_MASK, _STATE_SHAPE
+    return (f"tl.where({_STATE_MASK[axes]}, {got} + tl.zeros({_STATE_SHAPE[axes]}, tl.float32), "
+            "0.0)")
 
 
 def _vector(axes, tile: str) -> str:
@@ -276,14 +272,10 @@ def _grad_store(d, axes, tile: str, time: str) -> str:
     return f"tl.store(dx_{d.name} + {off}, {_vector(axes, tile)}{mask})"
 
 
-class _Everything:
-    """`used` for the backward: it loads every operand and per-step input."""
-
-    def __contains__(self, name) -> bool:
-        return True
-
-
-_ALL = _Everything()
+def _everything(scan: LinearScan) -> set[str]:
+    """What the backward loads per step: every operand and per-step input."""
+    from attnc.backends.triton.linear_codegen import tensor_args
+    return {"q", "k", "v"} | {d.name for d in tensor_args(scan)}
 
 
 def _forward_step(c: CodeBuilder, scan: LinearScan, pr) -> None:
@@ -295,7 +287,7 @@ def _forward_step(c: CodeBuilder, scan: LinearScan, pr) -> None:
         pr.names[read(s.name, s.axes)] = f"st_{s.name}"
     c("row = bos + tt")
     c("t_f = tt * 1.0")
-    emit_step_loads(c, scan, _ALL)
+    emit_step_loads(c, scan, _everything(scan))
     for u in scan.updates:
         s = scan.state(u.state)
         c(f"st_{s.name} = tl.where({_STATE_MASK[s.axes]}, {pr(u.expr)}, 0.0)")
