@@ -22,6 +22,7 @@ import torch
 import attnc.backends.triton as triton_backend
 from attnc.backends import linear_torch as LT
 from attnc.linear_ir import LinearScan, StatePlan
+from attnc.linear_runtime import key_limited_tile, tile
 
 _GATE = {"additive": 0, "delta_rule": 0, "scalar_decay": 1, "gated_delta_rule": 1,
          "diagonal_decay": 2}
@@ -134,8 +135,7 @@ def _geometry(pieces, cu, chunk):
         N, lengths = cu.numel() - 1, (cu[1:] - cu[:-1]).tolist()
     counts = [math.ceil(n / chunk) for n in lengths]
     offsets = torch.tensor([0] + counts, device=key.device).cumsum(0).to(torch.int32)
-    BK = max(16, 1 << max(0, (K - 1).bit_length()))
-    BV = min(64 if BK <= 128 else 16, max(16, 1 << max(0, (V - 1).bit_length())))
+    BK, BV = tile(K), key_limited_tile(K, V)
     cu_arg = cu.to(torch.int32).to(key.device) if cu is not None else \
         torch.zeros(1, dtype=torch.int32, device=key.device)
     return dict(B=B, H=H, T=Tn, K=K, V=V, N=N, total=int(offsets[-1]), offsets=offsets, BK=BK,
@@ -211,8 +211,7 @@ def recurrent_backward(kernel, q, k, v, tensors: list, inits: list, scale: float
     dv = v.shape[-1]
     N = B if cu is None else cu.numel() - 1
     longest = Tn if cu is None else int((cu[1:] - cu[:-1]).max()) if N else 0
-    BK = max(16, 1 << max(0, (dk - 1).bit_length()))
-    BV = max(16, 1 << max(0, (dv - 1).bit_length()))
+    BK, BV = tile(dk), tile(dv)
     nseg = max(1, math.ceil(longest / SEGMENT))
     dev = q.device
     decls = tensor_args(scan)

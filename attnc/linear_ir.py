@@ -18,7 +18,7 @@ and the pieces of the chunkwise-parallel form, or the reason the scan stays sequ
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy
 
@@ -134,13 +134,10 @@ class LinearScan:
     updates: tuple[Update, ...]
     output: sympy.Expr
     options: tuple[tuple[str, sympy.Expr], ...] = ()
-    schedule: Schedule | None = field(default=None, compare=True)
+    schedule: Schedule | None = None
 
     def state(self, name: str) -> StateDecl:
         return next(s for s in self.states if s.name == name)
-
-    def decl(self, name: str) -> TensorDecl | None:
-        return next((d for d in self.decls if d.name == name), None)
 
 
 def step_axes(decl: TensorDecl) -> tuple[str, ...]:

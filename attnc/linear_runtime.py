@@ -190,8 +190,9 @@ def _check_cu_seqlens(cu, q) -> None:
 
 
 # --- launching ---------------------------------------------------------------------------------
-def _pow2(x: int, low: int = 16) -> int:
-    return max(low, 1 << max(0, (x - 1).bit_length()))
+def tile(x: int) -> int:
+    """A tile covering x features: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << max(0, (x - 1).bit_length()))
 
 
 def launch(kernel: LinearKernel, algorithm: str, q, k, v, tensors, inits, scale, cu):
@@ -210,7 +211,7 @@ def launch(kernel: LinearKernel, algorithm: str, q, k, v, tensors, inits, scale,
     if N == 0 or H == 0:
         return o, finals
     BV = value_tile(scan, dv, dk)
-    constexprs = dict(HAS_INIT=has_init, STORE_FINAL=True, VARLEN=cu is not None, BK=_pow2(dk),
+    constexprs = dict(HAS_INIT=has_init, STORE_FINAL=True, VARLEN=cu is not None, BK=tile(dk),
                       BV=BV, IEEE=v.dtype == torch.float32, UPCAST=triton_backend.interpreting())
     if algorithm == "chunked":
         constexprs["BT"] = chunk_tile(scan, kernel.chunk_size, dk)
@@ -236,16 +237,19 @@ def chunk_tile(scan: LinearScan, chunk_size: int | None = None, dk: int = 0) -> 
     if chunk_size is not None:
         return chunk_size
     diagonal = any(p.kind == "diagonal_decay" for p in scan.schedule.states)
-    return 16 if diagonal or _pow2(dk) > WIDE_KEYS else 32
+    return 16 if diagonal or tile(dk) > WIDE_KEYS else 32
 
 
 def value_tile(scan: LinearScan, dv: int, dk: int = 0) -> int:
     """BV: value features per program. A sum over j (an output norm, say) needs all of them in
     one program; otherwise tiles of up to 64 (16 for wide keys) run in parallel."""
     full_j = any(sm.args[1][0] == j for ex in _all_exprs(scan) for sm in ex.atoms(sympy.Sum))
-    if full_j:
-        return _pow2(dv)
-    return min(16 if _pow2(dk) > WIDE_KEYS else 64, _pow2(dv))
+    return tile(dv) if full_j else key_limited_tile(dk, dv)
+
+
+def key_limited_tile(dk: int, dv: int) -> int:
+    """BV for kernels that may split the value features: up to 64, 16 for wide keys."""
+    return min(16 if tile(dk) > WIDE_KEYS else 64, tile(dv))
 
 
 def _all_exprs(scan: LinearScan):

@@ -69,7 +69,7 @@ def linear_jobs_for(kernel, dtype: str = "bf16", arch: int = 90, dk: int = 128, 
     from attnc import cache
     from attnc.backends.triton.linear_codegen import kernel_args, kernel_names, tensor_args
     from attnc.backends.triton.linear_recurrent_bwd import kernel_args as bwd_args
-    from attnc.linear_runtime import chunk_tile, value_tile
+    from attnc.linear_runtime import chunk_tile, tile, value_tile
 
     scan = kernel.scan
     qk = "*fp32" if scan.maps else f"*{dtype}"  # feature maps run in fp32 before the kernel
@@ -78,7 +78,7 @@ def linear_jobs_for(kernel, dtype: str = "bf16", arch: int = 90, dk: int = 128, 
     types.update({f"x_{d.name}": "*fp32" for d in tensor_args(scan)})
     types.update({f"{p}_{s.name}": "*fp32" for s in scan.states for p in ("init", "final")})
     values = {"HAS_INIT": True, "STORE_FINAL": True, "VARLEN": varlen,
-              "BK": 1 << max(4, (dk - 1).bit_length()), "BV": value_tile(scan, dv, dk),
+              "BK": tile(dk), "BV": value_tile(scan, dv, dk),
               "BT": chunk_tile(scan, chunk or kernel.chunk_size, dk), "IEEE": ieee,
               "UPCAST": False}
     types.update({"do": f"*{dtype}", "dq": "*fp32", "dk": "*fp32", "dv": "*fp32"})
@@ -95,7 +95,7 @@ def linear_jobs_for(kernel, dtype: str = "bf16", arch: int = 90, dk: int = 128, 
         constexprs = [a for a in args if a in values]
         chosen = dict(values)
         if algorithm == "recurrent_bwd":  # one program holds all of DV
-            chosen["BV"] = 1 << max(4, (dv - 1).bit_length())
+            chosen["BV"] = tile(dv)
         jobs.append({"path": str(cache.kernel_path(kernel.key)), "function": function,
                      "arch": arch,
                      "signature": {a: types.get(a, "i32") for a in args if a not in constexprs},
@@ -108,9 +108,9 @@ def core_jobs(arch: int = 90, dk: int = 128, dv: int = 128, chunk: int = 32,
     """Jobs for the linear backward's fixed core kernels (backends/triton/linear_core.py), one
     per class: additive, scalar and vector decays, delta rule, gated delta rule."""
     from attnc.backends.triton import linear_core
+    from attnc.linear_runtime import key_limited_tile, tile
 
-    bk = 1 << max(4, (dk - 1).bit_length())
-    bv = min(64 if bk <= 128 else 16, 1 << max(4, (dv - 1).bit_length()))
+    bk, bv = tile(dk), key_limited_tile(dk, dv)
     jobs = []
     for gate, delta in ((0, False), (1, False), (2, False), (0, True), (1, True)):
         values = {"GATE": gate, "DELTA": delta, "HAS_S0": True, "VARLEN": False,
