@@ -18,6 +18,7 @@ checkpointed. Gradients reach q, k, v, every per-step input and param, and the i
 
 from __future__ import annotations
 
+import functools
 import math
 
 import sympy
@@ -243,8 +244,7 @@ def chunk_tile(scan: LinearScan, chunk_size: int | None = None, dk: int = 0) -> 
 def value_tile(scan: LinearScan, dv: int, dk: int = 0) -> int:
     """BV: value features per program. A sum over j (an output norm, say) needs all of them in
     one program; otherwise tiles of up to 64 (16 for wide keys) run in parallel."""
-    full_j = any(sm.args[1][0] == j for ex in _all_exprs(scan) for sm in ex.atoms(sympy.Sum))
-    return tile(dv) if full_j else key_limited_tile(dk, dv)
+    return tile(dv) if _sums_over_j(scan) else key_limited_tile(dk, dv)
 
 
 def key_limited_tile(dk: int, dv: int) -> int:
@@ -252,12 +252,15 @@ def key_limited_tile(dk: int, dv: int) -> int:
     return min(16 if tile(dk) > WIDE_KEYS else 64, tile(dv))
 
 
-def _all_exprs(scan: LinearScan):
-    """Every expression a kernel prints (a sum over j among them needs all of j per program)."""
-    yield from (u.expr for u in scan.updates)
-    yield scan.output
+@functools.lru_cache(maxsize=64)
+def _sums_over_j(scan: LinearScan) -> bool:
+    """Whether an expression a kernel prints sums over j (any of a sum's limits: sympy merges
+    nested sums into one); decided once per scan, not per launch."""
+    exprs = [u.expr for u in scan.updates] + [scan.output]
     if scan.schedule.chunked:
-        yield scan.schedule.output
+        exprs.append(scan.schedule.output)
+    return any(limit[0] == j for ex in exprs for sm in ex.atoms(sympy.Sum)
+               for limit in sm.args[1:])
 
 
 # --- autograd ----------------------------------------------------------------------------------

@@ -370,3 +370,19 @@ linear wrapped {
     want = torch.autograd.grad(LT.interpret(kernel.scan, *ref, {})[0].sum(), ref)
     for a, b in zip(got, want):
         assert _rel(a, b) < 1e-5
+
+
+def test_a_sum_over_j_keeps_all_value_features_in_one_program():
+    """`sum(j) sum(i) ...` is one sympy Sum with limits (i, j): its j limit, not only the first,
+    must make the kernel keep all of DV (96 here, more than one 64-wide tile) in one program."""
+    kernel = attnc.compile("""
+linear normed {
+  state S[i, j]
+  S[i, j] = 0.9 * S[i, j] + k[i] * v[j]
+  o[j] = (sum(i) q[i] * S[i, j]) / sqrt(1 + sum(j) sum(i) q[i] * S[i, j] * q[i] * S[i, j])
+}""")
+    gen = torch.Generator().manual_seed(9)
+    q, k = (torch.randn(1, 2, 20, 16, generator=gen) for _ in range(2))
+    v = torch.randn(1, 2, 20, 96, generator=gen)
+    want, _ = LT.interpret(kernel.scan, q.double(), k.double(), v.double(), {})
+    assert _rel(kernel(q, k, v), want) < 1e-5
