@@ -89,9 +89,10 @@ def _delta(state, x, a, corrections, inputs) -> StatePlan:
         raise _Sequential(f"the update of {state} mixes its rows in a way that is not a "
                           "(gated) delta rule")
     coeff, body = corrections[0]
-    summand, (axis, *_) = body.args[0], body.args[1]
+    summand, limits = body.args[0], body.args[1:]
     weight = _simplify(summand / x)
-    if axis != i or j in weight.free_symbols or _reads_state(weight, state):
+    if [lim[0] for lim in limits] != [i] or j in weight.free_symbols \
+            or _reads_state(weight, state):
         raise _Sequential(f"the update of {state} contracts its state in a way that is not a "
                           "(gated) delta rule")
     beta = _simplify(-coeff / (a * weight))
@@ -145,19 +146,13 @@ def _readouts(scan: LinearScan):
 
     def visit(ex):
         if isinstance(ex, sympy.Sum) and _reads_any(ex, states):
-            if ex.args[1][0] != i:  # a sum over j of readouts (an output norm, say)
-                return sympy.Sum(visit(ex.args[0]), ex.args[1])
-            queries: dict[str, sympy.Expr] = {}
-            for term in sympy.Add.make_args(sympy.expand(ex.args[0])):
-                hits = [f for f in sympy.Mul.make_args(term) if name_of(f) in states]
-                rest = sympy.Mul(*[f for f in sympy.Mul.make_args(term)
-                                   if name_of(f) not in states])
-                if len(hits) != 1 or _reads_any(rest, states):
-                    raise _Sequential("the output reads a state other than through "
-                                      "sum(i) x[i] * state[i, j]")
-                name = name_of(hits[0])
-                queries[name] = queries.get(name, sympy.Integer(0)) + rest
-            return sympy.Add(*(readout(name, sympy.factor(x)) for name, x in queries.items()))
+            # sympy merges nested sums into one with several limits; finite sums commute, so
+            # the sum over i becomes readouts and any sum over j wraps them
+            others = [lim for lim in ex.args[1:] if lim[0] != i]
+            if len(others) == len(ex.args) - 1:  # only over j: of readouts (an output norm)
+                return sympy.Sum(visit(ex.args[0]), *others)
+            value = over_i(ex.args[0])
+            return sympy.Sum(value, *others) if others else value
         if name_of(ex) in states:
             if "i" in states[name_of(ex)].axes:
                 raise _Sequential(f"the output reads state {name_of(ex)} without contracting i")
@@ -166,20 +161,35 @@ def _readouts(scan: LinearScan):
             return ex.func(*(visit(a) for a in ex.args))
         return ex
 
+    def over_i(summand):
+        """sum(i) summand, as readouts: one per state, its query the sum of its coefficients."""
+        queries: dict[str, sympy.Expr] = {}
+        for term in sympy.Add.make_args(sympy.expand(summand)):
+            hits = [f for f in sympy.Mul.make_args(term) if name_of(f) in states]
+            rest = sympy.Mul(*[f for f in sympy.Mul.make_args(term) if name_of(f) not in states])
+            if len(hits) != 1 or _reads_any(rest, states):
+                raise _Sequential("the output reads a state other than through "
+                                  "sum(i) x[i] * state[i, j]")
+            name = name_of(hits[0])
+            queries[name] = queries.get(name, sympy.Integer(0)) + rest
+        return sympy.Add(*(readout(name, sympy.factor(x)) for name, x in queries.items()))
+
     output = visit(scan.output)
     return tuple(found.values()), output
 
 
 def _split_sums(ex: sympy.Expr) -> sympy.Expr:
-    """Sum(a + b) -> Sum(a) + Sum(b), and factors free of the bound index pulled out."""
+    """Sum(a + b) -> Sum(a) + Sum(b), and factors free of the bound indices pulled out (all of a
+    sum's limits: sympy merges nested sums into one)."""
     def split(s: sympy.Sum):
-        limits = s.args[1]
+        limits = s.args[1:]
+        bound = {lim[0] for lim in limits}
         out = sympy.Integer(0)
         for term in sympy.Add.make_args(sympy.expand(s.args[0])):
             inner, outer = [], []
             for f in sympy.Mul.make_args(term):
-                (inner if limits[0] in f.free_symbols else outer).append(f)
-            out += sympy.Mul(*outer) * sympy.Sum(sympy.Mul(*inner), limits)
+                (inner if f.free_symbols & bound else outer).append(f)
+            out += sympy.Mul(*outer) * sympy.Sum(sympy.Mul(*inner), *limits)
         return out
     return ex.replace(lambda e: isinstance(e, sympy.Sum), split)
 

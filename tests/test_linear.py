@@ -386,3 +386,25 @@ linear normed {
     v = torch.randn(1, 2, 20, 96, generator=gen)
     want, _ = LT.interpret(kernel.scan, q.double(), k.double(), v.double(), {})
     assert _rel(kernel(q, k, v), want) < 1e-5
+
+
+def test_a_chunked_output_with_nested_sums():
+    """`sum(j) sum(i) q[i] * S[i, j]` (one sympy Sum, limits i and j) is a sum over j of a
+    readout: the chunked schedule keeps the j sum (it once dropped it), forward and backward."""
+    kernel = attnc.compile("""
+linear sumj {
+  state S[i, j]
+  S[i, j] = 0.9 * S[i, j] + k[i] * v[j]
+  o[j] = sum(i) q[i] * S[i, j] + 0.1 * sum(j) sum(i) q[i] * S[i, j]
+}""")
+    assert kernel.algorithm == "chunked"
+    gen = torch.Generator().manual_seed(10)
+    leaves = [torch.randn(1, 2, 20, 16, generator=gen).requires_grad_() for _ in range(3)]
+    out = kernel(*leaves)
+    got = torch.autograd.grad(out.square().sum(), leaves)
+    ref = [x.detach().double().requires_grad_() for x in leaves]
+    want_out, _ = LT.interpret(kernel.scan, *ref, {})
+    want = torch.autograd.grad(want_out.square().sum(), ref)
+    assert _rel(out, want_out) < 1e-5
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-4

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from attnc.backends import linear_torch as LT
 from attnc.library import variants
-from attnc.linear_ir import LinearScan, format_scan
+from attnc.linear_ir import DV, LinearScan, format_scan, j
 from attnc.passes import chunk_scan
 from attnc.pipeline import frontend, read_spec
 
@@ -94,6 +94,14 @@ def test_perturbed_updates_fall_back_with_a_reason(update, output, reason):
     assert not sch.chunked
     assert reason in sch.reason
     assert reason in format_scan(scheduled(text))
+
+
+def test_nested_sums_in_the_output_keep_their_sum_over_j():
+    sch = scheduled(spec("S[i, j] + k[i] * v[j]",
+                         "sum(i) q[i] * S[i, j] + sum(j) sum(i) q[i] * S[i, j]")).schedule
+    assert sch.chunked and len(sch.readouts) == 1
+    r = sch.readouts[0].symbol
+    assert sympy.simplify(sch.output - (r + sympy.Sum(r, (j, 0, DV - 1)))) == 0
 
 
 def test_coupled_states_fall_back():
