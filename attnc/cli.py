@@ -5,6 +5,7 @@
     attnc show SPEC [--stage STAGE]     the IR after a stage (default: kernel)
     attnc compile SPEC [-o FILE]        the generated Triton source
     attnc check SPEC [--dtype ...]      run the kernel against the reference interpreter
+    attnc bench SPEC [--dtype ...]      tune the kernel's launch configurations and time it
     attnc cache info | clear            the on-disk kernel cache
 
 SPEC is a path to a `.attn` file, a library variant name (see `attnc list`) or DSL text.
@@ -156,6 +157,38 @@ def _check_linear(kernel, args, dtype, shape: dict) -> int:
     return 0 if all(verdicts) else 1
 
 
+def _cmd_bench(args) -> int:
+    import torch
+
+    import attnc
+    from attnc.bench import bench_attention, bench_linear
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    def given(value, default):
+        return default if value is None else value
+    size = {"B": given(args.B, 4 if gpu else 1), "H": given(args.H, 16 if gpu else 2),
+            "N": given(args.N, 4096 if gpu else 64), "D": given(args.D, 128 if gpu else 32)}
+    size.update(M=given(args.M, size["N"]), Dv=given(args.Dv, size["D"]),
+                Hkv=given(args.Hkv, size["H"]))
+    for k, v in size.items():
+        if v < 1:
+            raise ValueError(f"--{k} must be at least 1, got {v}")
+    kernel = attnc.compile(args.spec, **_options(args))
+    print(f"{kernel.name}: {str(dtype).removeprefix('torch.')} on {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if gpu else ' (interpreter)'}")
+    if isinstance(kernel, attnc.LinearKernel):
+        lines = bench_linear(kernel, B=size["B"], H=size["H"], T=size["N"], D=size["D"],
+                             Dv=size["Dv"], dtype=dtype, device=device,
+                             backward=not args.no_backward, seed=args.seed)
+    else:
+        lines = bench_attention(kernel, **size, dtype=dtype, device=device,
+                                backward=not args.no_backward, seed=args.seed)
+    print("\n".join(lines))
+    return 0
+
+
 def _cmd_cache(args) -> int:
     from attnc import cache
 
@@ -215,6 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int, default=None, metavar="INT",
                        help=f"size {name} (default: attnc.testing.check's)")
     p.set_defaults(func=_cmd_check)
+
+    p = with_spec(sub.add_parser("bench", help="tune the kernel's launch configurations on "
+                                 "random operands (cached for later runs), print the choice and "
+                                 "time it"))
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="default: bfloat16 on a GPU, float32 in the interpreter")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--no-backward", action="store_true", help="tune and time the forward only")
+    p.add_argument("--seed", type=int, default=0)
+    for name, gpu, cpu in (("B", 4, 1), ("H", 16, 2), ("Hkv", "H", "H"), ("M", "N", "N"),
+                           ("N", 4096, 64), ("D", 128, 32), ("Dv", "D", "D")):
+        p.add_argument(f"--{name}", type=int, default=None, metavar="INT",
+                       help=f"size {name} (default {gpu} on a GPU, {cpu} in the interpreter; "
+                       "linear blocks: N is T)")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("cache", help="the on-disk kernel cache ($ATTNC_CACHE_DIR)")
     p.add_argument("action", choices=("info", "clear"))

@@ -25,7 +25,7 @@ import sympy
 import torch
 
 import attnc.backends.triton as triton_backend
-from attnc import cache
+from attnc import autotune, cache
 from attnc.backends import linear_torch as LT
 from attnc.backends.triton.linear_codegen import (chunk_supported, generate, kernel_names,
                                                   tensor_args)
@@ -41,7 +41,8 @@ class LinearKernel:
     """A compiled state-update spec: `kernel(q, k, v, *, scale=None, initial_state=None,
     output_final_state=False, cu_seqlens=None, algorithm=None, **inputs)`."""
 
-    def __init__(self, src: Source, options: dict, frontend_ir: LinearScan, chunk_size):
+    def __init__(self, src: Source, options: dict, frontend_ir: LinearScan, chunk_size,
+                 tune: bool | None = None):
         self.spec = src
         self._options = options
         self.scan: LinearScan = run_passes(frontend_ir)[-1][1]
@@ -60,6 +61,8 @@ class LinearKernel:
         self.why_not_chunked = chunk_supported(self.scan)
         self.algorithm = "chunked" if self.why_not_chunked is None else "recurrent"
         self.chunk_size = chunk_size
+        self.autotune = tune  # None: follow $ATTNC_AUTOTUNE
+        self._configs: dict = {}
         self.states = tuple(s.name for s in self.scan.states)
         self.inputs = tuple(d.name for d in self.scan.decls)
         self._mod = None
@@ -75,6 +78,36 @@ class LinearKernel:
             return format_scan(self._frontend_ir)
         from attnc.pipeline import show
         return show(self.spec, stage, self._options)
+
+    def config(self, algorithm: str, q, v, run=None) -> dict:
+        """A forward kernel's launch options: BV (value features per program), num_warps and
+        num_stages. With `run` and tuning on (compile option `autotune`, else
+        $ATTNC_AUTOTUNE) they are tuned once per (kernel, chunk, head dims, dtype, device) and
+        cached, like the softmax kernels' (attnc.autotune)."""
+        dk, dv = q.shape[-1], v.shape[-1]
+        kind = algorithm
+        if algorithm == "chunked":
+            kind += f"-bt{chunk_tile(self.scan, self.chunk_size, dk)}"
+        states = len(self.scan.states)
+        widths = ((tile(dv),) if _sums_over_j(self.scan) else
+                  tuple(w for w in (16, 32, 64) if w <= key_limited_tile(dk, dv)))
+
+        def default():
+            return {"BV": value_tile(self.scan, dv, dk), "num_warps": 4, "num_stages": 3}
+
+        def candidates():
+            return autotune.linear_candidates(
+                algorithm, default(), widths, tile(dk), states,
+                chunk_tile(self.scan, self.chunk_size, dk), q.dtype, q.device)
+        if min(q.shape[:3]) == 0:
+            run = None  # nothing to launch: nothing to measure
+        return autotune.resolve(self._configs, self.key, kind, q, v, {}, default, candidates,
+                                run, autotune.enabled(self.autotune), tuple(q.shape) + (dv,))
+
+    @property
+    def launch_records(self) -> list[dict]:
+        """The launch configurations used so far in this process (see Kernel.launch_records)."""
+        return list(self._configs.values())
 
     def _function(self, algorithm: str):
         if self._mod is None:
@@ -196,8 +229,15 @@ def tile(x: int) -> int:
     return max(16, 1 << max(0, (x - 1).bit_length()))
 
 
-def launch(kernel: LinearKernel, algorithm: str, q, k, v, tensors, inits, scale, cu):
-    """Run a forward kernel: (o, final states as fp32 [N, H, I, J])."""
+def launch(kernel: LinearKernel, algorithm: str, q, k, v, tensors, inits, scale, cu,
+           config: dict | None = None):
+    """Run a forward kernel: (o, final states as fp32 [N, H, I, J]). Without `config` the
+    kernel's own (tuned when tuning is on, see LinearKernel.config) is used."""
+    if config is None:
+        def run(cfg):
+            o, finals = launch(kernel, algorithm, q, k, v, tensors, inits, scale, cu, cfg)
+            return (o, *finals)
+        config = kernel.config(algorithm, q, v, run)
     scan = kernel.scan
     B, H, Tn, dk = q.shape
     dv = v.shape[-1]
@@ -211,9 +251,10 @@ def launch(kernel: LinearKernel, algorithm: str, q, k, v, tensors, inits, scale,
                  for s, x, sh in zip(scan.states, inits, shapes)] if has_init else finals
     if N == 0 or H == 0:
         return o, finals
-    BV = value_tile(scan, dv, dk)
+    BV = config["BV"]
     constexprs = dict(HAS_INIT=has_init, STORE_FINAL=True, VARLEN=cu is not None, BK=tile(dk),
-                      BV=BV, IEEE=v.dtype == torch.float32, UPCAST=triton_backend.interpreting())
+                      BV=BV, IEEE=v.dtype == torch.float32, UPCAST=triton_backend.interpreting(),
+                      num_warps=config["num_warps"], num_stages=config["num_stages"])
     if algorithm == "chunked":
         constexprs["BT"] = chunk_tile(scan, kernel.chunk_size, dk)
     cu_arg = cu.to(torch.int32) if cu is not None else torch.zeros(1, dtype=torch.int32,
@@ -354,8 +395,9 @@ def _unmapped(run):
     return call
 
 
-def compile_linear(src: Source, options: dict, ir: LinearScan, chunk_size=None) -> LinearKernel:
+def compile_linear(src: Source, options: dict, ir: LinearScan, chunk_size=None,
+                   tune: bool | None = None) -> LinearKernel:
     if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size not in
                                    (16, 32, 64, 128)):
         raise ValueError(f"chunk_size must be 16, 32, 64 or 128, got {chunk_size!r}")
-    return LinearKernel(src, options, ir, chunk_size)
+    return LinearKernel(src, options, ir, chunk_size, tune)

@@ -19,7 +19,7 @@ import sympy
 import torch
 
 import attnc.backends.triton as triton_backend
-from attnc import cache
+from attnc import autotune, cache
 from attnc import symbols as S
 from attnc.kernel_ir import AttentionKernel
 from attnc.linear_ir import LinearScan
@@ -27,8 +27,9 @@ from attnc.passes.mask_bounds import monotone
 from attnc.pipeline import Source, format_ir, frontend, run_passes
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LAUNCH_OPTIONS = ("block_m", "block_n", "num_warps", "num_stages")
+LAUNCH_OPTIONS = ("block_m", "block_n", "num_warps", "num_stages", "kv_splits")
 _OPS: dict[str, object] = {}
+_KERNELS: dict[str, "Kernel"] = {}
 TRACED = "<traced mods>"  # the Source filename of kernels built from Python mods
 _LOCK = threading.Lock()
 
@@ -40,7 +41,7 @@ class Kernel:
     are differentiable in q, k, v and every `param` that requires grad."""
 
     def __init__(self, src: Source, options: dict, frontend_ir, trail, key: str, source: str,
-                 cache_hit: bool, launch_overrides: dict):
+                 cache_hit: bool, launch_overrides: dict, autotune: bool | None = None):
         self.name = trail[-1][1].name
         self.spec = src
         self._options = options
@@ -51,10 +52,13 @@ class Kernel:
         self._frontend_ir = frontend_ir
         self._trail = trail
         self._overrides = launch_overrides
+        self.autotune = autotune  # None: follow $ATTNC_AUTOTUNE
         self._mod = None
         self._configs: dict = {}
         self.inputs = tuple(d.name for d in self.kernel_ir.inputs)
         self.block_sparse = self.kernel_ir.schedule.keys == "block_mask"
+        from attnc.backends.triton.launcher import packs_heads
+        self.packs_heads = packs_heads(self.kernel_ir)  # GQA heads may share programs
         self._op = _make_op(self)
         self._checks = _index_checks(self.kernel_ir)
         # Shapes as plain functions of (B, H, M, N): the call path runs no sympy, so dynamo can
@@ -96,38 +100,67 @@ class Kernel:
         """dq, dk, dv, then the gradient of each param flagged in `param_grads`."""
         from attnc.backends.triton.backward import backward_names
         from attnc.backends.triton.codegen import PRELUDE_PREPROCESS
-        from attnc.backends.triton.launcher import backward_config, launch_backward
+        from attnc.backends.triton.launcher import launch_backward
         if self.kernel_ir.grad is None:
             raise RuntimeError(f"{self.name}: no backward: {self.kernel_ir.no_backward}")
         module = self._module()
         fns = {role: getattr(module, fn) for role, fn in backward_names(self.kernel_ir).items()}
         fns[PRELUDE_PREPROCESS] = getattr(module, PRELUDE_PREPROCESS)
-        config = backward_config(self.config(q, k, v), q.dtype, q.device)
         wanted = [t for t, flag in zip(extras, param_grads) if flag]
         names = [d.name for d, flag in zip(self.kernel_ir.inputs, param_grads) if flag]
         grads = ParamGradients(self.kernel_ir, dict(zip(self.inputs, extras)), names,
                                q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        dq, dk, dv = launch_backward(
-            fns, self.kernel_ir, q, k, v, extras, out, lse, dout, dlse, scale, config,
-            block_lists[:4], block_lists[4:], tuple(block_sizes) if block_sizes else None,
-            on_partial=grads.add if names else None)
+
+        def run(config, on_partial=(lambda *partial: None) if names else None):
+            return launch_backward(
+                fns, self.kernel_ir, q, k, v, extras, out, lse, dout, dlse, scale, config,
+                block_lists[:4], block_lists[4:], tuple(block_sizes) if block_sizes else None,
+                on_partial=on_partial)
+        config = self.backward_config(q, k, v, run)
+        dq, dk, dv = run(config, grads.add if names else None)
         return [dq, dk, dv] + [grads.grads[n].to(t.dtype) for n, t in zip(names, wanted)]
 
-    def config(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
-        """Launch configuration for these operands, persisted per (dtype, device capability)."""
+    def config(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run=None) -> dict:
+        """The forward's launch configuration for these operands. With `run` (config ->
+        outputs) and tuning on (compile option `autotune`, else $ATTNC_AUTOTUNE), a cache
+        without a tuned config for this (kernel, head dims, dtype, device) is tuned first."""
         from attnc.backends.triton.launcher import default_config
-        cap = (torch.cuda.get_device_capability(q.device) if q.is_cuda else "interpreter")
-        key = cache.digest(self.key, str(q.dtype), str(cap), str(q.shape[-1]), str(v.shape[-1]),
-                           repr(sorted(self._overrides.items())))
-        if key not in self._configs:
-            cfg = cache.read_config(key)
-            if cfg is None:
-                cfg = default_config(q.shape[-1], v.shape[-1], q.dtype, q.device)
-                cfg.update({k.upper() if k.startswith("block") else k: v
-                            for k, v in self._overrides.items()})
-                cache.write_config(key, cfg)
-            self._configs[key] = cfg
-        return self._configs[key]
+
+        def default():
+            return default_config(q.shape[-1], v.shape[-1], q.dtype, q.device)
+        return self._config("forward", q, k, v, run, default)
+
+    @property
+    def launch_records(self) -> list[dict]:
+        """The launch configurations used so far in this process, each with how it was chosen
+        ("source": default or tuned; a tuned one lists its "trials")."""
+        return list(self._configs.values())
+
+    def backward_config(self, q, k, v, run=None) -> dict:
+        """The backward kernels' launch configuration (tuned like the forward's)."""
+        from attnc.backends.triton.launcher import backward_config
+
+        def default():
+            return backward_config(self.config(q, k, v), q.dtype, q.device)
+        return self._config("backward", q, k, v, run, default)
+
+    def _config(self, kind: str, q, k, v, run, default) -> dict:
+        # short queries (decoding) tune apart from long ones: rows per program differ
+        kind += f"-m{min(max(16, 1 << (q.shape[2] - 1).bit_length()), 128)}"
+        if min(*q.shape[:3], k.shape[2]) == 0:
+            run = None  # nothing to launch: nothing to measure
+        fixed = {k.upper() if k.startswith("block") else k: v
+                 for k, v in self._overrides.items() if k != "kv_splits"}
+        splits = {k: v for k, v in self._overrides.items() if k == "kv_splits"}
+
+        def candidates():
+            return autotune.candidates(kind, {**default(), **fixed}, q.shape[-1], v.shape[-1],
+                                       q.dtype, q.device, fixed)
+        cfg = autotune.resolve(self._configs, self.key, kind, q, v, self._overrides,
+                               lambda: {**default(), **fixed}, candidates, run,
+                               autotune.enabled(self.autotune),
+                               (*q.shape, k.shape[1], k.shape[2], v.shape[-1]))
+        return {**cfg, **splits}
 
     def __call__(self, q, k, v, *, scale=None, return_lse=False, block_mask=None, **inputs):
         extras = self._validate(q, k, v, scale, inputs)
@@ -328,17 +361,27 @@ def _make_op(kernel: Kernel):
     """Register `attnc::<name>_<hash>` (forward) and `..._backward` once per process, with the
     backward as the forward's autograd formula; the backward op itself refuses to be
     differentiated (double backward)."""
-    name = f"attnc::{kernel.name}_{kernel.key[:12]}"
+    # One op per (kernel, launch options). It runs with the Kernel object registered last
+    # under its name: an equal kernel compiled again (into another cache directory, say) must
+    # use its own launch configurations, not the first object's.
+    options = cache.digest(repr(sorted(kernel._overrides.items())), repr(kernel.autotune))
+    name = f"attnc::{kernel.name}_{kernel.key[:12]}_{options[:8]}"
     with _LOCK:
+        _KERNELS[name] = kernel
         if name in _OPS:
             return _OPS[name]
 
         def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     extras: list[torch.Tensor], block_lists: list[torch.Tensor],
                     block_sizes: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-            from attnc.backends.triton.launcher import launch
-            return launch(kernel._function(), q, k, v, list(extras), scale, kernel.config(q, k, v),
+            from attnc.backends.triton.launcher import launch, launch_packed
+            kernel = _KERNELS[name]
+            go = launch_packed if kernel.packs_heads else launch
+
+            def run(config):
+                return go(kernel._function(), q, k, v, list(extras), scale, config,
                           list(block_lists[:4]), tuple(block_sizes) if block_sizes else None)
+            return run(kernel.config(q, k, v, run))
 
         op = torch.library.custom_op(name, forward, mutates_args=())
 
@@ -353,8 +396,9 @@ def _make_op(kernel: Kernel):
                           dout: torch.Tensor, dlse: torch.Tensor | None,
                           block_lists: list[torch.Tensor], block_sizes: list[int], scale: float,
                           param_grads: list[bool]) -> list[torch.Tensor]:
-            return kernel._backward(q, k, v, list(extras), out, lse, dout, dlse,
-                                    list(block_lists), block_sizes, scale, list(param_grads))
+            return _KERNELS[name]._backward(q, k, v, list(extras), out, lse, dout, dlse,
+                                            list(block_lists), block_sizes, scale,
+                                            list(param_grads))
 
         bwd = torch.library.custom_op(f"{name}_backward", backward_impl, mutates_args=())
 
@@ -410,6 +454,9 @@ def launch_options(options: dict) -> dict:
 def compile_spec(src: Source, options: dict) -> Kernel:
     """Compile DSL text; `block_sparse=True` makes a kernel that visits a block mask's blocks."""
     launch_overrides = launch_options(options)
+    tune = options.pop("autotune", None)
+    if tune is not None and not isinstance(tune, bool):
+        raise ValueError(f"autotune must be True, False or None, got {tune!r}")
     block_sparse = options.pop("block_sparse", False)
     chunk_size = options.pop("chunk_size", None)
     if not isinstance(block_sparse, bool):
@@ -420,15 +467,16 @@ def compile_spec(src: Source, options: dict) -> Kernel:
             raise ValueError(f"{sorted(launch_overrides) or ['block_sparse']} do not apply to "
                              "a linear block (its launch option is chunk_size)")
         from attnc.linear_runtime import compile_linear
-        return compile_linear(src, options, ir, chunk_size)
+        return compile_linear(src, options, ir, chunk_size, tune)
     if chunk_size is not None:
         raise ValueError("chunk_size applies to linear blocks only")
     if block_sparse:
         ir = replace(ir, block_sparse=True)
-    return compile_ir(ir, src, options, launch_overrides)
+    return compile_ir(ir, src, options, launch_overrides, tune)
 
 
-def compile_ir(ir, src: Source, options: dict, launch_overrides: dict) -> Kernel:
+def compile_ir(ir, src: Source, options: dict, launch_overrides: dict,
+               tune: bool | None = None) -> Kernel:
     """Run the passes on frontend IR (an AttentionSpec or Cascade) and build the kernel."""
     from attnc.backends.triton.codegen import generate
 
@@ -442,4 +490,4 @@ def compile_ir(ir, src: Source, options: dict, launch_overrides: dict) -> Kernel
                   f"key {key[:16]}. Regenerate with `attnc compile`.")
         text = generate(kernel_ir, header=header)
         cache.write_kernel(key, text)
-    return Kernel(src, options, ir, trail, key, text, hit, launch_overrides)
+    return Kernel(src, options, ir, trail, key, text, hit, launch_overrides, tune)

@@ -9,22 +9,20 @@ from each row's key intervals and never evaluates the mask; document masks (data
 blockwise over the key range the causal part leaves open. Both results are checked equal before
 timing; above --torch-max only attnc runs (torch would evaluate L^2 pairs, 17e9 at 128k), and
 above --data-max the data-dependent mask is left out (attnc evaluates it too, blockwise).
-Times are medians over --repeat runs after one warm-up (CUDA synchronized). Writes
-benchmarks/results/<device>-<date>-block-mask.md and prints the table.
+Times are medians over --repeat runs after one warm-up (CUDA synchronized). Writes the
+"block mask" section of benchmarks/results/<device>-<date>.md and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import attnc
+from benchmarks import common
 from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
 
 FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
@@ -102,16 +100,9 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(rows, device, command: str) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    import triton
-    lines = [f"# Block-mask construction ({name})", "",
-             f"- date: {datetime.date.today()}",
-             f"- torch {torch.__version__}, triton {triton.__version__}, attnc {attnc.__version__},"
-             f" python {platform.python_version()}",
-             f"- command: `{command}`",
-             "- median wall time after a warm-up; BLOCK_SIZE as given; results compared equal "
-             "(all four index tensors) before timing", "",
+def table(rows) -> str:
+    lines = ["Median wall time after a warm-up; BLOCK_SIZE as given; the results are compared "
+             "equal (all four index tensors) before timing.", "",
              "| Q_LEN = KV_LEN | mask | attnc (ms) | torch (ms) | speed-up | equal |",
              "|---:|---|---:|---:|---:|:---:|"]
     for r in rows:
@@ -133,22 +124,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--block", type=int, default=128)
-    parser.add_argument("--out", default=None, help="results file (default: under "
-                                                    "benchmarks/results/)")
+    parser.add_argument("--out", default=None,
+                        help="results file (default: benchmarks/results/<device>-<date>.md)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = run(args.lengths, device, args.repeat, args.block, args.torch_max, args.data_max)
-    command = "python -m benchmarks.block_mask_setup " + " ".join(
-        f"--lengths {' '.join(map(str, args.lengths))} --device {args.device} "
-        f"--repeat {args.repeat} --block {args.block} --torch-max {args.torch_max} "
-        f"--data-max {args.data_max}".split())
-    text = table(rows, device, command)
-    out = Path(args.out) if args.out else (Path(__file__).parent / "results" /
-                                           f"{args.device}-{datetime.date.today()}-block-mask.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    print(f"wrote {out}")
+    common.publish(device, args.out, "block mask", "benchmarks.block_mask_setup", argv,
+                   table(rows))
     return 0 if all(r["equal"] is not False for r in rows) else 1
 
 

@@ -68,7 +68,7 @@ def test_concurrent_writers_leave_one_intact_file(tmp_path):
 def test_info_clear_and_configs(tmp_path, monkeypatch):
     import torch
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
-    kernel = attnc.compile(SPEC)
+    kernel = attnc.compile(SPEC, autotune=True)  # a tuned launch configuration is persisted
     kernel(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16))
     info = cache.info()
     assert info["path"] == str(tmp_path) and info["kernels"] == 1 and info["configs"] == 1

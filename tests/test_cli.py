@@ -416,3 +416,30 @@ def test_installed_entry_point():
     assert proc.stdout.splitlines()[0] == " -> ".join(pipeline.STAGES)
     assert [line.split()[1] for line in proc.stdout.splitlines()[1:1 + len(pipeline.PASSES)]] \
         == [p.NAME for p in pipeline.PASSES]
+
+
+def test_bench_tunes_prints_the_choice_and_times_it(capsys, spec_file):
+    rc, out, err = run(capsys, "bench", spec_file, "--B", "1", "--H", "2", "--Hkv", "1",
+                       "--N", "20", "--D", "16")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "win: float32 on cpu (interpreter)"
+    for kind in ("forward-m32", "backward-m32"):
+        head = next(ln for ln in lines if ln.startswith(kind + ":"))
+        assert "(tuned at shape [1, 2, 20, 16, 1, 20, 16] over 4 candidates)" in head
+    assert sum("<- chosen" in ln for ln in lines) == 2
+    assert sum("(default)" in ln for ln in lines) == 2
+    assert any(ln.startswith("forward: ") and ln.endswith(" ms") for ln in lines)
+    assert any(ln.startswith("forward + backward: ") for ln in lines)
+
+
+def test_bench_a_linear_spec_forward_only(capsys):
+    rc, out, err = run(capsys, "bench", "simple_gla", "--N", "20", "--D", "16", "--no-backward")
+    assert rc == 0, err
+    assert "chunked-bt32: BV=16" in out and "forward (chunked): " in out
+    assert "forward + backward" not in out
+
+
+def test_bench_rejects_bad_sizes(capsys):
+    rc, _, err = run(capsys, "bench", "causal", "--N", "0")
+    assert rc == 2 and "--N must be at least 1" in err

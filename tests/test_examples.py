@@ -35,3 +35,12 @@ def test_linear_attention_example():
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", out)]
     assert len(losses) == 6 and losses[-1] < losses[0], out
     assert float(re.search(r"equals the spec's kernel: (\S+)", out).group(1)) < 1e-5
+
+
+def test_decoding_example_matches_sdpa_with_key_splits():
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "decoding.py"), "--steps", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worst = re.search(r"worst relative error: full (\S+), window (\S+)", proc.stdout).groups()
+    assert all(float(x) < 1e-5 for x in worst), proc.stdout
+    assert "launch configuration (forward-m16)" in proc.stdout

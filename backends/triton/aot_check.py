@@ -50,6 +50,10 @@ def jobs_for(kernel, dtype: str = "bf16", arch: int = 90, block_m: int = 128, bl
                 "constexprs": {a: {**values, **override}[a] for a in constexprs}}
 
     jobs = [job(kernel_names(ir)[0], program_args(ir), constexpr_args(ir))]
+    # with key splits the forward writes fp32 partial results: a second specialization
+    split = job(kernel_names(ir)[0], program_args(ir), constexpr_args(ir))
+    split["signature"]["Out"] = "*fp32"
+    jobs.append(split)
     if backward and ir.grad is not None:
         job = functools.partial(job, BLOCK_M=min(block_m, 64), BLOCK_N=min(block_n, 64))
         names = backward_names(ir)

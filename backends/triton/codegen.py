@@ -77,6 +77,17 @@ def _key_tiles(lo, hi, flo, fhi, prev_end, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _split_tiles(t0, t1, t2, t3, split_lo, split_hi):
+    """The part of a segment's tiles inside one key split [split_lo, split_hi) (both multiples
+    of BLOCK_N): clamping is monotone, so the masked / full / masked order is kept."""
+    t0 = tl.minimum(tl.maximum(t0, split_lo), split_hi)
+    t1 = tl.minimum(tl.maximum(t1, split_lo), split_hi)
+    t2 = tl.minimum(tl.maximum(t2, split_lo), split_hi)
+    t3 = tl.minimum(tl.maximum(t3, split_lo), split_hi)
+    return t0, t1, t2, t3
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation. IEEE: exact fp32 products (no tf32). UPCAST: multiply in
     fp32, for Triton's interpreter whose low-precision dot is unreliable; fp16/bf16 products
@@ -258,7 +269,8 @@ def program_args(k: AttentionKernel) -> list[str]:
         list_strides = [f"{short}_s{r}" for _, short, dims in BLOCK_LISTS for r in dims]
         sparse = list(SPARSE_CONSTEXPRS)
     return (["Q", "K", "V", "Out", "Lse"] + ptr_args(k) + lists + strides + stride_args(k)
-            + list_strides + ["B", "H", "M", "N", "D", "DV", "GROUP", "scale"]
+            + list_strides + ["B", "H", "M", "N", "D", "DV", "GROUP", "scale", "KV_SPLIT",
+                              "stride_os"]
             + list(PROGRAM_CONSTEXPRS) + sparse)
 
 
@@ -288,8 +300,14 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None
     c("@triton.jit")
     c.call(f"def {fwd}(", args, "):")
     with c.indented():
-        c(f'"""{k.name}: softmax attention forward; one program per (query tile, b * h)."""')
+        c(f'"""{k.name}: softmax attention forward; one program per (query tile, b * h, key '
+          'split).')
+        c("Split s sees keys [s * KV_SPLIT, (s + 1) * KV_SPLIT) and writes its own normalized "
+          "out and lse")
+        c('(at Out + s * stride_os, Lse + s * B * H * M), which the launcher merges."""')
         query_tile_prologue(c)
+        c("split_lo = tl.program_id(2) * KV_SPLIT")
+        c("split_hi = split_lo + KV_SPLIT")
         c("q_ptrs = (Q + b.to(tl.int64) * stride_qb + h * stride_qh")
         c("          + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)")
         c("q = tl.load(q_ptrs, mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)")
@@ -305,16 +323,17 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None
             _emit_block_lists(c, k)
         else:
             emit_segment_walk(c, k.segments, lambda c, masked: _step_call(c, k, masked), "N",
-                              "BLOCK_N", "start_n", pr)
+                              "BLOCK_N", "start_n", pr, split=True)
         c("empty = l_i == 0.0")
         c("l_safe = tl.where(empty, 1.0, l_i)")
         c("out = acc / l_safe[:, None]")
         c('lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))')
-        c("o_ptrs = (Out + b.to(tl.int64) * stride_ob + h * stride_oh")
+        c("split = tl.program_id(2).to(tl.int64)")
+        c("o_ptrs = (Out + split * stride_os + b.to(tl.int64) * stride_ob + h * stride_oh")
         c("          + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)")
         c("tl.store(o_ptrs, _round(out, Out.dtype.element_ty, UPCAST), "
           "mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))")
-        c("tl.store(Lse + pid_bh.to(tl.int64) * M + offs_m, lse, mask=offs_m < M)")
+        c("tl.store(Lse + (split * B * H + pid_bh) * M + offs_m, lse, mask=offs_m < M)")
 
 
 def _step_call(c: CodeBuilder, k: AttentionKernel, masked: str) -> None:
@@ -323,10 +342,11 @@ def _step_call(c: CodeBuilder, k: AttentionKernel, masked: str) -> None:
 
 
 def emit_segment_walk(c: CodeBuilder, segments, call, extent: str, block: str, var: str,
-                      pr: TritonPrinter) -> None:
+                      pr: TritonPrinter, split: bool = False) -> None:
     """Walk the tiles of `segments` along one axis (keys for the forward and dq kernels, queries
     for the dk/dv kernel): per segment, masked / full / masked ranges, each tile emitted by
-    call(c, masked). The bounds are scalars; helpers they need are added to `pr`'s."""
+    call(c, masked). The bounds are scalars; helpers they need are added to `pr`'s. With
+    `split`, only the tiles inside [split_lo, split_hi) are walked (the forward's key split)."""
     scalar = TritonPrinter({})
     c("prev_end = zero")
     for i, seg in enumerate(segments):
@@ -336,6 +356,8 @@ def emit_segment_walk(c: CodeBuilder, segments, call, extent: str, block: str, v
                          ("fhi", seg.full_hi)):
             c(f"{name} = {scalar(ex)} + zero")
         c(f"t0, t1, t2, t3 = _key_tiles(lo, hi, flo, fhi, prev_end, {extent}, {block})")
+        if split:
+            c("t0, t1, t2, t3 = _split_tiles(t0, t1, t2, t3, split_lo, split_hi)")
         for lo_name, hi_name, masked in (("t0", "t1", "True"), ("t1", "t2", "False"),
                                          ("t2", "t3", "True")):
             with c.block(f"for {var} in range({lo_name}, {hi_name}, {block}):"):
@@ -347,7 +369,8 @@ def emit_segment_walk(c: CodeBuilder, segments, call, extent: str, block: str, v
 def _emit_block_lists(c: CodeBuilder, k: AttentionKernel) -> None:
     """Key blocks from the block mask of this (b, h, query block): the partial blocks with the
     mask, then the full blocks without it. A query tile lies inside one query block (BLOCK_M
-    divides SPARSE_Q); each key block is walked in BLOCK_N tiles, stopping at N."""
+    divides SPARSE_Q); each key block is walked in BLOCK_N tiles, stopping at N, and only
+    inside the program's key split (a multiple of SPARSE_KV, so no block straddles two)."""
     c("qb = m_lo // SPARSE_Q")
     for num, idx, masked in (("KV_NUM", "KV_IDX", True), ("FULL_NUM", "FULL_IDX", False)):
         ns, xs = (next(short for name, short, _ in BLOCK_LISTS if name == x) for x in (num, idx))
@@ -355,7 +378,8 @@ def _emit_block_lists(c: CodeBuilder, k: AttentionKernel) -> None:
         c(f"blocks = {idx} + b * {xs}_sb + h * {xs}_sh + qb * {xs}_sq")
         with c.block("for j in range(0, count):"):
             c(f"start = tl.load(blocks + j * {xs}_sk) * SPARSE_KV")
-            c("stop = tl.minimum(start + SPARSE_KV, N)")
+            c("stop = tl.minimum(tl.minimum(start + SPARSE_KV, N), split_hi)")
+            c("start = tl.maximum(start, split_lo)")
             with c.block("for start_n in range(start, stop, BLOCK_N):"):
                 if masked:
                     _step_call(c, k, "True")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sympy
 import torch
 import triton
 
+from attnc import symbols as S
 from attnc.backends.triton import interpreting
 
 
@@ -28,8 +30,9 @@ def default_config(D: int, Dv: int, dtype: torch.dtype, device: torch.device) ->
 
 def _constexprs(config: dict, q, D: int, Dv: int, block_sizes: tuple[int, int] | None) -> dict:
     """Tile sizes, dtype path and launch options shared by the forward and backward kernels; a
-    block mask's sizes bound the tiles (a tile never straddles a block of the mask)."""
-    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+    block mask's sizes bound the tiles (a tile never straddles a block of the mask), and so do
+    short queries (a decoding step's one row needs no 128-row tile)."""
+    bm, bn = min(config["BLOCK_M"], _pow2(q.shape[2])), config["BLOCK_N"]
     sparse = {}
     if block_sizes is not None:
         bm, bn = min(bm, block_sizes[0]), min(bn, block_sizes[1])
@@ -40,10 +43,29 @@ def _constexprs(config: dict, q, D: int, Dv: int, block_sizes: tuple[int, int] |
                 num_stages=config["num_stages"])
 
 
+# A split must hold this many keys at least: below it the partial results cost more to merge
+# than the extra programs gain.
+MIN_SPLIT_KEYS = 512
+MAX_SPLITS = 64
+
+
+def kv_splits(programs: int, N: int, sms: int | None, fixed: int | None = None) -> int:
+    """How many key splits the forward runs (flash-decoding): when (query tiles x B x H) leaves
+    a GPU's `sms` idle -- a decoding step, a short prefill -- each program's keys are divided
+    so about two programs run per SM. `fixed` (the `kv_splits` launch option) overrides; the
+    interpreter (sms None) runs one split."""
+    if fixed is not None:
+        return max(1, fixed)
+    if sms is None or programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), N // MIN_SPLIT_KEYS, MAX_SPLITS))
+
+
 def launch(fn, q, k, v, extras: list[torch.Tensor], scale: float, config: dict,
            block_lists: list[torch.Tensor] = (), block_sizes: tuple[int, int] | None = None):
     """Run the kernel; a block-sparse kernel also gets its block mask's four lists (already
-    broadcast to [B, H, ...]) and the mask's (query, key) block sizes."""
+    broadcast to [B, H, ...]) and the mask's (query, key) block sizes. With several key splits
+    (kv_splits) each split writes fp32 partial results that are merged by their lse."""
     B, H, M, D = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(B, H, M, Dv, dtype=q.dtype, device=q.device)
@@ -53,11 +75,57 @@ def launch(fn, q, k, v, extras: list[torch.Tensor], scale: float, config: dict,
     strides = [s for t in extras for s in t.stride()]
     list_strides = [s for t in block_lists for s in t.stride()]
     common = _constexprs(config, q, D, Dv, block_sizes)
-    grid = (triton.cdiv(M, common["BLOCK_M"]), B * H)
-    fn[grid](q, k, v, out, lse, *extras, *block_lists, *q.stride(), *k.stride(), *v.stride(),
-             *out.stride(), *strides, *list_strides, B, H, M, N, D, Dv, H // Hkv, float(scale),
-             **common)
+    tiles = triton.cdiv(M, common["BLOCK_M"])
+    sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
+           if q.device.type == "cuda" else None)
+    splits = kv_splits(tiles * B * H, N, sms, config.get("kv_splits"))
+    align = max(common["BLOCK_N"], common.get("SPARSE_KV", 0))
+    per_split = triton.cdiv(triton.cdiv(max(N, 1), splits), align) * align
+    splits = triton.cdiv(max(N, 1), per_split)
+    o, l = out, lse
+    if splits > 1:
+        o = torch.empty(splits, B, H, M, Dv, dtype=torch.float32, device=q.device)
+        l = torch.empty(splits, B, H, M, dtype=torch.float32, device=q.device)
+    fn[(tiles, B * H, splits)](
+        q, k, v, o, l, *extras, *block_lists, *q.stride(), *k.stride(), *v.stride(),
+        *o.stride()[-4:], *strides, *list_strides, B, H, M, N, D, Dv, H // Hkv, float(scale),
+        per_split, o.stride(0) if splits > 1 else 0, **common)
+    if splits > 1:
+        torch.logsumexp(l, 0, out=lse)
+        # splits that saw no key have lse -inf and out 0; a row no split saw stays 0 / -inf
+        weight = torch.exp(l - torch.where(torch.isfinite(lse), lse, 0.0))
+        out.copy_((weight.unsqueeze(-1) * o).sum(0))
     return out, lse
+
+
+# Query rows per program up to which a GQA group's heads are packed into one program's rows
+PACKED_ROWS = 128
+
+
+def packs_heads(ir) -> bool:
+    """Whether the query heads of a GQA group may share programs, their rows stacked as one
+    query tile: true when nothing the kernel evaluates depends on the query position, the
+    query head or the query shape (m, h, M, H) -- attention over a cache (`full`, a window on
+    the newest keys), not causal or per-head ALiBi -- and no block mask lists per head."""
+    if ir.schedule.keys == "block_mask":
+        return False
+    exprs = [ir.score, *([ir.mask] if ir.mask is not None else []),
+             *(x for ld in ir.loads for x in ld.index),
+             *(x for seg in ir.segments for x in (seg.lo, seg.hi, seg.full_lo, seg.full_hi))]
+    banned = {S.m, S.h, S.M, S.H, S.m_lo, S.m_hi}
+    return not any(sympy.sympify(x).free_symbols & banned for x in exprs)
+
+
+def launch_packed(fn, q, k, v, *args, **kw):
+    """`launch` with each GQA group's query heads stacked along the rows, so every key and
+    value tile is loaded once per group rather than once per query head (decoding: one row per
+    head). Only for kernels where `packs_heads` holds; same results as `launch`."""
+    B, H, M, D = q.shape
+    group = H // k.shape[1]
+    if group == 1 or M * group > PACKED_ROWS:
+        return launch(fn, q, k, v, *args, **kw)
+    out, lse = launch(fn, q.reshape(B, k.shape[1], group * M, D), k, v, *args, **kw)
+    return out.reshape(B, H, M, -1), lse.reshape(B, H, M)
 
 
 def backward_config(config: dict, dtype: torch.dtype, device: torch.device) -> dict:
