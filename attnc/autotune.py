@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attnc.backends.triton.launcher import pow2
+
 TUNE_ENV = "ATTNC_AUTOTUNE"
 REGISTERS_PER_THREAD = 128  # fp32 accumulator values per thread before spilling is likely
 FALLBACK_SHARED_MEMORY = 99 * 1024  # when the device does not say (a consumer GPU's limit)
@@ -59,15 +61,11 @@ def shared_memory_limit(device: torch.device) -> int:
     return int(limit)
 
 
-def _pow2(x: int) -> int:
-    return max(16, 1 << (max(1, x) - 1).bit_length())
-
-
 def forward_shared_memory(cfg: dict, D: int, Dv: int, itemsize: int) -> int:
     """Estimate for the forward kernel: k and v tiles per pipeline stage, the q tile, and the
     probabilities staged for the second dot."""
     bm, bn, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], max(1, cfg["num_stages"])
-    bd, bdv = _pow2(D), _pow2(Dv)
+    bd, bdv = pow2(D), pow2(Dv)
     return itemsize * (bm * bd + stages * bn * (bd + bdv) + bm * bn)
 
 
@@ -75,12 +73,12 @@ def backward_shared_memory(cfg: dict, D: int, Dv: int, itemsize: int) -> int:
     """Estimate for the larger of the two backward kernels (dk/dv): its resident k and v tiles,
     q and dO tiles per stage, and the probability and gradient tiles staged for its dots."""
     bm, bn, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], max(1, cfg["num_stages"])
-    bd, bdv = _pow2(D), _pow2(Dv)
+    bd, bdv = pow2(D), pow2(Dv)
     return itemsize * (bn * (bd + bdv) + stages * bm * (bd + bdv) + 2 * bm * bn)
 
 
 def _registers_ok(cfg: dict, rows: int, D: int, Dv: int) -> bool:
-    accumulators = rows * (_pow2(D) + _pow2(Dv))  # fp32 values a program keeps live
+    accumulators = rows * (pow2(D) + pow2(Dv))  # fp32 values a program keeps live
     return accumulators <= REGISTERS_PER_THREAD * 32 * cfg["num_warps"]
 
 

@@ -145,8 +145,9 @@ class Kernel:
         return self._config("backward", q, k, v, run, default)
 
     def _config(self, kind: str, q, k, v, run, default) -> dict:
+        from attnc.backends.triton.launcher import pow2
         # short queries (decoding) tune apart from long ones: rows per program differ
-        kind += f"-m{min(max(16, 1 << (q.shape[2] - 1).bit_length()), 128)}"
+        kind += f"-m{min(pow2(q.shape[2]), 128)}"
         if min(*q.shape[:3], k.shape[2]) == 0:
             run = None  # nothing to launch: nothing to measure
         fixed = {k.upper() if k.startswith("block") else k: v

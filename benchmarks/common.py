@@ -159,8 +159,10 @@ def publish(device, out: str | None, suite: str, module: str, argv, text: str) -
 
 def randn(*shape, device, dtype, requires_grad: bool = False, scale: float = 1.0):
     """Random normal data (benchmarks never run on zeros: they can take fast paths)."""
-    t = torch.randn(*shape, device=device, dtype=torch.float32) * scale
-    return t.to(dtype).requires_grad_(requires_grad)
+    t = torch.randn(*shape, device=device, dtype=dtype)  # in dtype: no fp32 copy of a cache
+    if scale != 1.0:
+        t = t * scale
+    return t.requires_grad_(requires_grad)
 
 
 def dtype_of(name: str) -> torch.dtype:

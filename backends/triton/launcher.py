@@ -1,4 +1,6 @@
-"""Launch a generated attention kernel: launch configuration and the call itself."""
+"""Launch a generated attention kernel: the heuristic launch configuration (attnc.autotune
+tunes from it), key splits for short queries and their merge, GQA head packing, the forward
+and backward calls themselves."""
 
 from __future__ import annotations
 
@@ -10,13 +12,15 @@ from attnc import symbols as S
 from attnc.backends.triton import interpreting
 
 
-def _pow2(x: int) -> int:
+def pow2(x: int) -> int:
+    """A tile covering x: the next power of two, at least 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(x))
 
 
 def default_config(D: int, Dv: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Heuristic tile sizes (autotuning comes later); shrink tiles for wide heads and fp32."""
-    bd, bdv = _pow2(D), _pow2(Dv)
+    """Heuristic tile sizes, the default when tuning is off (and the tuner's first candidate):
+    smaller tiles for wide heads and fp32."""
+    bd, bdv = pow2(D), pow2(Dv)
     if device.type != "cuda":  # the interpreter: fewer, larger tiles are faster
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     wide = max(bd, bdv) > 128
@@ -32,13 +36,13 @@ def _constexprs(config: dict, q, D: int, Dv: int, block_sizes: tuple[int, int] |
     """Tile sizes, dtype path and launch options shared by the forward and backward kernels; a
     block mask's sizes bound the tiles (a tile never straddles a block of the mask), and so do
     short queries (a decoding step's one row needs no 128-row tile)."""
-    bm, bn = min(config["BLOCK_M"], _pow2(q.shape[2])), config["BLOCK_N"]
+    bm, bn = min(config["BLOCK_M"], pow2(q.shape[2])), config["BLOCK_N"]
     sparse = {}
     if block_sizes is not None:
         bm, bn = min(bm, block_sizes[0]), min(bn, block_sizes[1])
         sparse = {"SPARSE_Q": block_sizes[0], "SPARSE_KV": block_sizes[1]}
     ieee = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), IEEE=ieee,
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=pow2(D), BLOCK_DV=pow2(Dv), IEEE=ieee,
                 UPCAST=interpreting(), **sparse, num_warps=config["num_warps"],
                 num_stages=config["num_stages"])
 
@@ -166,7 +170,7 @@ def launch_backward(fns: dict, ir, q, k, v, extras: list[torch.Tensor], out, lse
     rows = B * H * M
     fns[PRELUDE_PREPROCESS][(triton.cdiv(rows, 32),)](
         out.contiguous(), dout, dlse.contiguous() if dlse is not None else delta, delta, rows, Dv,
-        HAS_DLSE=dlse is not None, BLOCK_R=32, BLOCK_DV=_pow2(Dv))
+        HAS_DLSE=dlse is not None, BLOCK_R=32, BLOCK_DV=pow2(Dv))
     qt, kt = triton.cdiv(M, bm), triton.cdiv(N, bn)
 
     def scratch(*shape):
