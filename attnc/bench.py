@@ -3,8 +3,9 @@ the tuned kernel's times.
 
 Tuning is forced on for the kernel being benched. Every launch the kernel makes is tuned at the
 given shape -- the forward, and (with `backward`) the backward kernels of a softmax spec; a
-`linear` spec's forward kernel (its backward tiles are fixed) -- and the winners are written to
-the cache, so later processes use them without tuning. Then the forward (and forward +
+`linear` spec's forward kernel and its chunked backward's core kernels (a sequential scan's
+generated backward keeps fixed tiles) -- and the winners are written to the cache, so later
+processes use them without tuning. Then the forward (and forward +
 backward) are timed with `attnc.autotune.measure`: Triton's do_bench on a GPU, wall time in the
 interpreter. Peer comparisons live in the `benchmarks` package, not here.
 """
@@ -83,9 +84,11 @@ def bench_linear(kernel, *, B: int, H: int, T: int, D: int, Dv: int, dtype: torc
 
     def step():
         forward().backward(dout)
-    return _tune_then_time(kernel, forward, step if backward else None, forward, device,
-                           f" ({kernel.algorithm})",
-                           "backward: fixed tiles (the core backward kernels are not tuned)")
+    note = None
+    if kernel.why_not_chunked is not None:
+        note = "backward: the generated recurrent backward (its tiles are not tuned)"
+    return _tune_then_time(kernel, forward, step if backward else None,
+                           step if backward else forward, device, f" ({kernel.algorithm})", note)
 
 
 def _tune_then_time(kernel, forward, step, tune, device, label: str = "",

@@ -10,16 +10,20 @@ core kernels (backends/triton/linear_core.py).
 The gradients of the prologue tensors then flow back to q, k, v, inputs and params through
 autograd; the core's dS0 is the initial states' gradient. The core's backward is linear in
 (d readout, d final state), so a state read by several readouts runs once per readout and the
-results add up.
+results add up. The core kernels' value tile, warps and stages are tuned like the forward's
+(attnc.autotune) when the kernel tunes, per (core kernel, decay class, chunk, head dims).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
 import torch
 
 import attnc.backends.triton as triton_backend
+from attnc import autotune, cache
 from attnc.backends import linear_torch as LT
 from attnc.linear_ir import LinearScan, StatePlan
 from attnc.linear_runtime import key_limited_tile, tile
@@ -38,8 +42,11 @@ def positions(Tn: int, cu, device) -> torch.Tensor | None:
 
 
 def backward(scan: LinearScan, q, k, v, tensors: list, inits: list, scale: float, cu, do,
-             dfinals: list, chunk: int) -> list:
-    """Gradients of (q, k, v, *tensors, *inits), as the autograd Function returns them."""
+             dfinals: list, chunk: int, configs: dict | None = None,
+             tune: bool = False) -> list:
+    """Gradients of (q, k, v, *tensors, *inits), as the autograd Function returns them.
+    `configs` memoizes the core kernels' launch configurations (tuned when `tune`)."""
+    configs = {} if configs is None else configs
     from attnc.backends.triton.linear_codegen import tensor_args
 
     names = [d.name for d in tensor_args(scan)]
@@ -58,6 +65,7 @@ def backward(scan: LinearScan, q, k, v, tensors: list, inits: list, scale: float
             shape = (B, H, Tn) + LT.state_shape(s, B, H, dk, dv)[2:]
             pieces = _prologue(scan, plan, env, shape, lq)
             pieces["ieee"] = v.dtype == torch.float32  # exact fp32 products for fp32 data
+            pieces["tuning"] = (configs, tune)
             plans.append((s, plan, pieces))
             init = inits[len(d_inits)] if inits else None
             init = torch.zeros((N, H) + shape[3:], device=q.device) if init is None else \
@@ -125,7 +133,7 @@ def _prologue(scan, plan: StatePlan, env, shape, like) -> dict:
     return pieces
 
 
-def _geometry(pieces, cu, chunk):
+def _geometry(pieces, cu, chunk, BV: int):
     key, value = pieces["key"], pieces["value"]
     B, H, Tn, K = key.shape
     V = value.shape[-1]
@@ -135,27 +143,59 @@ def _geometry(pieces, cu, chunk):
         N, lengths = cu.numel() - 1, (cu[1:] - cu[:-1]).tolist()
     counts = [math.ceil(n / chunk) for n in lengths]
     offsets = torch.tensor([0] + counts, device=key.device).cumsum(0).to(torch.int32)
-    BK, BV = tile(K), key_limited_tile(K, V)
     cu_arg = cu.to(torch.int32).to(key.device) if cu is not None else \
         torch.zeros(1, dtype=torch.int32, device=key.device)
-    return dict(B=B, H=H, T=Tn, K=K, V=V, N=N, total=int(offsets[-1]), offsets=offsets, BK=BK,
-                BV=BV, NV=math.ceil(V / BV), cu=cu_arg)
+    return dict(B=B, H=H, T=Tn, K=K, V=V, N=N, total=int(offsets[-1]), offsets=offsets,
+                BK=tile(K), BV=BV, NV=math.ceil(V / BV), cu=cu_arg)
 
 
-def _flags(plan, geo, cu, chunk, ieee: bool):
+def _flags(plan, geo, cu, chunk, ieee: bool, config: dict):
     return dict(GATE=_GATE[plan.kind], DELTA=plan.kind in ("delta_rule", "gated_delta_rule"),
                 VARLEN=cu is not None, BT=chunk, BK=geo["BK"], BV=geo["BV"], IEEE=ieee,
-                UPCAST=triton_backend.interpreting())
+                UPCAST=triton_backend.interpreting(), num_warps=config["num_warps"],
+                num_stages=config["num_stages"])
+
+
+@functools.lru_cache(maxsize=1)
+def _core_key() -> str:
+    """The core kernels' identity for the config cache: their source and the tool versions."""
+    from attnc.backends.triton import linear_core
+    return cache.digest(Path(linear_core.__file__).read_text(),
+                        repr(sorted(cache.versions().items())))
+
+
+def _config(name: str, plan, pieces, cu, chunk, run) -> dict:
+    """BV, num_warps, num_stages of one core kernel (`name`), tuned on run(config) when the
+    kernel tunes; the default is the untuned launch's (Triton's warps and stages)."""
+    configs, tune = pieces["tuning"]
+    key, value = pieces["key"], pieces["value"]
+    K, V = key.shape[-1], value.shape[-1]
+
+    def default():
+        return {"BV": key_limited_tile(K, V), "num_warps": 4, "num_stages": 3}
+
+    def candidates():
+        widths = tuple(w for w in (16, 32, 64) if w <= key_limited_tile(K, V))
+        return autotune.linear_candidates("chunked", default(), widths, tile(K), 1, chunk,
+                                          torch.float32, key.device)
+    kind = f"{name}-{plan.kind}-bt{chunk}{'-ieee' if pieces['ieee'] else ''}"
+    if min(key.shape[:3]) == 0:
+        run = None  # nothing to launch: nothing to measure
+    return autotune.resolve(configs, _core_key(), kind, key, value, {}, default, candidates,
+                            run, tune, tuple(key.shape) + (V,))
 
 
 def _dummy(x):
     return torch.zeros(1, device=x.device)
 
 
-def _core_forward(plan, x, pieces, init, cu, chunk):
+def _core_forward(plan, x, pieces, init, cu, chunk, config=None):
     from attnc.backends.triton.linear_core import core_forward
 
-    geo = _geometry(pieces, cu, chunk)
+    if config is None:
+        config = _config("core_forward", plan, pieces, cu, chunk,
+                         lambda cfg: _core_forward(plan, x, pieces, init, cu, chunk, cfg))
+    geo = _geometry(pieces, cu, chunk, config["BV"])
     key = pieces["key"]
     r = torch.empty(pieces["value"].shape, device=key.device)
     h = torch.empty(geo["total"], geo["H"], geo["K"], geo["V"], device=key.device)
@@ -167,14 +207,19 @@ def _core_forward(plan, x, pieces, init, cu, chunk):
                 pieces["logd"].detach() if "logd" in pieces else _dummy(key),
                 pieces["beta"].detach() if "beta" in pieces else _dummy(key), init, r, h, final,
                 geo["cu"], geo["offsets"], geo["T"], geo["H"], geo["K"], geo["V"],
-                HAS_S0=True, **_flags(plan, geo, cu, chunk, pieces["ieee"]))
+                HAS_S0=True, **_flags(plan, geo, cu, chunk, pieces["ieee"], config))
     return r, h
 
 
-def _core_backward(plan, x, pieces, dr, d_final, cu, chunk) -> dict:
+def _core_backward(plan, x, pieces, dr, d_final, cu, chunk, config=None) -> dict:
     from attnc.backends.triton.linear_core import core_backward
 
-    geo = _geometry(pieces, cu, chunk)
+    if config is None:
+        def run(cfg):
+            got = _core_backward(plan, x, pieces, dr, d_final, cu, chunk, cfg)
+            return tuple(got[name] for name in sorted(got))
+        config = _config("core_backward", plan, pieces, cu, chunk, run)
+    geo = _geometry(pieces, cu, chunk, config["BV"])
     key = pieces["key"]
     NV, B, H, Tn, K, V = geo["NV"], geo["B"], geo["H"], geo["T"], geo["K"], geo["V"]
     dx = torch.zeros(NV, B, H, Tn, K, device=key.device)
@@ -190,7 +235,7 @@ def _core_backward(plan, x, pieces, dr, d_final, cu, chunk) -> dict:
             pieces["logd"].detach() if "logd" in pieces else _dummy(key),
             pieces["beta"].detach() if "beta" in pieces else _dummy(key), pieces["h"], dr,
             d_final.contiguous(), dx, dkey, dvalue, dlogd, dbeta, ds0, geo["cu"], geo["offsets"],
-            Tn, H, K, V, B * H * Tn, **_flags(plan, geo, cu, chunk, pieces["ieee"]))
+            Tn, H, K, V, B * H * Tn, **_flags(plan, geo, cu, chunk, pieces["ieee"], config))
     return {"dx": dx.sum(0), "dkey": dkey.sum(0), "dvalue": dvalue, "dlogd": dlogd.sum(0),
             "dbeta": dbeta.sum(0), "ds0": ds0}
 

@@ -333,7 +333,8 @@ class _LinearFunction(torch.autograd.Function):
             tensors, inits = rest[:ctx.n_tensors], rest[ctx.n_tensors:]
             got = backward(kernel.scan, q, k, v, list(tensors), list(inits), ctx.scale, ctx.cu,
                            do, list(dfinals), chunk_tile(kernel.scan, kernel.chunk_size,
-                                                         q.shape[-1]))
+                                                         q.shape[-1]),
+                           kernel._configs, autotune.enabled(kernel.autotune))
             return (None, None, None, None, None, *got)
         if "recurrent_bwd" in kernel_names(kernel.scan):  # the generated fused backward
             from attnc.linear_backward import recurrent_backward

@@ -210,3 +210,25 @@ def test_linear_kernel_tunes_its_forward(tmp_path, monkeypatch):
     (record,) = [r for r in tuned.launch_records if r["source"] == "tuned"]
     assert record["kind"] == "chunked-bt16"
     assert {t["config"]["BV"] for t in record["trials"]} == {16, 32}
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_delta_net"])
+def test_linear_backward_tunes_its_core_kernels(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    plain = attnc.load(name)
+    tuned = attnc.load(name, autotune=True)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 37, 32, generator=g).requires_grad_() for _ in range(3))
+    inputs = random_linear_inputs(plain, 1, 2, 37, 32, 32, generator=g)
+    dout = torch.randn(1, 2, 37, 32, generator=g)
+    grads = [torch.autograd.grad(kernel(q, k, v, **inputs), (q, k, v), dout)
+             for kernel in (plain, tuned)]
+    for a, b in zip(*grads):
+        assert rel_error(b, a) < 1e-5
+    kinds = sorted(r["kind"] for r in tuned.launch_records if r["source"] == "tuned")
+    gate = "diagonal_decay" if name == "gla" else "gated_delta_rule"
+    chunk = 16 if name == "gla" else 32
+    assert kinds == [f"chunked-bt{chunk}", f"core_backward-{gate}-bt{chunk}-ieee",
+                     f"core_forward-{gate}-bt{chunk}-ieee"]
+    for r in tuned.launch_records:
+        assert len([t for t in r["trials"] if t["ms"] is not None]) >= 2

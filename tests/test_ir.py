@@ -7,19 +7,11 @@ import pytest
 
 from attnc.ir import verify
 from attnc.pipeline import frontend, read_spec
-
-THREE_PASS = """cascade three_pass {
-  QK[m, n] = Q[m, e] * K[n, e]
-  GM[m]    = max(n) QK[m, n]
-  SN[m, n] = exp(QK[m, n] - GM[m])
-  SD[m]    = sum(n) SN[m, n]
-  A[m, n]  = SN[m, n] / SD[m]
-  AV[m, f] = sum(n) A[m, n] * V[n, f]
-}"""
+from tests.specs import FUSEMAX_3PASS
 
 
 def _cascade():
-    return frontend(read_spec(THREE_PASS), {})[1]
+    return frontend(read_spec(FUSEMAX_3PASS), {})[1]
 
 
 def test_graph_has_an_edge_per_read():
