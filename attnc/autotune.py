@@ -121,6 +121,9 @@ def prune(kind: str, default: dict, grid, D: int, Dv: int, dtype: torch.dtype, l
     return out
 
 
+# A linear kernel's warps and stages when untuned: Triton's own defaults, as launched before
+# tuning existed
+LINEAR_DEFAULT = {"num_warps": 4, "num_stages": 3}
 # linear kernels: (BV, num_warps, num_stages) on a GPU; BV is further limited per spec
 LINEAR_GRIDS = {"chunked": ((16, 32, 64), (2, 4, 8), (1, 2, 3)),
                 "recurrent": ((16, 32, 64), (1, 2, 4), (1, 3))}
@@ -248,8 +251,11 @@ def resolve(memo: dict, kernel_key: str, kind: str, q: torch.Tensor, v: torch.Te
     """The launch configuration of one launch `kind` of a kernel: from `memo`, else the disk
     cache, else `default()`. With `run` and `tuning` and nothing tuned stored yet,
     make_candidates() are tuned on run(config) and the winner is written to the cache (a new
-    process reuses it). memo[key] keeps the whole record; the launch options are returned."""
+    process reuses it); a call with an empty q or v launches nothing and so tunes nothing.
+    memo[key] keeps the whole record; the launch options are returned."""
     from attnc import cache
+    if q.numel() == 0 or v.numel() == 0:
+        run = None
     key = config_key(kernel_key, kind, q, v, fixed)
     cfg = memo.get(key) or cache.read_config(key)
     if run is not None and tuning and (cfg is None or cfg.get("source") != "tuned"):

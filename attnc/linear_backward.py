@@ -166,21 +166,19 @@ def _core_key() -> str:
 
 def _config(name: str, plan, pieces, cu, chunk, run) -> dict:
     """BV, num_warps, num_stages of one core kernel (`name`), tuned on run(config) when the
-    kernel tunes; the default is the untuned launch's (Triton's warps and stages)."""
+    kernel tunes; the default is the untuned launch's."""
     configs, tune = pieces["tuning"]
     key, value = pieces["key"], pieces["value"]
     K, V = key.shape[-1], value.shape[-1]
 
     def default():
-        return {"BV": key_limited_tile(K, V), "num_warps": 4, "num_stages": 3}
+        return {"BV": key_limited_tile(K, V), **autotune.LINEAR_DEFAULT}
 
     def candidates():
         widths = tuple(w for w in (16, 32, 64) if w <= key_limited_tile(K, V))
         return autotune.linear_candidates("chunked", default(), widths, tile(K), 1, chunk,
                                           torch.float32, key.device)
     kind = f"{name}-{plan.kind}-bt{chunk}{'-ieee' if pieces['ieee'] else ''}"
-    if min(key.shape[:3]) == 0:
-        run = None  # nothing to launch: nothing to measure
     return autotune.resolve(configs, _core_key(), kind, key, value, {}, default, candidates,
                             run, tune, tuple(key.shape) + (V,))
 

@@ -93,14 +93,12 @@ class LinearKernel:
                   tuple(w for w in (16, 32, 64) if w <= key_limited_tile(dk, dv)))
 
         def default():
-            return {"BV": value_tile(self.scan, dv, dk), "num_warps": 4, "num_stages": 3}
+            return {"BV": value_tile(self.scan, dv, dk), **autotune.LINEAR_DEFAULT}
 
         def candidates():
             return autotune.linear_candidates(
                 algorithm, default(), widths, tile(dk), states,
                 chunk_tile(self.scan, self.chunk_size, dk), q.dtype, q.device)
-        if min(q.shape[:3]) == 0:
-            run = None  # nothing to launch: nothing to measure
         return autotune.resolve(self._configs, self.key, kind, q, v, {}, default, candidates,
                                 run, autotune.enabled(self.autotune), tuple(q.shape) + (dv,))
 

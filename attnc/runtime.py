@@ -148,8 +148,6 @@ class Kernel:
         from attnc.backends.triton.launcher import pow2
         # short queries (decoding) tune apart from long ones: rows per program differ
         kind += f"-m{min(pow2(q.shape[2]), 128)}"
-        if min(*q.shape[:3], k.shape[2]) == 0:
-            run = None  # nothing to launch: nothing to measure
         fixed = {k.upper() if k.startswith("block") else k: v
                  for k, v in self._overrides.items() if k != "kv_splits"}
         splits = {k: v for k, v in self._overrides.items() if k == "kv_splits"}

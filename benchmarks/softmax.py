@@ -305,12 +305,6 @@ RUNNERS = {"flex": flex_runner, "sdpa": sdpa_runner, "flash": flash_runner}
 
 
 # --- one measurement -----------------------------------------------------------------------------
-
-def failure(name: str, err: BaseException) -> str:
-    first = (str(err).strip().splitlines() or [""])[0]
-    return f"{name}: {type(err).__name__}: {first}" if first else f"{name}: {type(err).__name__}"
-
-
 def time_mode(runner: Runner, mode: str, grad, device, repeat: int):
     """(ms, output in [B, H, N, D], grads or None). The results checked are those of the calls
     timed (the last one; bench's untimed warm-up call comes first). The backward is timed alone:
@@ -347,7 +341,7 @@ def run_config(spec, D, N, opts, notes, rows, device, dtype) -> bool:
         ref_out, ref_grads = reference(case, q[:1, :nh], k[:1, :nh], v[:1, :nh],
                                        grad[:1, :nh], 1.0 / math.sqrt(D))
     except Exception as e:  # noqa: BLE001 (no check possible: counts as a failure)
-        mark = notes.mark(failure(f"set-up of {spec}", e))
+        mark = notes.mark(f"set-up of {spec}: {common.reason(e)}")
         for mode in opts.modes:
             rows.append([spec, D, N, B, mode, f"ERROR {mark}"] + ["-"] * (2 + 3 * len(opts.peers)))
         common.release(device)
@@ -362,7 +356,7 @@ def run_config(spec, D, N, opts, notes, rows, device, dtype) -> bool:
         except Skip as e:
             runners[name] = notes.mark(str(e))
         except Exception as e:  # noqa: BLE001
-            runners[name] = notes.mark(failure(name, e))
+            runners[name] = notes.mark(f"{name}: {common.reason(e)}")
     for mode in opts.modes:
         work = flops(pairs, D, mode)
         times, cells = {}, {}
@@ -379,7 +373,8 @@ def run_config(spec, D, N, opts, notes, rows, device, dtype) -> bool:
             try:
                 ms, out, grads = time_mode(runner, mode, grad, device, repeat)
             except Exception as e:  # noqa: BLE001
-                mark = notes.mark(failure(name if name != "attnc" else f"attnc {spec}", e))
+                who = f"attnc {spec}" if name == "attnc" else name
+                mark = notes.mark(f"{who}: {common.reason(e)}")
                 cells[name] = f"- {mark}"
                 if name == "attnc":
                     ok, check = False, f"ERROR {mark}"
