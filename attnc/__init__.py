@@ -12,7 +12,8 @@ FlexAttention's API, on the same compiler:
 
 State-update (linear) attention: `linear` specs compile to an `attnc.LinearKernel`
 (kernel(q, k, v, initial_state=..., output_final_state=True, cu_seqlens=..., **inputs)), and
-`attnc.ops` has flash-linear-attention-style functions (chunk_gla, fused_recurrent_gla, ...).
+`attnc.ops` has flash-linear-attention-style functions (chunk_gla, fused_recurrent_gla, ...), and
+`attnc.sparse` content-sparse attention (moba, vertical_slash).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from attnc.errors import CompileError, SpecError
 
 __all__ = ["compile", "load", "variants", "Kernel", "SpecError", "CompileError", "__version__",
            "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks",
-           "noop_mask", "LinearKernel", "ops"]
+           "noop_mask", "LinearKernel", "ops", "sparse"]
 
-_LAZY = {"Kernel": "attnc.runtime", "flex_attention": "attnc.flex",
+# Loaded on first use: importing attnc stays cheap (no torch, Triton or sympy until needed).
+_LAZY = {"Kernel": "attnc.runtime.softmax", "flex_attention": "attnc.flex",
          "create_block_mask": "attnc.block_mask", "BlockMask": "attnc.block_mask",
          "and_masks": "attnc.block_mask", "or_masks": "attnc.block_mask",
-         "noop_mask": "attnc.block_mask", "LinearKernel": "attnc.linear_runtime"}
+         "noop_mask": "attnc.block_mask", "LinearKernel": "attnc.runtime.linear"}
+_MODULES = ("ops", "sparse")
 
 if "torch" in sys.modules:  # pick Triton's mode (interpreter without CUDA) before others import it
     import attnc.backends.triton  # noqa: F401
@@ -62,7 +65,8 @@ def compile(spec, **options):
 
 def load(name: str, **options):
     """Compile the library variant `variants/NAME.attn`."""
-    from attnc.library import variant_path, variants as names
+    from attnc.library import variant_path
+    from attnc.library import variants as names
 
     if variant_path(name) is None:
         raise ValueError(f"no library variant {name!r}; available: {', '.join(names())}")
@@ -77,10 +81,9 @@ def variants() -> list[str]:
 
 
 def __getattr__(name):
-    if name == "ops":
-        import importlib
-        return importlib.import_module("attnc.ops")
+    import importlib
+    if name in _MODULES:
+        return importlib.import_module(f"attnc.{name}")
     if name in _LAZY:
-        import importlib
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(name)
+    raise AttributeError(f"module 'attnc' has no attribute {name!r}")

@@ -17,7 +17,7 @@ Off a GPU (Triton's interpreter) the grid is two tile sizes: tuning there measur
 interpreter, which is only useful for testing the tuner itself.
 
 Whether a kernel tunes: the compile option `autotune=` if given, else the environment variable
-ATTNC_AUTOTUNE (1/true/on). The runtime (attnc/runtime.py) persists the winner in the cache per
+ATTNC_AUTOTUNE (1/true/on). The runtime (attnc/runtime/base.py) persists the winner in the cache per
 (kernel, head dims, dtype, device), so a new process reuses it instead of tuning again.
 """
 
@@ -27,11 +27,13 @@ import itertools
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from attnc.backends.triton.launcher import pow2
+from attnc import cache
+from attnc.backends.triton.softmax.launch import pow2
 
 TUNE_ENV = "ATTNC_AUTOTUNE"
 REGISTERS_PER_THREAD = 128  # fp32 accumulator values per thread before spilling is likely
@@ -96,10 +98,8 @@ def candidates(kind: str, default: dict, D: int, Dv: int, dtype: torch.dtype,
                device: torch.device, fixed: dict) -> list[dict]:
     """The default first, then every grid point of this device's grid that fits its shared
     memory and matches `fixed` (upper-case BLOCK_M/BLOCK_N keys, like the configs)."""
-    if device.type == "cuda":
-        grid = GRIDS[(kind, "fp32" if dtype == torch.float32 else "low")]
-    else:
-        grid = INTERPRETER_GRID
+    grid = (GRIDS[(kind, "fp32" if dtype == torch.float32 else "low")]
+            if device.type == "cuda" else INTERPRETER_GRID)
     return prune(kind, default, grid, D, Dv, dtype, shared_memory_limit(device), fixed)
 
 
@@ -121,9 +121,6 @@ def prune(kind: str, default: dict, grid, D: int, Dv: int, dtype: torch.dtype, l
     return out
 
 
-# A linear kernel's warps and stages when untuned: Triton's own defaults, as launched before
-# tuning existed
-LINEAR_DEFAULT = {"num_warps": 4, "num_stages": 3}
 # linear kernels: (BV, num_warps, num_stages) on a GPU; BV is further limited per spec
 LINEAR_GRIDS = {"chunked": ((16, 32, 64), (2, 4, 8), (1, 2, 3)),
                 "recurrent": ((16, 32, 64), (1, 2, 4), (1, 3))}
@@ -137,7 +134,7 @@ def linear_shared_memory(cfg: dict, BK: int, states: int, BT: int, itemsize: int
     return itemsize * stages * BT * (2 * BK + bv) + 4 * (states * BK * bv + BT * BT)
 
 
-def linear_candidates(algorithm: str, default: dict, widths: tuple[int, ...], BK: int,
+def linear_candidates(algorithm: str, default: Mapping, widths: tuple[int, ...], BK: int,
                       states: int, BT: int, dtype: torch.dtype, device: torch.device) -> list[dict]:
     """`default`, then (BV in `widths`) x warps x stages that fit: each program keeps its states
     (BK x BV fp32 each) in registers, and the chunked kernel's tiles in shared memory."""
@@ -219,7 +216,7 @@ def tune(run, configs: list[dict], device: torch.device, dtype: torch.dtype) -> 
             trials.append(Trial(cfg, None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
                                 if str(exc) else type(exc).__name__))
     timed = [t for t in trials if t.ms is not None]
-    best = min(timed, key=lambda t: t.ms)
+    best = min(timed, key=lambda t: t.ms or 0.0)
     dropped = [t for t in trials if t.note.startswith("differs")]
     if dropped:
         warnings.warn(f"attnc autotune: {len(dropped)} configuration(s) gave results different "
@@ -240,7 +237,6 @@ RECORD_KEYS = ("source", "kind", "shape", "trials")
 def config_key(kernel_key: str, kind: str, q: torch.Tensor, v: torch.Tensor, fixed: dict) -> str:
     """Cache key of a launch configuration: (kernel, which launch, dtype, device, head dims,
     the options the user fixed)."""
-    from attnc import cache
     cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else "interpreter"
     return cache.digest(kernel_key, kind, str(q.dtype), str(cap), str(q.shape[-1]),
                         str(v.shape[-1]), repr(sorted(fixed.items())))
@@ -253,7 +249,6 @@ def resolve(memo: dict, kernel_key: str, kind: str, q: torch.Tensor, v: torch.Te
     make_candidates() are tuned on run(config) and the winner is written to the cache (a new
     process reuses it); a call with an empty q or v launches nothing and so tunes nothing.
     memo[key] keeps the whole record; the launch options are returned."""
-    from attnc import cache
     if q.numel() == 0 or v.numel() == 0:
         run = None
     key = config_key(kernel_key, kind, q, v, fixed)

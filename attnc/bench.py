@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 from attnc import autotune
+from attnc.ir.cascade import TensorKind
+from attnc.testing import random_inputs, random_linear_inputs
 
 LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BV", "num_warps", "num_stages")
 
@@ -43,7 +45,6 @@ def report(records: list[dict]) -> list[str]:
 def bench_attention(kernel, *, B: int, H: int, Hkv: int, M: int, N: int, D: int, Dv: int,
                     dtype: torch.dtype, device: torch.device, backward: bool = True,
                     seed: int = 0) -> list[str]:
-    from attnc.testing import random_inputs
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -52,7 +53,7 @@ def bench_attention(kernel, *, B: int, H: int, Hkv: int, M: int, N: int, D: int,
     inputs = random_inputs(kernel, B, H, M, N, device=device, generator=gen)
     backward = backward and kernel.kernel_ir.grad is not None
     leaves = [q, k, v] + [t for d, t in zip(kernel.kernel_ir.inputs, inputs.values())
-                          if d.kind == "param"]
+                          if d.kind is TensorKind.PARAM]
     for t in leaves if backward else ():
         t.requires_grad_(True)
     dout = randn(B, H, M, Dv)
@@ -68,7 +69,6 @@ def bench_attention(kernel, *, B: int, H: int, Hkv: int, M: int, N: int, D: int,
 
 def bench_linear(kernel, *, B: int, H: int, T: int, D: int, Dv: int, dtype: torch.dtype,
                  device: torch.device, backward: bool = True, seed: int = 0) -> list[str]:
-    from attnc.testing import random_linear_inputs
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, H, T, D, generator=gen).to(device=device, dtype=dtype)
             for _ in range(2))

@@ -25,10 +25,10 @@ import math
 import sympy
 import torch
 
-from attnc import symbols as S
-from attnc.backends.reference import Evaluator, gather
+from attnc.backends.eager.evaluate import Evaluator, gather
+from attnc.expr import symbols as S
 from attnc.frontends.flex import Captures, trace_mask_mod
-from attnc.ir import KeyBounds
+from attnc.ir.cascade import KeyBounds
 from attnc.passes.mask_bounds import analyze
 
 # Elements evaluated at once for a data-dependent mask: bounds memory, and small slabs let the
@@ -111,7 +111,7 @@ class BlockMask:
     on first use and cached."""
 
     def __init__(self, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                 BLOCK_SIZE, mask_mod, seq_lengths, derived: bool = False):
+                 BLOCK_SIZE, mask_mod, seq_lengths, derived: bool = False) -> None:
         self.kv_num_blocks = kv_num_blocks
         self.kv_indices = kv_indices
         self.full_kv_num_blocks = full_kv_num_blocks
@@ -135,7 +135,8 @@ class BlockMask:
         if full_kv_indices is None:
             full_kv_num_blocks = torch.zeros_like(kv_num_blocks)
             full_kv_indices = torch.zeros_like(kv_indices)
-        if full_kv_indices.shape != kv_indices.shape or full_kv_num_blocks.shape != kv_num_blocks.shape:
+        if (full_kv_indices.shape != kv_indices.shape
+                or full_kv_num_blocks.shape != kv_num_blocks.shape):
             raise ValueError("full block lists must have the shapes of the partial ones")
         if seq_lengths is None:
             seq_lengths = (kv_indices.shape[-2] * bs[0], kv_indices.shape[-1] * bs[1])
@@ -168,8 +169,8 @@ class BlockMask:
         return self.kv_indices.device
 
     def to(self, device) -> "BlockMask":
-        return BlockMask(*(t.to(device) for t in (self.kv_num_blocks, self.kv_indices,
-                                                  self.full_kv_num_blocks, self.full_kv_indices)),
+        return BlockMask(self.kv_num_blocks.to(device), self.kv_indices.to(device),
+                         self.full_kv_num_blocks.to(device), self.full_kv_indices.to(device),
                          self.BLOCK_SIZE, self.mask_mod, self.seq_lengths, self.derived)
 
     # The backward pass runs over key blocks (each accumulates its dK, dV over the query blocks
@@ -213,7 +214,8 @@ class BlockMask:
 
     def __repr__(self) -> str:
         return (f"attnc.BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, "
-                f"partial={int(self.kv_num_blocks.sum())}, full={int(self.full_kv_num_blocks.sum())}, "
+                f"partial={int(self.kv_num_blocks.sum())}, "
+                f"full={int(self.full_kv_num_blocks.sum())}, "
                 f"sparsity={self.sparsity():.2f}%, derived={self.derived})")
 
 
@@ -273,7 +275,7 @@ class _Grid:
     # --- exact masks: each row's visible keys are a few intervals -------------------------------
     def from_bounds(self, bounds: KeyBounds) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.arange(self.Q, device=self.device).view(1, 1, -1, 1)
-        ev = Evaluator(self._symbols({S.m_lo: rows, S.m_hi: rows}), None, rows)
+        ev = Evaluator(self._symbols({S.m_lo: rows, S.m_hi: rows}), rows)
         intervals = [(self._bound(ev, s.lo), self._bound(ev, s.hi)) for s in bounds.segments]
         shape = torch.broadcast_shapes(rows.shape, *(t.shape for iv in intervals for t in iv))
         bx, hx = shape[0], shape[1]
@@ -317,9 +319,9 @@ class _Grid:
             c0, c1 = j0 * self.bkv, min(j1 * self.bkv, self.N)
             rows = torch.arange(r0, r1, device=self.device).view(1, 1, -1, 1)
             keys = torch.arange(c0, c1, device=self.device).view(1, 1, 1, -1)
-            ev = Evaluator(self._symbols({S.m: rows, S.n: keys}),
-                           lambda acc: gather(tensors[str(acc.base)], [ev(i) for i in acc.indices]),
-                           rows)
+            ev = Evaluator(self._symbols({S.m: rows, S.n: keys}), rows,
+                           access=lambda acc: gather(tensors[str(acc.base)],
+                                                     [ev(i) for i in acc.indices]))
             vis = torch.as_tensor(ev(mask), device=self.device).expand(
                 self.B, self.H, r1 - r0, c1 - c0)
             padded = torch.zeros(self.B, self.H, (i1 - i0) * self.bq, (j1 - j0) * self.bkv,
@@ -333,7 +335,7 @@ class _Grid:
 
     def _key_blocks(self, bounds: KeyBounds, m_lo: int, m_hi: int) -> tuple[int, int]:
         """Key blocks [j0, j1) that can hold a visible key of rows [m_lo, m_hi]."""
-        ev = Evaluator(self._symbols({S.m_lo: m_lo, S.m_hi: m_hi}), None,
+        ev = Evaluator(self._symbols({S.m_lo: m_lo, S.m_hi: m_hi}),
                        torch.zeros((), device=self.device))
         lo = min(int(self._bound(ev, s.lo).min()) for s in bounds.segments)
         hi = max(int(self._bound(ev, s.hi).max()) for s in bounds.segments)

@@ -1,10 +1,15 @@
 """On-disk cache of generated kernels and launch configurations.
 
 Layout under $ATTNC_CACHE_DIR (default ~/.cache/attnc):
-    kernels/<key>.py     generated Triton source; key = hash(kernel IR, codegen and tool versions)
-    configs/<key>.json   launch configuration; key = hash(kernel key, dtype, device capability)
+    kernels/<key>.py          generated Triton source; key = hash(kernel IR, codegen and tool
+                              versions)
+    kernels/<key>.names.json  how that source spelled the spec's names (a hit rebuilds the
+                              kernels' contracts from the IR and these, generating no code)
+    configs/<key>.json        launch configuration; key = hash(kernel key, dtype, device
+                              capability)
 Files are written to a temporary name and renamed (atomic on POSIX), so concurrent writers never
-leave a torn file; the last rename wins with identical content. Generated modules are imported
+leave a torn file; the last rename wins with identical content. The names are written before
+the source, so a source on disk always has its names. Generated modules are imported
 with importlib from the cache path so Triton (and tracebacks) can read their source.
 """
 
@@ -18,7 +23,6 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-
 
 
 def cache_dir() -> Path:
@@ -37,12 +41,12 @@ def versions() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def codegen_fingerprint() -> str:
-    """Hash of the code generator's own source: a generator change invalidates old kernels."""
-    from attnc.backends.triton import (backward, codegen, linear_codegen, linear_recurrent_bwd,
-                                       printer)
-    return digest(*(Path(m.__file__).read_text()
-                    for m in (codegen, backward, linear_codegen, linear_recurrent_bwd,
-                              printer)))[:16]
+    """Hash of the code generator's own source (the Triton backend and the op table's
+    spellings): a generator change invalidates old kernels."""
+    import attnc.backends.triton as backend
+    from attnc.expr import functions
+    files = sorted(Path(backend.__file__).parent.rglob("*.py")) + [Path(functions.__file__)]
+    return digest(*(f.read_text() for f in files))[:16]
 
 
 def digest(*parts: str) -> str:
@@ -70,12 +74,20 @@ def kernel_path(key: str) -> Path:
     return cache_dir() / "kernels" / f"{key}.py"
 
 
-def read_kernel(key: str) -> str | None:
-    path = kernel_path(key)
-    return path.read_text() if path.is_file() else None
+def _names_path(key: str) -> Path:
+    return cache_dir() / "kernels" / f"{key}.names.json"
 
 
-def write_kernel(key: str, text: str) -> Path:
+def read_kernel(key: str) -> tuple[str, dict[str, str]] | None:
+    """The cached source and its names, or None."""
+    path, names = kernel_path(key), _names_path(key)
+    if not (path.is_file() and names.is_file()):
+        return None
+    return path.read_text(), json.loads(names.read_text())
+
+
+def write_kernel(key: str, text: str, names: dict[str, str]) -> Path:
+    _write_atomic(_names_path(key), json.dumps(names, sort_keys=True))
     path = kernel_path(key)
     _write_atomic(path, text)
     return path
@@ -98,6 +110,7 @@ def import_kernel(key: str):
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, kernel_path(key))
+    assert spec is not None and spec.loader is not None, kernel_path(key)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -108,12 +121,13 @@ def info() -> dict:
     root = cache_dir()
     files = [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
     return {"path": str(root), "kernels": sum(p.suffix == ".py" for p in files),
-            "configs": sum(p.suffix == ".json" for p in files),
+            "configs": sum(p.parent.name == "configs" for p in files),
             "bytes": sum(p.stat().st_size for p in files)}
 
 
 def clear() -> int:
-    """Remove cached kernels and configs; returns how many files were removed."""
+    """Remove cached kernels (with their names) and configs; returns how many files were
+    removed."""
     removed = 0
     for sub in ("kernels", "configs"):
         d = cache_dir() / sub

@@ -74,16 +74,14 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_passes(args) -> int:
-    from attnc.pipeline import LINEAR_PASSES, PASS_DOCS, PASSES
+    from attnc.pipeline import LINEAR_PASSES, PASSES
 
-    print("parse -> cascade -> " + " -> ".join(p.NAME for p in PASSES) + " -> kernel -> triton")
-    width = max(len(p.NAME) for p in PASSES + LINEAR_PASSES)
-    for i, p in enumerate(PASSES, 1):
-        print(f"{i:>2}. {p.NAME:<{width}}  {PASS_DOCS[p.NAME]}".rstrip())
-    print("linear blocks: parse -> cascade -> " + " -> ".join(p.NAME for p in LINEAR_PASSES)
-          + " -> kernel -> triton")
-    for i, p in enumerate(LINEAR_PASSES, 1):
-        print(f"{i:>2}. {p.NAME:<{width}}  {PASS_DOCS[p.NAME]}".rstrip())
+    width = max(len(p.name) for p in PASSES + LINEAR_PASSES)
+    for title, passes in (("", PASSES), ("linear blocks: ", LINEAR_PASSES)):
+        print(f"{title}parse -> cascade -> " + " -> ".join(p.name for p in passes)
+              + " -> kernel -> triton")
+        for i, p in enumerate(passes, 1):
+            print(f"{i:>2}. {p.name:<{width}}  {p.doc}".rstrip())
     return 0
 
 
@@ -93,7 +91,7 @@ def _cmd_show(args) -> int:
     options = _options(args)
     if options:
         # launch options (block sizes, warps, stages) do not change any IR
-        from attnc.runtime import LAUNCH_OPTIONS
+        from attnc.runtime.softmax import LAUNCH_OPTIONS
         options = {k: v for k, v in options.items() if k not in LAUNCH_OPTIONS}
     _emit(show(read_spec(args.spec), args.stage, options))
     return 0
@@ -211,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # SHOW_STAGES is a constant of the pipeline; listed here so `--help` works without importing it
     stages = ("parse", "cascade", "desugar", "pass_count", "online_softmax", "mask_bounds",
-              "tile", "autodiff", "fuse", "kernel", "triton", "chunk_scan")
+              "tile", "autodiff", "fuse", "kernel", "triton", "chunk_scan", "tile_scan")
     parser = argparse.ArgumentParser(
         prog="attnc", description="A compiler for attention variants: specs in, fused Triton "
         "kernels out. SPEC is a .attn file, a library variant name or DSL text.")

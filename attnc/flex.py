@@ -22,11 +22,15 @@ import threading
 import sympy
 import torch
 
-from attnc import symbols as S
+from attnc import cache
 from attnc.block_mask import BlockMask
+from attnc.expr import symbols as S
 from attnc.frontends.flex import Captures, hoist_mask, trace_mask_mod, trace_score_mod
-from attnc.ir import AttentionSpec
+from attnc.ir.cascade import QK, AttentionSpec, Normalizer
 from attnc.passes.mask_bounds import analyze
+from attnc.pipeline import Source
+from attnc.runtime import compile_ir
+from attnc.runtime.base import TRACED
 
 _KERNELS: dict[str, object] = {}
 _LOCK = threading.Lock()
@@ -45,7 +49,7 @@ def trace_spec(score_mod, block_mask: BlockMask | None, sizes: dict
                ) -> tuple[AttentionSpec, dict[str, torch.Tensor]]:
     """The AttentionSpec of (score_mod, block_mask) and the captured tensors it reads."""
     captures = Captures()
-    qk = S.access("QK", S.m, S.n) * S.scale
+    qk = S.access(QK, S.m, S.n) * S.scale
     score = trace_score_mod(score_mod, captures) if score_mod is not None else qk
     mask = None
     if block_mask is not None:
@@ -57,16 +61,12 @@ def trace_spec(score_mod, block_mask: BlockMask | None, sizes: dict
         if hoisted is not None:
             mask = hoisted if mask is None else sympy.And(mask, hoisted)
     spec = AttentionSpec(name="flex", decls=captures.decls(sizes), score=score, mask=mask,
-                         normalize="softmax", block_sparse=sparse)
+                         normalize=Normalizer.SOFTMAX, block_sparse=sparse)
     return spec, captures.tensors()
 
 
 def kernel_for(spec: AttentionSpec):
     """The compiled kernel of a traced spec, memoized by the spec itself."""
-    from attnc import cache
-    from attnc.pipeline import Source
-    from attnc.runtime import TRACED, compile_ir
-
     key = cache.digest(sympy.srepr(spec.score), sympy.srepr(spec.mask), repr(spec.decls),
                        str(spec.block_sparse), str(cache.cache_dir()))
     with _LOCK:
@@ -88,8 +88,9 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"flex_attention: {name} must be a 4-D tensor [B, H, L, D], got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+                             f"{got}")
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"flex_attention: query has {query.shape[1]} heads and key "
                          f"{key.shape[1]}; pass enable_gqa=True for grouped-query attention")

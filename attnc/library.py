@@ -22,7 +22,10 @@ def variant_path(name: str) -> Path | None:
 
 def describe(name: str) -> str:
     """The first comment line of a variant file: what it is and where it comes from."""
-    for line in variant_path(name).read_text().splitlines():
+    path = variant_path(name)
+    if path is None:
+        raise ValueError(f"no library variant {name!r}")
+    for line in path.read_text().splitlines():
         if line.startswith("#"):
             return line.lstrip("# ").strip()
     return ""

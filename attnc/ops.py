@@ -52,7 +52,7 @@ def _core(x: torch.Tensor) -> torch.Tensor:
 
 def _run(spec: str, algorithm: str, q, k, v, inputs: dict, scale, initial_state,
          output_final_state, cu_seqlens, state: str = "S"):
-    kernel = attnc.load(spec) if "{" not in spec else attnc.compile(spec)
+    kernel = attnc.compile(spec)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not torch.is_tensor(x) or x.dim() != 4:
             raise ValueError(f"{name} must be [B, T, H, D] (fla's layout), got "

@@ -1,47 +1,48 @@
-"""The compiler pipeline, as one visible list.
+"""The compiler pipeline, as one visible list per family.
 
     parse -> cascade (frontend IR) -> desugar -> pass_count -> online_softmax -> mask_bounds
-          -> tile -> autodiff -> fuse (kernel IR) -> triton (forward and backward source)
+          -> tile -> autodiff -> fuse (kernel IR) -> kernel (+ the backend's kernels) -> triton
 
 A `linear` block (a state-update scan) takes its own short pipeline:
 
-    parse -> cascade (LinearScan) -> chunk_scan -> triton (recurrent and chunked kernels)
+    parse -> cascade (LinearScan) -> chunk_scan -> tile_scan (kernel IR) -> kernel -> triton
 
-Each pass is a pure function IR -> IR in its own module; the cascade is verified after every
-pass, and any stage can be printed (`attnc show SPEC --stage NAME`).
+Each pass is a pure function IR -> IR in its own module (passes/), described by its `PASS`
+record. After every pass the IR is verified at its level (`verify`), and an analysis must
+return its input unchanged. Any stage can be printed (`attnc show SPEC --stage NAME`): an
+analysis prints what it found, `kernel` prints the kernel IR and the kernels the backend
+generates from it (entry points, grids, signatures), `triton` the generated source.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import lark
 
 from attnc.errors import SpecError
 from attnc.frontends.lower import lower
 from attnc.frontends.parser import parse
-from attnc.ir import Cascade, format_cascade, verify
-from attnc.kernel_ir import AttentionKernel, format_kernel
-from attnc.linear_ir import LinearScan, format_scan
-from attnc.passes import (autodiff, chunk_scan, desugar, fuse, mask_bounds, online_softmax,
-                          pass_count, tile)
+from attnc.ir.cascade import AttentionSpec, Cascade, format_cascade, verify
+from attnc.ir.kernel import AttentionKernel, format_kernel, verify_kernel
+from attnc.ir.linear import LinearScan, format_scan, verify_scan
+from attnc.ir.linear_kernel import ScanPlan, format_plan, verify_plan
+from attnc.library import variant_path
+from attnc.passes import (Pass, PassKind, autodiff, chunk_scan, desugar, fuse, mask_bounds,
+                          online_softmax, pass_count, tile, tile_scan)
 
-PASSES = (desugar, pass_count, online_softmax, mask_bounds, tile, autodiff, fuse)
-LINEAR_PASSES = (chunk_scan,)
-STAGES = ("parse", "cascade") + tuple(p.NAME for p in PASSES) + ("kernel", "triton")
-LINEAR_STAGES = ("parse", "cascade") + tuple(p.NAME for p in LINEAR_PASSES) + ("kernel", "triton")
+PASSES: tuple[Pass, ...] = (desugar.PASS, pass_count.PASS, online_softmax.PASS,
+                            mask_bounds.PASS, tile.PASS, autodiff.PASS, fuse.PASS)
+LINEAR_PASSES: tuple[Pass, ...] = (chunk_scan.PASS, tile_scan.PASS)
+STAGES = ("parse", "cascade") + tuple(p.name for p in PASSES) + ("kernel", "triton")
+LINEAR_STAGES = ("parse", "cascade") + tuple(p.name for p in LINEAR_PASSES) + ("kernel", "triton")
 SHOW_STAGES = STAGES + tuple(s for s in LINEAR_STAGES if s not in STAGES)
 
-PASS_DOCS = {
-    "desugar": "score/mask/normalize blocks into FuseMax's 3-pass softmax cascade",
-    "pass_count": "analysis: FuseMax's number of passes over the key rank n",
-    "online_softmax": "max/exp/sum/divide chain into one pass with running max and sum",
-    "mask_bounds": "sympy analysis of the mask: key-loop bounds per query tile, full tiles",
-    "tile": "grid over (b, h, query tiles), sequential loop over key tiles",
-    "autodiff": "sympy derivatives of the score: the backward cascade (dq, dk, dv, d<param>)",
-    "fuse": "inline everything into one kernel; place param/input loads",
-    "chunk_scan": "classify each state update: its chunkwise-parallel form, or why it has none",
-}
+FrontendIR = AttentionSpec | Cascade | LinearScan
+IR = AttentionSpec | Cascade | AttentionKernel | LinearScan | ScanPlan
 
 
 @dataclass(frozen=True)
@@ -50,47 +51,103 @@ class Source:
     filename: str
 
 
+# Spec text, as opposed to a file name or a library name: several lines, a brace, or a block
+# keyword first.
+_TEXT = re.compile(r"[\n{]|^\s*(attention|cascade|linear)\b")
+
+
 def read_spec(spec: str | os.PathLike) -> Source:
-    """A spec argument is DSL text, a path to a .attn file, or a library variant name."""
-    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and "{" not in spec):
-        path = Path(spec)
-        if path.is_file():
-            return Source(path.read_text(), str(path))
-        from attnc.library import variant_path
-        lib = variant_path(str(spec))
-        if lib is not None:
-            return Source(lib.read_text(), f"variants/{lib.name}")
-        raise SpecError(f"no spec file or library variant named {str(spec)!r}",
-                        filename=str(spec), hint="`attnc list` shows the library")
-    return Source(spec, "<spec>")
+    """A spec argument is DSL text, a path to a .attn file, or a library variant name. A string
+    is DSL text when it holds a newline or a brace or starts with `attention`, `cascade` or
+    `linear` (so a spec missing its brace still gets a located parse error); any other string
+    names a file, else a library variant."""
+    if isinstance(spec, str) and _TEXT.search(spec):
+        return Source(spec, "<spec>")
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(f"a spec is DSL text, a path or a library name, got "
+                         f"{type(spec).__name__}")
+    path = Path(spec)
+    if path.is_file():
+        return Source(path.read_text(), str(path))
+    lib = variant_path(str(spec))
+    if lib is not None:
+        return Source(lib.read_text(), f"variants/{lib.name}")
+    raise SpecError(f"no spec file or library variant named {str(spec)!r}", filename=str(spec),
+                    hint="`attnc list` shows the library; spec text starts with `attention`, "
+                         "`cascade` or `linear`")
 
 
-def frontend(src: Source, options: dict | None = None):
+def frontend(src: Source, options: dict | None = None) -> tuple[lark.Tree, FrontendIR]:
     tree = parse(src.text, src.filename)
     return tree, lower(tree, src.text, src.filename, options)
 
 
-def run_passes(ir, upto: str | None = None) -> list[tuple[str, object]]:
+def verify_ir(ir: IR) -> None:
+    """Check `ir` at its level (raises AssertionError naming what is wrong)."""
+    if isinstance(ir, Cascade):
+        verify(ir)
+    elif isinstance(ir, AttentionKernel):
+        verify_kernel(ir)
+    elif isinstance(ir, LinearScan):
+        verify_scan(ir)
+    elif isinstance(ir, ScanPlan):
+        verify_scan(ir.scan)
+        verify_plan(ir)
+
+
+def passes_for(ir: FrontendIR) -> tuple[Pass, ...]:
+    return LINEAR_PASSES if isinstance(ir, LinearScan) else PASSES
+
+
+def run_passes(ir: FrontendIR, upto: str | None = None) -> list[tuple[str, IR]]:
     """Run the pipeline, returning (pass name, IR after it) for each pass run."""
-    trail = []
-    for p in (LINEAR_PASSES if isinstance(ir, LinearScan) else PASSES):
-        ir = p.run(ir)
-        if isinstance(ir, Cascade):
-            verify(ir)
-        trail.append((p.NAME, ir))
-        if p.NAME == upto:
+    trail: list[tuple[str, IR]] = []
+    current: IR = ir
+    for p in passes_for(ir):
+        out = p.run(current)
+        if p.kind is PassKind.ANALYSIS and out is not current:
+            raise AssertionError(f"the analysis {p.name} changed the IR")
+        verify_ir(out)
+        trail.append((p.name, out))
+        current = out
+        if p.name == upto:
             break
     return trail
 
 
-def format_ir(ir) -> str:
+def format_ir(ir: IR) -> str:
     if isinstance(ir, LinearScan):
         return format_scan(ir)
+    if isinstance(ir, ScanPlan):
+        return format_plan(ir)
     if isinstance(ir, Cascade):
         return format_cascade(ir, passes=pass_count.count(ir))
     if isinstance(ir, AttentionKernel):
         return format_kernel(ir)
     return str(ir)
+
+
+def format_kernels(ir: AttentionKernel | ScanPlan) -> str:
+    """The `kernel` stage: the kernel IR, then the kernels the backend generates from it."""
+    from attnc.backends.triton import codegen  # torch and Triton load only for these stages
+    text = format_ir(ir).rstrip("\n")
+    return text + "\n\n" + codegen.generate(ir).describe()
+
+
+def stage_text(trail: list[tuple[str, IR]], frontend_ir: FrontendIR, stage: str) -> str:
+    """What `attnc show` prints for a pass's stage (or `kernel`) given the trail: an analysis
+    prints its findings; a rewrite that had nothing to rewrite says so above the IR."""
+    if stage == "kernel":
+        return format_kernels(trail[-1][1])  # type: ignore[arg-type]
+    before: IR = frontend_ir
+    for p, (name, ir) in zip(passes_for(frontend_ir), trail):
+        if name == stage:
+            if p.report is not None:
+                return p.report(ir)
+            same = f"# {name} left the IR unchanged (nothing here for it to rewrite)\n"
+            return (same if ir is before else "") + format_ir(ir)
+        before = ir
+    raise ValueError(f"the pipeline stopped before {stage!r}")
 
 
 def show(src: Source, stage: str, options: dict | None = None) -> str:
@@ -101,20 +158,13 @@ def show(src: Source, stage: str, options: dict | None = None) -> str:
         return tree.pretty()
     if stage == "cascade":
         return format_ir(ir)
-    if isinstance(ir, LinearScan):
-        if stage not in LINEAR_STAGES:
-            raise ValueError(f"stage {stage!r} does not apply to a linear block; its stages: "
-                             + ", ".join(LINEAR_STAGES))
-        scan = run_passes(ir)[-1][1]
-        if stage == "triton":
-            from attnc.backends.triton.linear_codegen import generate as generate_linear
-            return generate_linear(scan)
-        return format_ir(scan)
-    if stage not in STAGES:
-        raise ValueError(f"stage {stage!r} applies to linear blocks only; stages: "
-                         + ", ".join(STAGES))
-    if stage in ("kernel", "triton"):
-        from attnc.backends.triton.codegen import generate
-        kernel = run_passes(ir)[-1][1]
-        return format_kernel(kernel) if stage == "kernel" else generate(kernel)
-    return format_ir(run_passes(ir, upto=stage)[-1][1])
+    stages = LINEAR_STAGES if isinstance(ir, LinearScan) else STAGES
+    if stage not in stages:
+        family = "linear blocks" if isinstance(ir, LinearScan) else "attention and cascade blocks"
+        raise ValueError(f"stage {stage!r} does not apply to {family}; their stages: "
+                         + ", ".join(stages))
+    if stage == "triton":
+        from attnc.backends.triton import codegen
+        return codegen.generate(run_passes(ir)[-1][1]).source  # type: ignore[arg-type]
+    trail = run_passes(ir, upto=None if stage == "kernel" else stage)
+    return stage_text(trail, ir, stage)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 
-def scatter_sum(values: torch.Tensor, index: list[torch.Tensor], shape: tuple[int, ...]
-                ) -> torch.Tensor:
+def scatter_sum(values: torch.Tensor, index: list, shape: tuple[int, ...]) -> torch.Tensor:
     """out[shape] (float64) with out[i] = sum of values[j] over j with index[:, j] == i; `index`
     holds one integer tensor per dimension of `shape`, broadcastable with `values`. Entries whose
     index falls outside `shape` are dropped."""

@@ -13,7 +13,11 @@ import math
 import sympy
 import torch
 
-from attnc import symbols as S
+from attnc.backends.eager.linear import feature_dim, public_state, state_shape
+from attnc.backends.reference.cascade import interpret, interpret_backward
+from attnc.backends.reference.linear import interpret as interpret_scan
+from attnc.expr import symbols as S
+from attnc.ir.cascade import TensorKind
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
@@ -24,7 +28,7 @@ def random_inputs(kernel, B: int, H: int, M: int, N: int, device="cpu",
     out = {}
     for decl in kernel.kernel_ir.inputs:
         shape = tuple(int(sympy.sympify(d).xreplace(sizes)) for d in decl.dims)
-        if decl.kind == "param":
+        if decl.kind is TensorKind.PARAM:
             out[decl.name] = 0.5 + torch.rand(shape, generator=generator).to(device)
         else:
             ids = torch.randint(0, 3, shape, generator=generator)
@@ -37,8 +41,6 @@ def check(kernel, *, B=2, H=4, Hkv=2, M=77, N=93, D=64, Dv=64, dtype=torch.float
     """Run `kernel` (forward and backward) on random inputs and compare with the reference
     interpreter in float64. `grad_rel_error` is the worst relative error over the gradients of
     q, k, v and the params (None when the kernel has no backward)."""
-    from attnc.backends.reference import interpret
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, M, D, generator=g)
@@ -57,7 +59,8 @@ def check(kernel, *, B=2, H=4, Hkv=2, M=77, N=93, D=64, Dv=64, dtype=torch.float
                     inputs=ref_inputs)
     err = rel_error(out, ref["out"])
     finite = torch.isfinite(ref["lse"])
-    lse_err = (lse.double().cpu()[finite] - ref["lse"][finite]).abs().max().item() if finite.any() else 0.0
+    lse_err = ((lse.double().cpu()[finite] - ref["lse"][finite]).abs().max().item()
+               if finite.any() else 0.0)
     lse_match = bool(torch.equal(torch.isfinite(lse.cpu()), finite))
     tol = TOLERANCE[dtype]
     grad_err = None
@@ -68,9 +71,10 @@ def check(kernel, *, B=2, H=4, Hkv=2, M=77, N=93, D=64, Dv=64, dtype=torch.float
                 + (torch.where(finite, lse.double().cpu(), 0.0) * d_lse).sum())
         learn = [t for t in params.values() if t.requires_grad]
         got = torch.autograd.grad(loss, leaves + learn)
-        want = interpret(stages["autodiff"].backward, q.double(), k.double(), v.double(),
-                         scale=scale, inputs=ref_inputs,
-                         saved={"O": ref["out"], "LSE": ref["lse"], "dO": d_out, "dLSE": d_lse})
+        want = interpret_backward(stages["autodiff"].backward, q.double(), k.double(),
+                                  v.double(), scale=scale, inputs=ref_inputs,
+                                  saved={"O": ref["out"], "LSE": ref["lse"], "dO": d_out,
+                                         "dLSE": d_lse})
         roles = ["dq", "dk", "dv"] + [f"d_{n}" for n, t in params.items() if t.requires_grad]
         grad_err = max(rel_error(a, want[r]) for a, r in zip(got, roles))
     # gradients pass through more rounding than the forward (p and ds are rounded to the input
@@ -95,18 +99,14 @@ def random_linear_inputs(kernel, B: int, H: int, T: int, D: int, Dv: int,
                          generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Inputs and params of a `linear` kernel: per-step values in [-0.4, 0.2) (mild as log-space
     gates, as betas or as step sizes), a feature map's weights ~ N(0, 0.3^2)."""
-    from attnc.linear_ir import DK, DV, D as D_IN, T as T_SYM
-
-    from attnc.backends.linear_torch import feature_dim
-
     scan = kernel.scan
     mapped = {p for mp in scan.maps for p in mp.params}
-    sizes = {S.B: B, S.H: H, T_SYM: T, DV: Dv, D_IN: D, **dict(scan.options)}
-    out = {}
+    sizes = {S.B: B, S.H: H, S.T: T, S.DV: Dv, S.D: D, **dict(scan.options)}
+    out: dict[str, torch.Tensor] = {}
     # a feature map's weights first: they size DK, which sizes the other tensors
     for decl in sorted(scan.decls, key=lambda d: d.name not in mapped):
-        if decl.name not in mapped and DK not in sizes:
-            sizes[DK] = feature_dim(scan, torch.zeros(B, H, 0, D), out)
+        if decl.name not in mapped and S.DK not in sizes:
+            sizes[S.DK] = feature_dim(scan, torch.zeros(B, H, 0, D), out)
         shape = tuple(int(sympy.sympify(d).xreplace(sizes)) for d in decl.dims)
         if decl.name in mapped:
             out[decl.name] = 0.3 * torch.randn(shape, generator=generator)
@@ -118,10 +118,8 @@ def random_linear_inputs(kernel, B: int, H: int, T: int, D: int, Dv: int,
 def check_linear(kernel, *, B=2, H=4, T=45, D=32, Dv=32, dtype=torch.float32, device=None,
                  seed=0, algorithm=None) -> dict:
     """Run a `linear` kernel (forward with an initial state, and backward) on random inputs and
-    compare with the scan's recurrence (backends/linear_torch.interpret) in float64: the output,
+    compare with the scan's recurrence (backends/reference/linear.py) in float64: the output,
     the final states, and the gradients of q, k, v, inputs, params and the initial states."""
-    from attnc.backends.linear_torch import feature_dim, interpret, public_state, state_shape
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, H, T, D, generator=g) for _ in range(2))
@@ -142,8 +140,8 @@ def check_linear(kernel, *, B=2, H=4, T=45, D=32, Dv=32, dtype=torch.float32, de
     # own error, not the inputs' quantization
     ref_leaves = {n: (x.to(dtype) if n in "qkv" else x).double().requires_grad_()
                   for n, x in leaves.items()}
-    ref_out, ref_final = interpret(kernel.scan, ref_leaves["q"], ref_leaves["k"], ref_leaves["v"],
-                                   {n: ref_leaves[n] for n in inputs},
+    ref_out, ref_final = interpret_scan(kernel.scan, ref_leaves["q"], ref_leaves["k"],
+                                        ref_leaves["v"], {n: ref_leaves[n] for n in inputs},
                                    initial_state={n: ref_leaves[f"init_{n}"] for n in init})
     err = max([rel_error(out, ref_out)] + [rel_error(final[n], ref_final[n]) for n in init])
     d_out = torch.randn(out.shape, generator=g, dtype=torch.float64)

@@ -20,10 +20,10 @@ import statistics
 import time
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
 
 import attnc
 from benchmarks import common
-from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
 
 FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
 

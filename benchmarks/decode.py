@@ -34,10 +34,10 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 import attnc  # first: on a CPU-only machine it selects Triton's interpreter
 from benchmarks import common
-from torch.nn.attention.flex_attention import flex_attention
 
 SUITE = "decode"
 MODULE = "benchmarks.decode"

@@ -11,8 +11,8 @@ of the same names (attnc.ops mirrors fla), `output_final_state=False` in the tim
 Inputs: q, k, v random normal; log gates `g` kept in fp32 (fla's Gated DeltaNet layer makes
 them so; its kernels accumulate gates in fp32 either way) -- `logsigmoid(randn)` per key
 feature for gla, `logsigmoid(randn) / 16` per head for simple_gla and the gated delta rule;
-`beta = sigmoid(randn)`; the delta rules normalize q and k (`use_qk_l2norm_in_kernel=True`). The batch is `--tokens // T`, so every length moves the same
-number of tokens.
+`beta = sigmoid(randn)`; the delta rules normalize q and k (`use_qk_l2norm_in_kernel=True`).
+The batch is `--tokens // T`, so every length moves the same number of tokens.
 
 Timing: `fwd` is one forward call under no_grad; `fwdbwd` is a forward on leaves that require
 grad plus `o.backward(do)` (gradients reset to None first, so nothing accumulates).

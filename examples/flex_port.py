@@ -11,10 +11,10 @@ Triton's interpreter.
 import time
 import warnings
 
-import attnc  # first: on a CPU-only machine attnc switches Triton to its interpreter
 import torch
 from torch.nn.attention.flex_attention import flex_attention as torch_flex
 
+import attnc  # first: on a CPU-only machine attnc switches Triton to its interpreter
 from attnc.testing import rel_error
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")

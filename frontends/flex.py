@@ -20,19 +20,23 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import sympy
 import torch
 
-from attnc import symbols as S
 from attnc.errors import SpecError
-from attnc.ir import TensorDecl
+from attnc.expr import symbols as S
+from attnc.expr.functions import BY_FLEX
+from attnc.ir.cascade import QK, TensorDecl, TensorKind
 
 INT, FLOAT, BOOL = "int", "float", "bool"
 
 # Names a captured tensor may not take: index/size symbols, operands and the cascade's own nodes.
+# Names a captured tensor may not take: the index and size symbols and the operands (the names
+# passes give their own tensors are chosen around whatever the captures are called).
 RESERVED = {"b", "h", "m", "n", "e", "f", "B", "H", "M", "N", "q", "k", "v", "scale", "qk", "Q",
-            "K", "V", "QK", "S", "SM", "GM", "SN", "SD", "A", "AV", "O", "LSE"}
+            "K", "V", QK}
 
 
 class ModError(SpecError):
@@ -53,7 +57,7 @@ def _user_frame(skip: tuple[str, ...] | None = None):
     """The innermost frame outside the `skip` directories (default: attnc's and torch's): the
     mod's line that did the operation."""
     skip = _package_dirs() if skip is None else skip
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         path = str(Path(frame.f_code.co_filename).resolve())
         if not any(path.startswith(root) for root in skip):
@@ -69,8 +73,8 @@ class Captured:
     accesses: list = field(default_factory=list)
 
     @property
-    def kind(self) -> str:
-        return "param" if self.tensor.is_floating_point() else "input"
+    def kind(self) -> TensorKind:
+        return TensorKind.PARAM if self.tensor.is_floating_point() else TensorKind.INPUT
 
 
 class Captures:
@@ -203,19 +207,14 @@ def _promote(*xs: "Traced") -> str:
 _COMPARE = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 
 
-def _unary(fn):
-    return lambda x: (fn(_as_number(x)), FLOAT)
+def _unary(f):
+    """A traced call of an op-table function of one argument (attnc.expr.functions)."""
+    return lambda x: (f.build(_as_number(x)), _promote(x) if f.keeps_kind else FLOAT)
 
 
 _UNARY = {
-    "exp": _unary(sympy.exp), "exp2": _unary(lambda a: 2 ** a), "log": _unary(sympy.log),
-    "tanh": _unary(sympy.tanh), "sin": _unary(sympy.sin), "cos": _unary(sympy.cos),
-    "tan": _unary(sympy.tan), "sqrt": _unary(sympy.sqrt), "rsqrt": _unary(lambda a: 1 / sympy.sqrt(a)),
-    "sigmoid": _unary(S.sigmoid), "softplus": _unary(S.softplus),
-    "abs": lambda x: (sympy.Abs(_as_number(x)), _promote(x)),
+    **{name: _unary(f) for name, f in BY_FLEX.items() if len(f.args) == 1},
     "neg": lambda x: (-_as_number(x), _promote(x)),
-    "square": lambda x: (_as_number(x) ** 2, _promote(x)),
-    "relu": lambda x: (sympy.Max(_as_number(x), 0), _promote(x)),
     "logical_not": lambda x: (sympy.Not(_bool(x)), BOOL),
 }
 
@@ -321,7 +320,7 @@ class Traced:
     def __eq__(self, o): return self._compare(o, "eq")  # noqa: E704
     def __ne__(self, o): return self._compare(o, "ne")  # noqa: E704
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]  # equality builds a comparison, not a bool
 
     def _logic(self, other, op: str, reverse: bool = False) -> "Traced":
         t = self.tracer
@@ -361,7 +360,8 @@ class Traced:
         if name in _METHODS:
             return lambda *a, **kw: _METHODS[name](self, *a, **kw)
         raise self.tracer.error(f"Tensor.{name} is not supported by the tracer",
-                                hint="supported methods: " + ", ".join(sorted(set(_UNARY) | set(_METHODS))))
+                                hint="supported methods: "
+                                     + ", ".join(sorted(set(_UNARY) | set(_METHODS))))
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -556,7 +556,8 @@ def _index_captured(tracer: Tracer, tensor, index) -> Traced:
             expr = expr + tensor.shape[axis]
         idx.append(expr)
     # name it from the frame that indexed it, which may be a mod defined inside attnc itself
-    captured = tracer.captures.register(tensor, _user_frame(_package_dirs()[:1] + _package_dirs()[-1:]))
+    captured = tracer.captures.register(
+        tensor, _user_frame(_package_dirs()[:1] + _package_dirs()[-1:]))
     captured.accesses.append(tuple(idx))
     acc = S.access(captured.name, *idx)
     if tensor.dtype == torch.bool:
@@ -585,7 +586,7 @@ def trace_score_mod(fn, captures: Captures) -> sympy.Expr:
     """score_mod(score, b, h, q_idx, kv_idx) as a sympy score over QK[m, n]*scale."""
     tracer = Tracer("score_mod", fn, captures)
     _check_arity(tracer, fn, 5)
-    score = Traced(S.access("QK", S.m, S.n) * S.scale, FLOAT, tracer)
+    score = Traced(S.access(QK, S.m, S.n) * S.scale, FLOAT, tracer)
     out = tracer.run(score, *_index_args(tracer))
     if out.kind == BOOL:
         raise tracer.error("returns a boolean; a score_mod returns a score",
@@ -608,7 +609,8 @@ def hoist_mask(score: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr | None]:
     mask analysis can prune keys. Semantics are unchanged: masking is where(mask, score, -inf)."""
     conds = []
     while (isinstance(score, sympy.Piecewise) and len(score.args) == 2
-           and score.args[1] == (-sympy.oo, True) and not score.args[0][1].has(sympy.IndexedBase("QK"))):
+           and score.args[1] == (-sympy.oo, True)
+           and not score.args[0][1].has(sympy.IndexedBase(QK))):
         conds.append(score.args[0][1])
         score = score.args[0][0]
     return score, (sympy.And(*conds) if conds else None)

@@ -12,21 +12,18 @@ from dataclasses import dataclass, field
 import lark
 import sympy
 
-from attnc import symbols as S
 from attnc.errors import SpecError
-from attnc.ir import AttentionSpec, Cascade, Einsum, TensorDecl
+from attnc.expr import symbols as S
+from attnc.expr.functions import BY_NAME, ArgKind
+from attnc.ir.cascade import (OPERAND_DECLS, QK, AttentionSpec, BlockKind, Cascade, Einsum,
+                              Normalizer, Reduce, TensorDecl, TensorKind)
 
-NUM, BOOL = "number", "boolean"
-NORMALIZERS = ("softmax",)
+NUM, BOOL = ArgKind.NUMBER.value, ArgKind.CONDITION.value
+NORMALIZERS = tuple(nz.value for nz in Normalizer)
+# The language's own names, and the keyword arguments of a compiled kernel's call (a tensor is
+# passed by its name: one called `block_mask` could not be).
 RESERVED = {"b", "h", "m", "n", "e", "f", "B", "H", "M", "N", "q", "k", "v", "scale",
-            "Q", "K", "V", "QK"}
-_FUNCS = {
-    "exp": (1, sympy.exp), "log": (1, sympy.log), "tanh": (1, sympy.tanh),
-    "sqrt": (1, sympy.sqrt), "abs": (1, sympy.Abs), "sin": (1, sympy.sin),
-    "cos": (1, sympy.cos), "tan": (1, sympy.tan), "exp2": (1, lambda x: 2 ** x),
-    "sigmoid": (1, S.sigmoid), "softplus": (1, S.softplus), "elu": (1, S.elu),
-    "relu": (1, lambda x: sympy.Max(x, 0)), "clamp": (3, lambda x, lo, hi: sympy.Min(sympy.Max(x, lo), hi)),
-}
+            "Q", "K", "V", QK, "return_lse", "block_mask"}
 
 
 @dataclass
@@ -42,6 +39,8 @@ class _Scope:
 
 
 class _Lowerer:
+    reserved: frozenset[str] = frozenset(RESERVED)  # names no declaration may take
+
     def __init__(self, source: str, filename: str, overrides: dict):
         self.source = source
         self.filename = filename
@@ -81,8 +80,8 @@ class _Lowerer:
         unknown = set(self.overrides) - set(scope.options)
         if unknown:
             declared = ", ".join(sorted(scope.options)) or "none"
-            raise SpecError(f"unknown option {sorted(unknown)[0]!r}; this spec declares: {declared}",
-                            filename=self.filename)
+            raise SpecError(f"unknown option {sorted(unknown)[0]!r}; this spec declares: "
+                            f"{declared}", filename=self.filename)
         return rest
 
     def attention(self, blk: lark.Tree) -> AttentionSpec:
@@ -116,15 +115,15 @@ class _Lowerer:
                 if str(tok) not in NORMALIZERS:
                     raise self.error(tok, f"normalizer '{tok}' is not supported",
                                      hint="supported: " + ", ".join(NORMALIZERS))
-                normalize = str(tok)
+                normalize = Normalizer(str(tok))
             else:  # pragma: no cover - the grammar admits nothing else
                 raise self.error(st, f"unexpected statement {kind}")
         if score is None:
-            score = S.access("QK", S.m, S.n) * S.scale
+            score = S.access(QK, S.m, S.n) * S.scale
         if mask is sympy.true:
             mask = None
         return AttentionSpec(name=name, decls=tuple(scope.tensors.values()), score=score,
-                             mask=mask, normalize=normalize or "softmax",
+                             mask=mask, normalize=normalize or Normalizer.SOFTMAX,
                              options=tuple(scope.options.items()))
 
     def cascade(self, blk: lark.Tree) -> Cascade:
@@ -137,19 +136,17 @@ class _Lowerer:
         if not nodes:
             raise self.error(blk, f"cascade {name} defines no einsum")
         last = nodes[-1]
-        operands = tuple(TensorDecl(t, "operand", tuple(S.RANKS[r] for r in rk))
-                         for t, rk in S.OPERANDS.items())
-        return Cascade(name=name, decls=operands + tuple(scope.tensors.values()),
+        return Cascade(name=name, decls=OPERAND_DECLS + tuple(scope.tensors.values()),
                        nodes=tuple(nodes), outputs=(("out", last.name),),
-                       options=tuple(scope.options.items()), source_kind="cascade")
+                       options=tuple(scope.options.items()), source_kind=BlockKind.CASCADE)
 
     # --- statements -------------------------------------------------------------------------
     def _option(self, od: lark.Tree, scope: _Scope) -> None:
         tok, num = od.children
         name = str(tok)
-        if name in RESERVED or name in scope.options:
+        if name in self.reserved or name in scope.options:
             raise self.error(tok, f"option name '{name}' is "
-                             + ("reserved" if name in RESERVED else "declared twice"))
+                             + ("reserved" if name in self.reserved else "declared twice"))
         value = _number(num.children[0])
         if num.data == "neg_number":
             value = -value
@@ -161,22 +158,23 @@ class _Lowerer:
             if isinstance(value, sympy.Integer) and not float(new).is_integer():
                 raise SpecError(f"option {name} is an integer option, got {new!r}",
                                 filename=self.filename)
-            value = sympy.Integer(int(new)) if isinstance(value, sympy.Integer) else sympy.Float(new)
+            value = (sympy.Integer(int(new)) if isinstance(value, sympy.Integer)
+                     else sympy.Float(new))
         scope.options[name] = value
 
     def _tensor_decl(self, td: lark.Tree, kind: str, scope: _Scope) -> TensorDecl:
         tok, *dims = td.children
         name = str(tok)
-        if name in RESERVED or name in scope.tensors or name in scope.options:
+        if name in self.reserved or name in scope.tensors or name in scope.options:
             raise self.error(tok, f"tensor name '{name}' is "
-                             + ("reserved" if name in RESERVED else "already declared"))
+                             + ("reserved" if name in self.reserved else "already declared"))
         sizes = []
         for d in dims:
             val = self.expect(d, scope, NUM, "dimension", decl=True)
             if not val.is_integer:
                 raise self.error(d, "a dimension must be an integer expression")
             sizes.append(val)
-        return TensorDecl(name, kind, tuple(sizes))
+        return TensorDecl(name, TensorKind(kind), tuple(sizes))
 
     def _einsum(self, st: lark.Tree, scope: _Scope) -> Einsum:
         kids = list(st.children)
@@ -200,7 +198,7 @@ class _Lowerer:
         expr = self.expect(body, scope, NUM, "einsum")
         used = [r for r in ("m", "n", "e", "f") if S.RANKS[r] in expr.free_symbols]
         implicit = tuple(r for r in used if r not in out_ranks)
-        op, over = "sum", implicit
+        op, over = Reduce.SUM.value, implicit
         if reduction is not None:
             op, args = str(reduction).split("(", 1)
             over = tuple(a.strip() for a in args.rstrip(")").split(","))
@@ -211,7 +209,7 @@ class _Lowerer:
                 raise self.error(reduction, f"{op}({', '.join(over)}) must reduce exactly the "
                                  f"ranks that appear only on the right: ({', '.join(implicit)})")
         scope.cascade_tensors[name] = out_ranks
-        return Einsum(name, out_ranks, expr, op if over else None, tuple(over))
+        return Einsum(name, out_ranks, expr, Reduce(op) if over else None, tuple(over))
 
     # --- expressions ------------------------------------------------------------------------
     def expect(self, node, scope: _Scope, kind: str, what: str, decl: bool = False):
@@ -310,28 +308,20 @@ class _Lowerer:
             if [str(a.children[0]) if isinstance(a, lark.Tree) and a.data == "name" else None
                     for a in args] != ["q", "k"]:
                 raise self.error(node, "dot takes exactly (q, k)")
-            return S.access("QK", S.m, S.n), NUM
-        if fn == "where":
-            if len(args) != 3:
-                raise self.error(node, f"where takes 3 arguments, got {len(args)}")
-            c = self.expect(args[0], scope, BOOL, "condition of where", decl)
-            a = self.expect(args[1], scope, NUM, "where's second argument", decl)
-            z = self.expect(args[2], scope, NUM, "where's third argument", decl)
-            return sympy.Piecewise((a, c), (z, True)), NUM
-        if fn in ("min", "max"):
-            if len(args) < 2:
-                raise self.error(node, f"{fn} takes at least 2 arguments")
-            vals = [self.expect(a, scope, NUM, f"argument of {fn}", decl) for a in args]
-            return (sympy.Min if fn == "min" else sympy.Max)(*vals), NUM
-        if fn not in _FUNCS:
+            return S.access(QK, S.m, S.n), NUM
+        entry = BY_NAME.get(fn)
+        if entry is None:
             raise self.error(tok, f"unknown function '{fn}'",
-                             hint="functions: " + ", ".join(sorted(set(_FUNCS) |
-                                                                   {"dot", "where", "min", "max"})))
-        arity, build = _FUNCS[fn]
-        if len(args) != arity:
-            raise self.error(node, f"{fn} takes {arity} argument{'s' * (arity > 1)}, "
+                             hint="functions: " + ", ".join(sorted(set(BY_NAME) | {"dot"})))
+        if len(args) < len(entry.args) or (len(args) > len(entry.args) and not entry.variadic):
+            least = "at least " if entry.variadic else ""
+            count = len(entry.args)
+            raise self.error(node, f"{fn} takes {least}{count} argument{'s' * (count > 1)}, "
                                    f"got {len(args)}")
-        return build(*[self.expect(a, scope, NUM, f"argument of {fn}", decl) for a in args]), NUM
+        kinds = list(entry.args) + [entry.args[-1]] * (len(args) - len(entry.args))
+        vals = [self.expect(a, scope, kind.value, _argument(fn, i), decl)
+                for i, (a, kind) in enumerate(zip(args, kinds))]
+        return entry.build(*vals), NUM
 
     def _access(self, node, scope: _Scope, decl: bool):
         tok, *idx = node.children
@@ -340,7 +330,8 @@ class _Lowerer:
             ranks = scope.cascade_tensors[name]
             got = []
             for i in idx:
-                if not (isinstance(i, lark.Tree) and i.data == "name" and str(i.children[0]) in S.RANKS):
+                if not (isinstance(i, lark.Tree) and i.data == "name"
+                        and str(i.children[0]) in S.RANKS):
                     raise self.error(i, f"{name} is indexed by rank names ({', '.join(ranks)})")
                 got.append(str(i.children[0]))
             if tuple(got) != ranks:
@@ -361,6 +352,13 @@ class _Lowerer:
                 raise self.error(i, f"an index of {name} must be an integer expression")
             vals.append(v)
         return S.access(name, *vals), NUM
+
+
+def _argument(fn: str, i: int) -> str:
+    """How an argument is named in a type error (`condition of where`, ...)."""
+    if fn == "where":
+        return ("condition of where", "where's second argument", "where's third argument")[i]
+    return f"argument of {fn}"
 
 
 def _number(tok) -> sympy.Expr:

@@ -1,4 +1,4 @@
-"""Lower a `linear` block to a LinearScan (attnc/linear_ir.py), checking it as it goes.
+"""Lower a `linear` block to a LinearScan (attnc/ir/linear.py), checking it as it goes.
 
     linear gla {
       input g[b, h, t, i]              # per-step tensors: dims b, h, t, then feature axes i / j
@@ -18,17 +18,24 @@ from __future__ import annotations
 import lark
 import sympy
 
-from attnc import symbols as S
-from attnc.frontends.lower import NUM, _Lowerer, _Scope, _position
-from attnc.ir import TensorDecl
-from attnc.linear_ir import (AXES, DK, DV, MAPS, OPERAND_AXES, D, FeatureMap, LinearScan,
+from attnc.expr import symbols as S
+from attnc.frontends.lower import NUM, RESERVED, _Lowerer, _position, _Scope
+from attnc.ir.cascade import TensorDecl, TensorKind
+from attnc.ir.linear import (AXES, DK, DV, OPERAND_AXES, D, FeatureMap, FeatureMapKind, LinearScan,
                              StateDecl, T, Update, contract, read, step_axes, t)
+
+MAPS = {kind.value: kind for kind in FeatureMapKind}
 
 _DECL_SIZES = {"b": S.B, "h": S.H, "t": T, "i": DK, "j": DV, "D": D, "B": S.B, "H": S.H}
 _IMPLICIT = (S.B, S.H, T)
 
 
 class _LinearLowerer(_Lowerer):
+    # besides the attention block's names: the output, the feature axes, the step, the feature
+    # counts (expressions read these as themselves), and the keywords of a kernel's call
+    reserved = frozenset(RESERVED | {"o", "i", "j", "t", "DK", "DV", "initial_state",
+                                     "output_final_state", "cu_seqlens", "algorithm"})
+
     def __init__(self, parent: _Lowerer):
         super().__init__(parent.source, parent.filename, parent.overrides)
         self.states: dict[str, StateDecl] = {}
@@ -48,7 +55,7 @@ class _LinearLowerer(_Lowerer):
                     self._state(sd, scope)
             elif kind == "let":
                 tok, body = st.children
-                if str(tok) in _RESERVED or str(tok) in scope.options or str(tok) in scope.lets:
+                if str(tok) in self.reserved or str(tok) in scope.options or str(tok) in scope.lets:
                     raise self.error(tok, f"'{tok}' is already defined")
                 scope.lets[str(tok)] = self.expr(body, scope)
             elif kind == "feature_map":
@@ -105,7 +112,7 @@ class _LinearLowerer(_Lowerer):
     def _state(self, sd: lark.Tree, scope: _Scope) -> None:
         tok, *axes = sd.children
         name = str(tok)
-        if name in _RESERVED or name in scope.tensors or name in scope.options \
+        if name in self.reserved or name in scope.tensors or name in scope.options \
                 or name in self.states:
             raise self.error(tok, f"state name '{name}' is already used")
         names = tuple(str(a) for a in axes)
@@ -125,22 +132,22 @@ class _LinearLowerer(_Lowerer):
         if not (isinstance(call, lark.Tree) and call.data == "call"
                 and str(call.children[0]) in MAPS):
             raise self.error(call, "a feature map is one of: " + ", ".join(
-                f"{f}({target}{', W' * n})" for f, n in MAPS.items()),
+                f"{f}({target}{', W' * kind.params})" for f, kind in MAPS.items()),
                 hint="elementwise maps (elu(x) + 1, relu, exp) are written inline")
         fn, *args = call.children
-        want = MAPS[str(fn)]
+        want = MAPS[str(fn)].params
         if len(args) != want + 1 or not (args[0].data == "name"
                                          and str(args[0].children[0]) == target):
             raise self.error(call, f"{fn} takes ({target}{', W' * want})")
-        params = []
+        params: list[str] = []
         for a in args[1:]:
-            pname = str(a.children[0]) if a.data == "name" else None
+            pname = str(a.children[0]) if a.data == "name" else ""
             decl = scope.tensors.get(pname)
-            if decl is None or decl.kind != "param":
+            if decl is None or decl.kind is not TensorKind.PARAM:
                 raise self.error(a, f"{fn}'s weights are a declared param",
                                  hint="e.g. `param W[h, D, 64]` (D is q's head dim)")
             params.append(pname)
-        return FeatureMap(target, str(fn), tuple(params))
+        return FeatureMap(target, MAPS[str(fn)], tuple(params))
 
     def _target(self, st: lark.Tree):
         tok, *rest = st.children
@@ -231,6 +238,7 @@ class _LinearLowerer(_Lowerer):
                 raise self.error(x, f"{name} is indexed by the axes i and j only",
                                  hint="inside a linear block every access is at the current step")
             got.append(str(x.children[0]))
+        want: tuple[str, ...]
         if name in OPERAND_AXES:
             want = OPERAND_AXES[name]
         elif name in self.states:
@@ -254,10 +262,6 @@ class _LinearLowerer(_Lowerer):
             raise self.error(tok, "dot is not used in a linear block",
                              hint="contract explicitly: sum(i) q[i] * S[i, j]")
         return super()._call(node, scope, decl)
-
-
-_RESERVED = {"q", "k", "v", "o", "i", "j", "t", "b", "h", "B", "H", "T", "D", "DK", "DV",
-             "scale"}
 
 
 def lower_linear(parent: _Lowerer, blk: lark.Tree) -> LinearScan:

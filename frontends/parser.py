@@ -70,7 +70,7 @@ def parse(source: str, filename: str = "<spec>") -> lark.Tree:
     try:
         return parser.parse(text)
     except lark.exceptions.UnexpectedCharacters as err:
-        raise SpecError(f"unexpected character {text[err.pos_in_stream]!r}", source=source,
+        raise SpecError(f"unexpected character {text[err.pos_in_stream or 0]!r}", source=source,
                         filename=filename, line=err.line, column=err.column) from None
     except lark.exceptions.UnexpectedToken as err:
         tok = err.token

@@ -14,9 +14,10 @@ recomputation: the probabilities come back from the saved LSE, nothing is stored
     per read i of a param p at index I_i(b, h, m, n):
     D_p_i[m, n] = d score / d p[I_i];   d_p[I_i] += scatter_sum(b, h, m, n) dS*D_p_i
 
-The derivative nodes (DQK, D_p_i) are what the backward kernels evaluate per element. A score
-that sympy cannot differentiate to closed form (say a param under floor) gets no backward cascade
-and a reason instead; the forward still compiles.
+The derivative nodes (DQK, D_p_i) are what the backward kernels evaluate per element; the
+`Backward` record names them. Every name above is the first free one among the spec's tensors
+and the forward's nodes. A score that sympy cannot differentiate to closed form (say a param
+under floor) gets no backward cascade and a reason instead; the forward still compiles.
 """
 
 from __future__ import annotations
@@ -25,95 +26,69 @@ from dataclasses import replace
 
 import sympy
 
-from attnc import symbols as S
 from attnc.errors import CompileError
-from attnc.ir import Cascade, Einsum, OnlineSoftmax, ScatterSum, TensorDecl
-from attnc.passes.fuse import qk_factor
-
-NAME = "autodiff"
-SAVED = (("O", ("m", "f")), ("LSE", ("m",)), ("dO", ("m", "f")), ("dLSE", ("m",)))
-
-
-def _t(name: str, *ranks: str) -> sympy.Indexed:
-    return S.access(name, *(S.RANKS[r] for r in ranks))
+from attnc.expr import symbols as S
+from attnc.expr.derivatives import derivative
+from attnc.ir.cascade import (Backward, Cascade, Einsum, OnlineSoftmax, Reduce, Saved, ScatterSum,
+                              TensorDecl, TensorKind, fresh_name, qk_products)
+from attnc.passes import Pass, PassKind
 
 
-def _step(x):
-    return sympy.Piecewise((1, x > 0), (0, True))
-
-
-def _sign(x):
-    return sympy.Piecewise((1, x > 0), (-1, x < 0), (0, True))
-
-
-def derivative(ex: sympy.Expr, wrt: sympy.Expr) -> sympy.Expr:
-    """d ex / d wrt for an access `wrt`, in closed form (Heaviside and sign as Piecewise, so
-    backends need no new functions). Raises ValueError if sympy leaves a Derivative behind."""
-    x = sympy.Dummy("x", real=True)
-    d = sympy.diff(ex.xreplace({wrt: x}), x).xreplace({x: wrt})
-    d = d.replace(sympy.Heaviside, lambda arg, *_: _step(arg)).replace(sympy.sign, _sign)
-    if d.has(sympy.Derivative, sympy.Subs, sympy.DiracDelta):
-        raise ValueError(f"sympy leaves d({ex})/d({wrt}) unevaluated")
-    return d
-
-
-def _qk_reductions(c: Cascade, score: sympy.Expr) -> dict[sympy.Indexed, sympy.Expr]:
-    """The q.k reductions the score reads, with their factors c (R = c * q.k)."""
-    found = {}
-    for nd in c.nodes:
-        if isinstance(nd, Einsum) and nd.reduce is not None:
-            acc = _t(nd.name, *nd.ranks)
-            if score.has(acc):
-                found[acc] = qk_factor(c, nd)
-    return found
-
-
-def backward_cascade(c: Cascade) -> Cascade:
-    """The backward cascade of a scheduled one-pass cascade (raises ValueError if the score
-    cannot be differentiated, CompileError if it reads what the kernels cannot fuse)."""
+def backward_cascade(c: Cascade) -> Backward:
+    """The backward of a scheduled one-pass cascade (raises ValueError if the score cannot be
+    differentiated, CompileError if it reads what the kernels cannot fuse)."""
+    assert c.bounds is not None and c.bounds.score is not None
     score, mask = c.bounds.score, c.bounds.mask
-    reductions = _qk_reductions(c, score)
-    params = {d.name for d in c.decls if d.kind == "param"}
+    reductions = qk_products(c, score)
+    params = {d.name for d in c.decls if d.kind is TensorKind.PARAM}
     nodes: list = [nd for nd in c.nodes if isinstance(nd, Einsum) and nd.reduce is not None
-                   and _t(nd.name, *nd.ranks) in reductions]
-    s, dS, p = _t("S", "m", "n"), _t("dS", "m", "n"), _t("P", "m", "n")
-    lse = _t("LSE", "m")
+                   and S.at(nd.name, *nd.ranks) in reductions]
+    taken = {d.name for d in c.decls} | {nd.name for nd in nodes}
+    saved = tuple((role, fresh_name(role.value, taken)) for role in Saved)
+    o, lse_, do, dlse = (name for _, name in saved)
+    (s_, sm_, lseb_, p_, doo_, delta_, dp_, ds_, dqk_, dqk2_, dq_, dk_, dv_) = (
+        fresh_name(base, taken) for base in ("S", "SM", "LSEB", "P", "DOO", "Delta", "dP", "dS",
+                                             "DQK", "dQK", "dQ", "dK", "dV"))
+    s, ds, p, lse = S.at(s_, "m", "n"), S.at(ds_, "m", "n"), S.at(p_, "m", "n"), S.at(lse_, "m")
     nodes += [
-        Einsum("S", ("m", "n"), score),
-        Einsum("SM", ("m", "n"), s if mask is None else sympy.Piecewise((s, mask), (-sympy.oo, True))),
-        Einsum("LSEB", ("m",), sympy.Piecewise((sympy.oo, sympy.Eq(lse, -sympy.oo)), (lse, True))),
-        Einsum("P", ("m", "n"), sympy.exp(_t("SM", "m", "n") - _t("LSEB", "m"))),
-        Einsum("DOO", ("m",), _t("dO", "m", "f") * _t("O", "m", "f"), "sum", ("f",)),
-        Einsum("Delta", ("m",), _t("DOO", "m") - _t("dLSE", "m")),
-        Einsum("dP", ("m", "n"), _t("dO", "m", "f") * _t("V", "n", "f"), "sum", ("f",)),
-        Einsum("dS", ("m", "n"), p * (_t("dP", "m", "n") - _t("Delta", "m"))),
-        Einsum("DQK", ("m", "n"), sympy.Add(*(factor * derivative(score, acc)
-                                              for acc, factor in reductions.items()))),
-        Einsum("dQK", ("m", "n"), dS * _t("DQK", "m", "n")),
-        Einsum("dQ", ("m", "e"), _t("dQK", "m", "n") * _t("K", "n", "e"), "sum", ("n",)),
-        Einsum("dK", ("n", "e"), _t("dQK", "m", "n") * _t("Q", "m", "e"), "sum", ("m",)),
-        Einsum("dV", ("n", "f"), p * _t("dO", "m", "f"), "sum", ("m",)),
+        Einsum(s_, ("m", "n"), score),
+        Einsum(sm_, ("m", "n"), s if mask is None else sympy.Piecewise((s, mask),
+                                                                        (-sympy.oo, True))),
+        Einsum(lseb_, ("m",), sympy.Piecewise((sympy.oo, sympy.Eq(lse, -sympy.oo)), (lse, True))),
+        Einsum(p_, ("m", "n"), sympy.exp(S.at(sm_, "m", "n") - S.at(lseb_, "m"))),
+        Einsum(doo_, ("m",), S.at(do, "m", "f") * S.at(o, "m", "f"), Reduce.SUM, ("f",)),
+        Einsum(delta_, ("m",), S.at(doo_, "m") - S.at(dlse, "m")),
+        Einsum(dp_, ("m", "n"), S.at(do, "m", "f") * S.at("V", "n", "f"), Reduce.SUM, ("f",)),
+        Einsum(ds_, ("m", "n"), p * (S.at(dp_, "m", "n") - S.at(delta_, "m"))),
+        Einsum(dqk_, ("m", "n"), sympy.Add(*(factor * derivative(score, acc)
+                                             for acc, factor in reductions.items()))),
+        Einsum(dqk2_, ("m", "n"), ds * S.at(dqk_, "m", "n")),
+        Einsum(dq_, ("m", "e"), S.at(dqk2_, "m", "n") * S.at("K", "n", "e"), Reduce.SUM, ("n",)),
+        Einsum(dk_, ("n", "e"), S.at(dqk2_, "m", "n") * S.at("Q", "m", "e"), Reduce.SUM, ("m",)),
+        Einsum(dv_, ("n", "f"), p * S.at(do, "m", "f"), Reduce.SUM, ("m",)),
     ]
-    clash = {d.name for d in c.decls} & {nd.name for nd in nodes}
-    if clash:
-        raise ValueError(f"the name {sorted(clash)[0]} is taken by an intermediate of the "
-                         "backward cascade; rename that tensor")
-    outputs = [("dq", "dQ"), ("dk", "dK"), ("dv", "dV")]
+    outputs = [("dq", dq_), ("dk", dk_), ("dv", dv_)]
     reads = sorted((a for a in score.atoms(sympy.Indexed) if str(a.base) in params),
                    key=sympy.default_sort_key)
+    dparams = []
     for param in sorted(params):
         terms = []
         for i, acc in enumerate(a for a in reads if str(a.base) == param):
-            nodes.append(Einsum(f"D_{param}_{i}", ("m", "n"), derivative(score, acc)))
-            terms.append((tuple(acc.indices), dS * _t(f"D_{param}_{i}", "m", "n")))
+            name = fresh_name(f"D_{param}_{i}", taken)
+            nodes.append(Einsum(name, ("m", "n"), derivative(score, acc)))
+            terms.append((tuple(acc.indices), ds * S.at(name, "m", "n")))
+            dparams.append((acc, name))
         if terms:  # a param read only by the mask has no gradient (the mask is piecewise constant)
-            nodes.append(ScatterSum(f"d_{param}", param, tuple(terms)))
-            outputs.append((f"d_{param}", f"d_{param}"))
-    saved = tuple(TensorDecl(name, "saved", tuple(S.RANKS[r] for r in ranks))
-                  for name, ranks in SAVED)
-    return Cascade(name=f"{c.name}_backward", decls=c.decls + saved, nodes=tuple(nodes),
-                   outputs=tuple(outputs), options=c.options, source_kind=c.source_kind,
-                   block_sparse=c.block_sparse)
+            grad = fresh_name(f"d_{param}", taken)
+            nodes.append(ScatterSum(grad, param, tuple(terms)))
+            outputs.append((f"d_{param}", grad))
+    decls = c.decls + tuple(TensorDecl(name, TensorKind.SAVED, tuple(S.RANKS[r]
+                                                                     for r in role.ranks))
+                            for role, name in saved)
+    cascade = Cascade(name=f"{c.name}_backward", decls=decls, nodes=tuple(nodes),
+                      outputs=tuple(outputs), options=c.options, source_kind=c.source_kind,
+                      block_sparse=c.block_sparse)
+    return Backward(cascade, saved, dqk_, tuple(dparams))
 
 
 def run(c: Cascade) -> Cascade:
@@ -123,3 +98,7 @@ def run(c: Cascade) -> Cascade:
         return replace(c, backward=backward_cascade(c))
     except (ValueError, CompileError) as err:
         return replace(c, no_backward=str(err))
+
+
+PASS = Pass("autodiff", PassKind.REWRITE, run,
+            "sympy derivatives of the score: the backward cascade (dq, dk, dv, d<param>)")

@@ -24,10 +24,10 @@ from dataclasses import replace
 
 import sympy
 
-from attnc.linear_ir import (LinearScan, Readout, Schedule, StatePlan, i, j, name_of, read,
-                             reads)
+from attnc.ir.linear import (LinearScan, Readout, ScanSchedule, StatePlan, UpdateClass, i, j,
+                             name_of, read, reads)
+from attnc.passes import Pass, PassKind
 
-NAME = "chunk_scan"
 _LAM = sympy.Symbol("_lam")
 
 
@@ -39,13 +39,13 @@ def run(scan: LinearScan) -> LinearScan:
     return replace(scan, schedule=schedule(scan))
 
 
-def schedule(scan: LinearScan) -> Schedule:
+def schedule(scan: LinearScan) -> ScanSchedule:
     try:
         plans = tuple(classify(scan, u.state, u.expr) for u in scan.updates)
         readouts, output = _readouts(scan)
     except _Sequential as why:
-        return Schedule(chunked=False, reason=str(why))
-    return Schedule(chunked=True, states=plans, readouts=readouts, output=output)
+        return ScanSchedule(chunked=False, reason=str(why))
+    return ScanSchedule(chunked=True, states=plans, readouts=readouts, output=output)
 
 
 def classify(scan: LinearScan, state: str, update: sympy.Expr) -> StatePlan:
@@ -77,8 +77,8 @@ def classify(scan: LinearScan, state: str, update: sympy.Expr) -> StatePlan:
     if j in a.free_symbols:
         raise _Sequential(f"the decay of {state} varies along the value axis j")
     if not corrections:
-        kind = "additive" if a == 1 else ("scalar_decay" if i not in a.free_symbols
-                                          else "diagonal_decay")
+        kind = UpdateClass.ADDITIVE if a == 1 else (
+            UpdateClass.SCALAR_DECAY if i not in a.free_symbols else UpdateClass.DIAGONAL_DECAY)
         key, value = _outer(inputs, state)
         return StatePlan(state, kind, key, value, log_decay=_log(a, state))
     return _delta(state, x, a, corrections, inputs)
@@ -103,7 +103,7 @@ def _delta(state, x, a, corrections, inputs) -> StatePlan:
     if i in value.free_symbols:
         raise _Sequential(f"the input of {state} is not beta * w[i] * value[j] with the "
                           "correction's w")
-    kind = "delta_rule" if a == 1 else "gated_delta_rule"
+    kind = UpdateClass.DELTA_RULE if a == 1 else UpdateClass.GATED_DELTA_RULE
     return StatePlan(state, kind, weight, value, log_decay=_log(a, state), beta=beta)
 
 
@@ -153,10 +153,11 @@ def _readouts(scan: LinearScan):
                 return sympy.Sum(visit(ex.args[0]), *others)
             value = over_i(ex.args[0])
             return sympy.Sum(value, *others) if others else value
-        if name_of(ex) in states:
-            if "i" in states[name_of(ex)].axes:
-                raise _Sequential(f"the output reads state {name_of(ex)} without contracting i")
-            return readout(name_of(ex), sympy.Integer(1))
+        read_state = name_of(ex)
+        if read_state is not None and read_state in states:
+            if "i" in states[read_state].axes:
+                raise _Sequential(f"the output reads state {read_state} without contracting i")
+            return readout(read_state, sympy.Integer(1))
         if ex.args and not isinstance(ex, sympy.Indexed):
             return ex.func(*(visit(a) for a in ex.args))
         return ex
@@ -170,7 +171,7 @@ def _readouts(scan: LinearScan):
             if len(hits) != 1 or _reads_any(rest, states):
                 raise _Sequential("the output reads a state other than through "
                                   "sum(i) x[i] * state[i, j]")
-            name = name_of(hits[0])
+            name = str(name_of(hits[0]))
             queries[name] = queries.get(name, sympy.Integer(0)) + rest
         return sympy.Add(*(readout(name, sympy.factor(x)) for name, x in queries.items()))
 
@@ -186,7 +187,8 @@ def _split_sums(ex: sympy.Expr) -> sympy.Expr:
         bound = {lim[0] for lim in limits}
         out = sympy.Integer(0)
         for term in sympy.Add.make_args(sympy.expand(s.args[0])):
-            inner, outer = [], []
+            inner: list[sympy.Expr] = []
+            outer: list[sympy.Expr] = []
             for f in sympy.Mul.make_args(term):
                 (inner if f.free_symbols & bound else outer).append(f)
             out += sympy.Mul(*outer) * sympy.Sum(sympy.Mul(*inner), *limits)
@@ -195,7 +197,8 @@ def _split_sums(ex: sympy.Expr) -> sympy.Expr:
 
 
 def _factor_out_sums(term: sympy.Expr, state: str):
-    coeff, sums = [], []
+    coeff: list[sympy.Expr] = []
+    sums: list[sympy.Expr] = []
     for f in sympy.Mul.make_args(term):
         (sums if isinstance(f, sympy.Sum) and _reads_state(f, state) else coeff).append(f)
     return sympy.Mul(*coeff), sums
@@ -211,3 +214,7 @@ def _reads_any(ex: sympy.Expr, states) -> bool:
 
 def _simplify(ex: sympy.Expr) -> sympy.Expr:
     return sympy.simplify(ex.doit()) if ex.has(sympy.Sum) else sympy.simplify(ex)
+
+
+PASS = Pass("chunk_scan", PassKind.REWRITE, run,
+            "classify each state update: its chunkwise-parallel form, or why it has none")

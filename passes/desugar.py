@@ -10,56 +10,67 @@
     AV[m, f] = sum(n) A[m, n]*V[n, f]
     O[m, f]  = where(GM[m] == -oo, 0, AV[m, f])           rows that see no key give 0 ...
     LSE[m]   = where(GM[m] == -oo, -oo, GM[m] + log(SD[m]))   ... and lse = -inf
+
+The names are the first free ones (a param called GM makes the max GM_1). The score reads q.k
+as the access QK[m, n]; it is renamed to the q.k einsum. The masking einsum is recorded in
+`Cascade.mask_node`, where mask_bounds finds it.
 """
 
 from __future__ import annotations
 
 import sympy
 
-from attnc import symbols as S
-from attnc.ir import AttentionSpec, Cascade, Einsum, TensorDecl
-
-NAME = "desugar"
-MASK_NODE = "SM"  # the masking einsum; mask_bounds finds a block-sparse kernel's mask here
-
-
-def _t(name: str, *ranks) -> sympy.Indexed:
-    return S.access(name, *ranks)
+from attnc.expr import symbols as S
+from attnc.ir.cascade import (OPERAND_DECLS, QK, AttentionSpec, BlockKind, Cascade, Einsum, Reduce,
+                              fresh_name)
+from attnc.passes import Pass, PassKind
 
 
-def softmax_cascade(score_tensor: str) -> list[Einsum]:
-    """The FuseMax 3-pass softmax over n of `score_tensor[m, n]`, plus output guards."""
+def softmax_cascade(x: sympy.Expr, names: set[str]) -> tuple[list[Einsum], str, str]:
+    """The FuseMax 3-pass softmax over n of the scores x[m, n], plus output guards; returns
+    the einsums and the names of the output and the lse (new names are taken from `names`)."""
     m, n, f = S.m, S.n, S.f
-    x = _t(score_tensor, m, n)
-    gm, sd = _t("GM", m), _t("SD", m)
+    gm_, sn_, sd_, a_, av_, o_, lse_ = (fresh_name(base, names)
+                                        for base in ("GM", "SN", "SD", "A", "AV", "O", "LSE"))
+    gm, sd, sn = S.access(gm_, m), S.access(sd_, m), S.access(sn_, m, n)
     empty = sympy.Eq(gm, -sympy.oo)
-    return [
-        Einsum("GM", ("m",), x, "max", ("n",)),
-        Einsum("SN", ("m", "n"), sympy.exp(x - gm)),
-        Einsum("SD", ("m",), _t("SN", m, n), "sum", ("n",)),
-        Einsum("A", ("m", "n"), _t("SN", m, n) / sd),
-        Einsum("AV", ("m", "f"), _t("A", m, n) * _t("V", n, f), "sum", ("n",)),
-        Einsum("O", ("m", "f"), sympy.Piecewise((0, empty), (_t("AV", m, f), True))),
-        Einsum("LSE", ("m",), sympy.Piecewise((-sympy.oo, empty), (gm + sympy.log(sd), True))),
+    nodes = [
+        Einsum(gm_, ("m",), x, Reduce.MAX, ("n",)),
+        Einsum(sn_, ("m", "n"), sympy.exp(x - gm)),
+        Einsum(sd_, ("m",), sn, Reduce.SUM, ("n",)),
+        Einsum(a_, ("m", "n"), sn / sd),
+        Einsum(av_, ("m", "f"), S.access(a_, m, n) * S.access("V", n, f), Reduce.SUM, ("n",)),
+        Einsum(o_, ("m", "f"), sympy.Piecewise((0, empty), (S.access(av_, m, f), True))),
+        Einsum(lse_, ("m",), sympy.Piecewise((-sympy.oo, empty), (gm + sympy.log(sd), True))),
     ]
+    return nodes, o_, lse_
 
 
 def run(spec: AttentionSpec | Cascade) -> Cascade:
     if isinstance(spec, Cascade):
         return spec
     m, n = S.m, S.n
-    nodes = [Einsum("QK", ("m", "n"), _t("Q", m, S.e) * _t("K", n, S.e), "sum", ("e",))]
-    current = "QK"
-    if spec.score != _t("QK", m, n):
-        nodes.append(Einsum("S", ("m", "n"), spec.score))
-        current = "S"
+    names = {d.name for d in spec.decls} | {d.name for d in OPERAND_DECLS}
+    qk = fresh_name(QK, names)
+    nodes = [Einsum(qk, ("m", "n"), S.access("Q", m, S.e) * S.access("K", n, S.e), Reduce.SUM,
+                    ("e",))]
+    current = qk
+    score = spec.score.xreplace({S.access(QK, m, n): S.access(qk, m, n)})
+    if score != S.access(qk, m, n):
+        current = fresh_name("S", names)
+        nodes.append(Einsum(current, ("m", "n"), score))
+    mask_node = None
     if spec.mask is not None:
-        nodes.append(Einsum(MASK_NODE, ("m", "n"),
-                            sympy.Piecewise((_t(current, m, n), spec.mask), (-sympy.oo, True))))
-        current = MASK_NODE
-    nodes += softmax_cascade(current)
-    operands = tuple(TensorDecl(t, "operand", tuple(S.RANKS[r] for r in rk))
-                     for t, rk in S.OPERANDS.items())
-    return Cascade(name=spec.name, decls=operands + spec.decls, nodes=tuple(nodes),
-                   outputs=(("out", "O"), ("lse", "LSE")), options=spec.options,
-                   source_kind="attention", block_sparse=spec.block_sparse)
+        mask_node = fresh_name("SM", names)
+        nodes.append(Einsum(mask_node, ("m", "n"), sympy.Piecewise(
+            (S.access(current, m, n), spec.mask), (-sympy.oo, True))))
+        current = mask_node
+    softmax, out, lse = softmax_cascade(S.access(current, m, n), names)
+    return Cascade(name=spec.name, decls=OPERAND_DECLS + spec.decls, nodes=tuple(nodes + softmax),
+                   outputs=(("out", out), ("lse", lse)), options=spec.options,
+                   source_kind=BlockKind.ATTENTION, block_sparse=spec.block_sparse,
+                   mask_node=mask_node)
+
+
+PASS = Pass("desugar", PassKind.REWRITE, run,
+            "score/mask/normalize blocks into FuseMax's 3-pass softmax cascade")

@@ -12,35 +12,18 @@ from __future__ import annotations
 
 import sympy
 
-from attnc import symbols as S
 from attnc.errors import CompileError
-from attnc.ir import Cascade, Einsum, OnlineSoftmax, ScatterSum
-from attnc.kernel_ir import AttentionKernel, Gradient, Load
-
-NAME = "fuse"
-
-
-def qk_factor(c: Cascade, einsum: Einsum) -> sympy.Expr:
-    """For sum(e) Q[m, e]*K[n, e]*c return c (which must not depend on e)."""
-    core = S.access("Q", S.m, S.e) * S.access("K", S.n, S.e)
-    factor = sympy.simplify(einsum.expr / core)
-    if (einsum.reduce != "sum" or einsum.over != ("e",) or factor.has(S.e)
-            or factor.atoms(sympy.Indexed)):
-        raise CompileError(f"{c.name}: {einsum.name} must be the q.k product "
-                           "sum(e) Q[m, e]*K[n, e] (times a factor free of e)")
-    return factor
+from attnc.expr import symbols as S
+from attnc.ir.cascade import Backward, Cascade, OnlineSoftmax, qk_products
+from attnc.ir.kernel import AttentionKernel, Gradient, Load, LoadLevel
+from attnc.passes import Pass, PassKind
 
 
-def _level(index: tuple[sympy.Expr, ...]) -> str:
-    free = set().union(*(sympy.sympify(i).free_symbols for i in index)) if index else set()
-    has_m, has_n = S.m in free, S.n in free
-    return {(False, False): "program", (True, False): "row",
-            (False, True): "key", (True, True): "tile"}[(has_m, has_n)]
-
-
-def _extract_loads(c: Cascade, exprs, loads: dict):
+def _extract_loads(c: Cascade, exprs, loads: dict[sympy.Indexed, Load]):
+    """Each expression with its param/input reads replaced by load symbols (new loads are
+    added to `loads`)."""
     external = {d.name for d in c.extra_inputs}
-    out = []
+    out: list[sympy.Expr | None] = []
     for ex in exprs:
         if ex is None:
             out.append(None)
@@ -52,24 +35,21 @@ def _extract_loads(c: Cascade, exprs, loads: dict):
                 raise CompileError(f"{c.name}: the score reads {name}, which would have to be "
                                    "materialized; only q.k, params and inputs can be fused")
             if acc not in loads:
-                loads[acc] = Load(f"{name}_{sum(l.tensor == name for l in loads.values())}",
-                                  name, tuple(acc.indices), _level(acc.indices))
-            subs[acc] = sympy.Symbol(loads[acc].name, real=True)
+                ordinal = sum(ld.tensor == name for ld in loads.values())
+                loads[acc] = Load(name, ordinal, tuple(acc.indices), LoadLevel.of(acc.indices))
+            subs[acc] = loads[acc].symbol
         out.append(ex.xreplace(subs))
     return out
 
 
-def _gradient(c: Cascade, qk_subs: dict, loads: dict) -> Gradient:
+def _gradient(c: Cascade, bwd: Backward, qk_subs: dict, loads: dict) -> Gradient:
     """autodiff's per-element derivatives in the kernel's symbols (qk and the loads)."""
-    bwd = c.backward
-    dqk, = _extract_loads(c, [bwd.node("DQK").expr.xreplace(qk_subs)], loads)
+    dqk, = _extract_loads(c, [bwd.cascade.einsum(bwd.dqk).expr.xreplace(qk_subs)], loads)
     dloads = []
-    for nd in bwd.nodes:
-        if isinstance(nd, ScatterSum):
-            for i, (index, _) in enumerate(nd.terms):
-                deriv, = _extract_loads(c, [bwd.node(f"D_{nd.param}_{i}").expr.xreplace(qk_subs)],
-                                        loads)
-                dloads.append((loads[S.access(nd.param, *index)].name, deriv))
+    for acc, node in bwd.dparams:
+        deriv, = _extract_loads(c, [bwd.cascade.einsum(node).expr.xreplace(qk_subs)], loads)
+        dloads.append((loads[acc].name, deriv))
+    assert c.bounds is not None
     return Gradient(dqk=dqk, dloads=tuple(dloads), rows=c.bounds.rows)
 
 
@@ -77,21 +57,22 @@ def run(c: Cascade) -> AttentionKernel:
     scan = next(nd for nd in c.nodes if isinstance(nd, OnlineSoftmax))
     if scan.value != S.access("V", S.n, S.f):
         raise CompileError(f"{c.name}: the softmax must weight V[n, f] directly, got {scan.value}")
-    bounds = c.bounds
-    qk_subs = {}
-    for nd in c.nodes:
-        if isinstance(nd, Einsum) and nd.reduce is not None:
-            acc = S.access(nd.name, *(S.RANKS[r] for r in nd.ranks))
-            if bounds.score.has(acc) or (bounds.mask is not None and bounds.mask.has(acc)):
-                qk_subs[acc] = S.qk * qk_factor(c, nd)
+    bounds, schedule = c.bounds, c.schedule
+    assert bounds is not None and bounds.score is not None and schedule is not None
+    reads = bounds.score if bounds.mask is None else sympy.Tuple(bounds.score, bounds.mask)
+    qk_subs = {acc: S.qk * factor for acc, factor in qk_products(c, reads).items()}
     score = bounds.score.xreplace(qk_subs)
     mask = bounds.mask.xreplace(qk_subs) if bounds.mask is not None else None
-    loads: dict = {}
+    loads: dict[sympy.Indexed, Load] = {}
     score, mask = _extract_loads(c, [score, mask], loads)
     if mask is not None and mask.has(S.qk):
         raise CompileError(f"{c.name}: a mask may not depend on q.k (use the score instead)")
-    grad = _gradient(c, qk_subs, loads) if c.backward is not None else None
+    grad = _gradient(c, c.backward, qk_subs, loads) if c.backward is not None else None
     return AttentionKernel(name=c.name, inputs=c.extra_inputs, loads=tuple(loads.values()),
                            score=score, mask=mask, segments=bounds.segments,
-                           exact_bounds=bounds.exact, schedule=c.schedule, grad=grad,
+                           exact_bounds=bounds.exact, schedule=schedule, grad=grad,
                            no_backward=c.no_backward)
+
+
+PASS = Pass("fuse", PassKind.REWRITE, run,
+            "inline everything into one kernel; place param/input loads")

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 
-from attnc import symbols as S
-from attnc.ir import Cascade, Einsum, KeyBounds, KeySegment, OnlineSoftmax
-from attnc.passes.desugar import MASK_NODE
+from attnc.expr import symbols as S
+from attnc.ir.cascade import BlockKind, Cascade, Einsum, KeyBounds, KeySegment, OnlineSoftmax
+from attnc.passes import Pass, PassKind
 
-NAME = "mask_bounds"
 ZERO = sympy.Integer(0)
 
 
@@ -282,14 +281,14 @@ def split_mask(scores: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr | None]:
 
 def _split(c: Cascade, scores: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr | None]:
     """(score, mask) of the scan's scores. A block-sparse kernel skips the mask on full blocks,
-    so there only the condition of desugar's masking node SM = where(mask, S, -oo) leaves the
+    so there only the condition of desugar's masking node where(mask, S, -oo) leaves the
     score; a where(cond, s, -oo) inside the score itself (or anywhere in a cascade written by
     hand) stays in it."""
     if not c.block_sparse:
         return split_mask(inline(c, scores))
-    node = next((nd for nd in c.nodes if isinstance(nd, Einsum) and nd.name == MASK_NODE), None)
-    if c.source_kind == "attention" and node is not None and scores == S.access(MASK_NODE, S.m, S.n):
-        (inner, cond), _ = node.expr.args
+    if (c.source_kind is BlockKind.ATTENTION and c.mask_node is not None
+            and scores == S.access(c.mask_node, S.m, S.n)):
+        (inner, cond), _ = c.einsum(c.mask_node).expr.args
         return inline(c, inner), inline(c, cond)
     return inline(c, scores), None
 
@@ -311,8 +310,8 @@ def run(c: Cascade) -> Cascade:
         return c
     score, mask = _split(c, scans[0].scores)
     bounds = analyze(mask)
-    from dataclasses import replace
     return replace(c, bounds=replace(bounds, score=score, rows=query_segments(mask)))
+
 
 
 # --- the schedule a kernel runs -----------------------------------------------------------------
@@ -338,7 +337,8 @@ def tile_schedule(segments, M: int, N: int, block_m: int, block_n: int,
         visits: list[tuple[int, bool]] = []
         prev_end = 0
         for seg in segments:
-            lo, hi, flo, fhi = (_numeric(x, sub) for x in (seg.lo, seg.hi, seg.full_lo, seg.full_hi))
+            lo, hi, flo, fhi = (_numeric(x, sub)
+                                for x in (seg.lo, seg.hi, seg.full_lo, seg.full_hi))
             t0, t1, t2, t3 = tile_ranges(lo, hi, flo, fhi, prev_end, N, block_n)
             visits += [(s, True) for s in range(t0, t1, block_n)]
             visits += [(s, False) for s in range(t1, t2, block_n)]
@@ -368,3 +368,7 @@ def tile_ranges(lo, hi, flo, fhi, prev_end, N, bn):  # mirrored by codegen.PRELU
     t1 = min(max(-(-flo // bn) * bn, t0), t3)
     t2 = max(min(fhi // bn * bn, t3), t1)
     return t0, t1, t2, t3
+
+
+PASS = Pass("mask_bounds", PassKind.REWRITE, run,
+            "sympy analysis of the mask: key-loop bounds per query tile, full tiles")

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import sympy
 
-from attnc import symbols as S
-from attnc.ir import Cascade, Einsum, OnlineSoftmax, reads
-
-NAME = "online_softmax"
+from attnc.expr import symbols as S
+from attnc.ir.cascade import Cascade, Einsum, Node, OnlineSoftmax, Reduce, fresh_name, reads
+from attnc.passes import Pass, PassKind
 
 
 @dataclass
@@ -51,7 +50,7 @@ def _match(c: Cascade, gm: Einsum) -> _Match | None:
     if sn is None:
         return None
     SN = S.access(sn.name, m, n)
-    sd = _only(c, lambda e: e.reduce == "sum" and e.over == ("n",) and e.ranks == ("m",)
+    sd = _only(c, lambda e: e.reduce is Reduce.SUM and e.over == ("n",) and e.ranks == ("m",)
                and e.expr == SN)
     if sd is None:
         return None
@@ -61,7 +60,7 @@ def _match(c: Cascade, gm: Einsum) -> _Match | None:
     weights, late_divide = (S.access(a.name, m, n), False) if a else (SN, True)
     if a:
         chain.append(a.name)
-    av = _only(c, lambda e: e.reduce == "sum" and e.over == ("n",)
+    av = _only(c, lambda e: e.reduce is Reduce.SUM and e.over == ("n",)
                and e.ranks == ("m", "f") and e.expr.has(weights))
     if av is None:
         return None
@@ -83,7 +82,8 @@ def _match(c: Cascade, gm: Einsum) -> _Match | None:
     if guard is not None:
         chain.append(guard.name)
         out = guard.name
-    lse_forms = (GM + sympy.log(SD), sympy.Piecewise((-sympy.oo, empty), (GM + sympy.log(SD), True)))
+    lse_forms = (GM + sympy.log(SD),
+                 sympy.Piecewise((-sympy.oo, empty), (GM + sympy.log(SD), True)))
     lse = _only(c, lambda e: e.ranks == ("m",) and e.reduce is None and e.expr in lse_forms)
     if lse is not None:
         chain.append(lse.name)
@@ -93,7 +93,7 @@ def _match(c: Cascade, gm: Einsum) -> _Match | None:
 def run(c: Cascade) -> Cascade:
     outputs = dict(c.outputs)
     for gm in c.nodes:
-        if not (isinstance(gm, Einsum) and gm.reduce == "max" and gm.over == ("n",)
+        if not (isinstance(gm, Einsum) and gm.reduce is Reduce.MAX and gm.over == ("n",)
                 and gm.ranks == ("m",)):
             continue
         found = _match(c, gm)
@@ -104,10 +104,9 @@ def run(c: Cascade) -> Cascade:
                  and (any(r not in inner for r in _readers(c, t)) or t in outputs.values())]
         if leaks:
             continue
-        taken = {nd.name for nd in c.nodes} | {d.name for d in c.decls}
-        lse = found.lse or next(x for x in ("LSE", "LSE_", "LSE__") if x not in taken)
+        lse = found.lse or fresh_name("LSE", c.names())
         node = OnlineSoftmax(found.out, lse, found.scores, found.value)
-        nodes = []
+        nodes: list[Node] = []
         for nd in c.nodes:
             if nd.name == gm.name:
                 nodes.append(node)
@@ -117,3 +116,7 @@ def run(c: Cascade) -> Cascade:
         new_outputs.setdefault("lse", lse)
         return c.with_nodes(nodes, outputs=tuple(new_outputs.items()))
     return c
+
+
+PASS = Pass("online_softmax", PassKind.REWRITE, run,
+            "max/exp/sum/divide chain into one pass with running max and sum")

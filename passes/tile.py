@@ -9,10 +9,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from attnc.errors import CompileError
-from attnc.ir import Cascade, OnlineSoftmax, Schedule
-from attnc.passes import pass_count
-
-NAME = "tile"
+from attnc.ir.cascade import Cascade, KeySource, OnlineSoftmax, TileSchedule
+from attnc.passes import Pass, PassKind, pass_count
 
 
 def run(c: Cascade) -> Cascade:
@@ -26,4 +24,9 @@ def run(c: Cascade) -> Cascade:
         raise CompileError(f"{c.name}: no softmax over n found; attnc compiles softmax attention "
                            "(GM = max(n) x, SN = exp(x - GM), SD = sum(n) SN, A = SN/SD, "
                            "AV = sum(n) A*V)")
-    return replace(c, schedule=Schedule(keys="block_mask" if c.block_sparse else "segments"))
+    keys = KeySource.BLOCK_MASK if c.block_sparse else KeySource.SEGMENTS
+    return replace(c, schedule=TileSchedule(keys=keys))
+
+
+PASS = Pass("tile", PassKind.REWRITE, run,
+            "grid over (b, h, query tiles), sequential loop over key tiles")

@@ -2,7 +2,8 @@
 
 Written directly from each variant's math with dense float64 tensors; nothing here uses attnc's
 IR, passes or interpreters. They are differentiable (torch autograd through them is the oracle
-for gradients): q, k, v and params keep their autograd history. Each function takes q [B, Hq, M, D], k [B, Hkv, N, D],
+for gradients): q, k, v and params keep their autograd history. Each function takes
+q [B, Hq, M, D], k [B, Hkv, N, D],
 v [B, Hkv, N, Dv], a keyword `scale` (None = 1/sqrt(D)), the variant's params/inputs and option
 overrides, and returns (out [B, Hq, M, Dv] float64, lse [B, Hq, M] float64). A query row that
 sees no key gives out = 0 and lse = -inf.
@@ -184,7 +185,8 @@ def chunked_local(q, k, v, *, scale=None, **opts):
     q, k, v, scale = _prepare(q, k, v, scale)
     c = int(o["chunk"])
     m, n = _positions(q.shape[2], k.shape[2])
-    mask = (n <= m) & (torch.div(m, c, rounding_mode="floor") == torch.div(n, c, rounding_mode="floor"))
+    mask = (n <= m) & (torch.div(m, c, rounding_mode="floor")
+                       == torch.div(n, c, rounding_mode="floor"))
     return masked_softmax(_dot(q, k) * scale, mask, v)
 
 
@@ -195,7 +197,8 @@ def zerotuning(q, k, v, *, scale=None, gamma, **opts):
     M, N = q.shape[2], k.shape[2]
     m, n = _positions(M, N)
     mask = torch.broadcast_to(n <= m, (q.shape[0], q.shape[1], M, N))
-    s = torch.where(mask, _dot(q, k) * scale, torch.full(mask.shape, -math.inf, dtype=torch.float64))
+    s = torch.where(mask, _dot(q, k) * scale,
+                    torch.full(mask.shape, -math.inf, dtype=torch.float64))
     rowmax = s.amax(dim=-1, keepdim=True)
     rowmax = torch.where(torch.isfinite(rowmax), rowmax, torch.zeros_like(rowmax))
     e = torch.where(mask, torch.exp(s - rowmax), torch.zeros_like(s))

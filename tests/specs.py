@@ -7,7 +7,8 @@ import torch
 SPECS = {
     "full": ("attention full {\n}\n", {}),
     "causal": ("attention causal {\n  mask = n <= m\n}\n", {}),
-    "window": ("attention window {\n  option window = 9\n  mask = n <= m and m - n < window\n}\n", {}),
+    "window": ("attention window {\n  option window = 9\n"
+               "  mask = n <= m and m - n < window\n}\n", {}),
     "alibi": ("attention alibi {\n  param slopes[h]\n"
               "  score = dot(q, k) * scale + slopes[h] * (n - m)\n  mask = n <= m\n}\n",
               {"slopes": "param"}),
@@ -26,7 +27,8 @@ SPECS = {
     "natten": ("attention natten {\n  option ks = 5\n  let start = clamp(m - ks // 2, 0, N - ks)\n"
                "  mask = n >= start and n < start + ks\n}\n", {}),
     "dilated": ("attention dilated {\n  option window = 4, dilation = 3\n"
-                "  mask = n <= m and m - n < window * dilation and (m - n) % dilation == 0\n}\n", {}),
+                "  mask = n <= m and m - n < window * dilation and (m - n) % dilation == 0\n}\n",
+                {}),
     "late_rows": ("attention late_rows {\n  mask = n <= m - 5\n}\n", {}),
 }
 
@@ -45,12 +47,12 @@ def make_inputs(decls, B, H, M, N, generator, dtype=torch.float64):
     """Random values for a cascade's params/inputs (params from randn, ids sorted in [0, 3))."""
     import sympy
 
-    from attnc import symbols as S
+    from attnc.expr import symbols as S
     sizes = {S.B: B, S.H: H, S.M: M, S.N: N}
     out = {}
     for d in decls:
         shape = tuple(int(sympy.sympify(x).xreplace(sizes)) for x in d.dims)
-        if d.kind == "param":
+        if d.kind.value == "param":
             out[d.name] = torch.randn(shape, generator=generator, dtype=dtype)
         else:
             out[d.name] = torch.randint(0, 3, shape, generator=generator).sort(-1).values

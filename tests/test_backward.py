@@ -160,14 +160,14 @@ def test_per_element_param_scratch_is_bounded_by_slabs(monkeypatch):
     """A param indexed by m and n needs per-element partial sums; with the scratch capped at
     two 16-row slabs' worth, the dq kernel runs on slabs of query tiles, and the gradients
     agree with one launch."""
-    from attnc.backends.triton import launcher
+    from attnc.backends.triton.softmax import launch as launcher
     kern = attnc.load("rel_bias", max_distance=8, block_m=16, block_n=16)
     g = torch.Generator().manual_seed(12)
     q, k, v = operands(1, 2, 2, 70, 50, 16, 16, torch.float32, g)
     bias = torch.randn(2, 17, generator=g)
     whole = _grads(kern, q, k, v, {"bias": bias})[0]
     launches = []
-    dq_kernel = kern._module().attnc_rel_bias_bwd_dq
+    dq_kernel = kern.module().module.attnc_rel_bias_bwd_dq
 
     class Counting:
         def __getitem__(self, grid):
@@ -175,7 +175,7 @@ def test_per_element_param_scratch_is_bounded_by_slabs(monkeypatch):
             return dq_kernel[grid]
 
     monkeypatch.setattr(launcher, "TILE_BUFFER_ELEMENTS", 2 * 16 * 50 * 2)
-    monkeypatch.setattr(kern._module(), "attnc_rel_bias_bwd_dq", Counting())
+    monkeypatch.setattr(kern.module().module, "attnc_rel_bias_bwd_dq", Counting())
     slabs = _grads(kern, q, k, v, {"bias": bias})[0]
     assert launches == [(2, 2), (2, 2), (1, 2)]  # rows 0-31, 32-63, 64-69
     for a, b in zip(slabs, whole):

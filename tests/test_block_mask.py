@@ -60,7 +60,8 @@ doc_ids = torch.randint(0, 5, (2, 300), generator=torch.Generator().manual_seed(
 keep = torch.rand(2, 4, 300, generator=torch.Generator().manual_seed(1)) > 0.3
 
 DATA = {
-    "document": lambda b, h, q_idx, kv_idx: (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx),
+    "document": lambda b, h, q_idx, kv_idx: ((doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+                                             & (q_idx >= kv_idx)),
     "dilated": lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & ((q_idx - kv_idx) % 3 == 0),
     "keep_keys": lambda b, h, q_idx, kv_idx: keep[b, h, kv_idx] | (q_idx == kv_idx),
 }

@@ -23,7 +23,8 @@ CHILD = textwrap.dedent("""
             raise SystemExit("code generated on a cache hit")
         codegen.generate = forbidden
     import attnc
-    kernel = attnc.compile(sys.argv[1], **{k: int(v) for k, v in (a.split("=") for a in sys.argv[2:])})
+    options = {k: int(v) for k, v in (a.split("=") for a in sys.argv[2:])}
+    kernel = attnc.compile(sys.argv[1], **options)
     print("hit" if kernel.cache_hit else "miss", kernel.key)
 """)
 
@@ -60,9 +61,10 @@ def test_concurrent_writers_leave_one_intact_file(tmp_path):
     procs = [_child(tmp_path) for _ in range(4)]
     keys = {_result(p)[1] for p in procs}
     assert len(keys) == 1
-    files = list((tmp_path / "kernels").iterdir())
-    assert [f.suffix for f in files] == [".py"], files  # no temporary leftovers
-    compile(files[0].read_text(), str(files[0]), "exec")
+    files = sorted((tmp_path / "kernels").iterdir(), key=lambda f: f.suffix)
+    # one source and its names, no temporary leftovers
+    assert [f.name.split(".", 1)[1] for f in files] == ["names.json", "py"], files
+    compile(files[1].read_text(), str(files[1]), "exec")
 
 
 def test_info_clear_and_configs(tmp_path, monkeypatch):
@@ -73,7 +75,7 @@ def test_info_clear_and_configs(tmp_path, monkeypatch):
     info = cache.info()
     assert info["path"] == str(tmp_path) and info["kernels"] == 1 and info["configs"] == 1
     assert info["bytes"] > 0
-    assert cache.clear() == 2
+    assert cache.clear() == 3  # the kernel, its names, the config
     assert cache.info()["kernels"] == 0
 
 

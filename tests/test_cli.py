@@ -95,13 +95,13 @@ def test_passes_lists_the_pipeline_in_order(capsys):
     assert lines[0] == " -> ".join(pipeline.STAGES)
     assert len(lines) == 2 + len(pipeline.PASSES) + len(pipeline.LINEAR_PASSES)
     for i, (p, line) in enumerate(zip(pipeline.PASSES, lines[1:]), 1):
-        assert line.split()[:2] == [f"{i}.", p.NAME]
-        assert line.endswith(pipeline.PASS_DOCS[p.NAME])
+        assert line.split()[:2] == [f"{i}.", p.name]
+        assert line.endswith(p.doc)
     linear = lines[1 + len(pipeline.PASSES):]
     assert linear[0] == "linear blocks: " + " -> ".join(pipeline.LINEAR_STAGES)
     for i, (p, line) in enumerate(zip(pipeline.LINEAR_PASSES, linear[1:]), 1):
-        assert line.split()[:2] == [f"{i}.", p.NAME]
-        assert line.endswith(pipeline.PASS_DOCS[p.NAME])
+        assert line.split()[:2] == [f"{i}.", p.name]
+        assert line.endswith(p.doc)
 
 
 def test_cli_stage_choices_match_the_pipeline():
@@ -116,13 +116,13 @@ MARKERS = {
     "parse": "start\n  attention\n    win",
     "cascade": "attention win",
     "desugar": "GM[m] = max(n) SM[m, n]",
-    "pass_count": "# passes over n: 3",
+    "pass_count": "pass_count win: 3 pass(es) over n",
     "online_softmax": "online_softmax(n)",
     "mask_bounds": "key bounds per query tile",
     "tile": "schedule: grid over (b, h, m)",
     "autodiff": "dS[m, n] = (-Delta[m] + dP[m, n])*P[m, n]",
     "fuse": "kernel win",
-    "kernel": "dk/dv kernel, per key tile",
+    "kernel": "attnc_win_bwd_dkdv (dkdv)",
     "triton": "def attnc_win_bwd_dkdv(",
 }
 
@@ -130,8 +130,9 @@ MARKERS = {
 LINEAR_MARKERS = {
     "parse": "start\n  linear\n    gated_delta_net",
     "cascade": "linear gated_delta_net   (scan over t",
-    "chunk_scan": "S: gated_delta_rule",
-    "kernel": "log a_t = g",
+    "chunk_scan": "log a_t = g",
+    "tile_scan": "forward: gated_delta_net_chunked (default)",
+    "kernel": "core_forward, core_backward per state",
     "triton": "def gated_delta_net_chunked(",
 }
 
@@ -152,9 +153,9 @@ def test_show_says_why_a_scan_is_not_chunked(capsys):
 
 def test_show_refuses_stages_of_the_other_pipeline(capsys, spec_file):
     rc, _, err = run(capsys, "show", "gla", "--stage", "online_softmax")
-    assert rc == 2 and "does not apply to a linear block" in err
+    assert rc == 2 and "does not apply to linear blocks" in err
     rc, _, err = run(capsys, "show", spec_file, "--stage", "chunk_scan")
-    assert rc == 2 and "applies to linear blocks only" in err
+    assert rc == 2 and "does not apply to attention and cascade blocks" in err
 
 
 def test_check_a_linear_spec(capsys):
@@ -368,7 +369,7 @@ def test_cache_info_and_clear(capsys, monkeypatch, tmp_path):
     assert int(lines[3].split()[1]) > 0
 
     rc, out, _ = run(capsys, "cache", "clear")
-    assert (rc, out) == (0, f"removed 1 file from {tmp_path}\n")
+    assert (rc, out) == (0, f"removed 2 files from {tmp_path}\n")  # the source and its names
     assert run(capsys, "cache", "info")[1].splitlines()[1:] == ["kernels: 0", "configs: 0",
                                                                 "bytes:   0"]
     assert run(capsys, "cache", "clear")[1] == f"removed 0 files from {tmp_path}\n"
@@ -415,7 +416,7 @@ def test_installed_entry_point():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == " -> ".join(pipeline.STAGES)
     assert [line.split()[1] for line in proc.stdout.splitlines()[1:1 + len(pipeline.PASSES)]] \
-        == [p.NAME for p in pipeline.PASSES]
+        == [p.name for p in pipeline.PASSES]
 
 
 def test_bench_tunes_prints_the_choice_and_times_it(capsys, spec_file):

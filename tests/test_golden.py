@@ -1,7 +1,10 @@
 """Golden IR dumps: `attnc.pipeline.show` after every stage but `triton`, for three small softmax
-specs and two linear ones, compared with tests/golden/<spec>/<stage>.txt.
+specs and two linear ones, compared with tests/golden/<spec>/<stage>.txt; and the generated
+Triton source of every library variant, pinned by its digest (tests/golden/triton_digests.txt,
+first written before the code generators were reorganized: the source stayed byte for byte).
 
-After an intended change to a pass or a printer, rewrite the files and review the diff:
+After an intended change to a pass, a printer or a code generator, rewrite the files and review
+the diff (for the source, with `attnc compile`):
 
     python -m pytest tests/test_golden.py --update-golden
     git diff tests/golden
@@ -10,10 +13,12 @@ After an intended change to a pass or a printer, rewrite the files and review th
 from __future__ import annotations
 
 import difflib
+import hashlib
 from pathlib import Path
 
 import pytest
 
+import attnc
 from attnc.pipeline import LINEAR_STAGES, STAGES, read_spec, show
 from tests.specs import FUSEMAX_3PASS
 
@@ -86,3 +91,34 @@ def test_no_stale_golden_files():
     expected = {(spec, f"{stage}.txt") for spec, stage in CASES}
     found = {(p.parent.name, p.name) for p in GOLDEN.glob("*/*.txt")}
     assert found - expected == set(), "golden files for no spec/stage; delete them"
+
+
+DIGESTS = GOLDEN / "triton_digests.txt"
+
+
+def _source_digests() -> dict[str, str]:
+    """Each library variant's (and each softmax one's block-sparse) source, header left out."""
+    out = {}
+    for name in attnc.variants():
+        kernel = attnc.load(name)
+        builds = [(name, kernel)]
+        if isinstance(kernel, attnc.Kernel):
+            builds.append((f"{name}_bs", attnc.load(name, block_sparse=True)))
+        for label, k in builds:
+            body = k.source.split("\n", 1)[1]
+            out[label] = hashlib.sha256(body.encode()).hexdigest()
+    return out
+
+
+def test_generated_sources_keep_their_digests(update_golden):
+    got = _source_digests()
+    if update_golden:
+        header = [line for line in DIGESTS.read_text().splitlines() if line.startswith("#")]
+        DIGESTS.write_text("\n".join(header + [f"{n} {d}" for n, d in sorted(got.items())])
+                           + "\n")
+        return
+    want = dict(line.split() for line in DIGESTS.read_text().splitlines()
+                if line and not line.startswith("#"))
+    changed = sorted(n for n in set(got) | set(want) if got.get(n) != want.get(n))
+    assert not changed, (f"the generated source of {changed} changed; if intended, rerun with "
+                         "--update-golden")

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 import attnc
 import attnc.testing
-from attnc.backends import linear_torch as LT
+from attnc.backends.eager import linear as E
+from attnc.backends.reference import linear as LT
+from attnc.ir.linear_kernel import ScanBackward
 from tests import linear_reference as R
 
 B, H, T, DK, DV = 2, 3, 37, 16, 24
@@ -66,8 +68,8 @@ def _case(name, dtype=torch.float32, seed=0, with_state=True):
     kernel = attnc.load(name)
     init = None
     if with_state:  # states sized after the feature maps; positive, as normalizers are
-        fdk = LT.feature_dim(kernel.scan, q, inputs)
-        init = {s.name: 0.3 * LT.public_state(s, torch.randn(LT.state_shape(s, B, H, fdk, DV),
+        fdk = E.feature_dim(kernel.scan, q, inputs)
+        init = {s.name: 0.3 * E.public_state(s, torch.randn(E.state_shape(s, B, H, fdk, DV),
                                                              generator=gen)).abs()
                 for s in kernel.scan.states}
     return kernel, ref, q, k, v, inputs, init
@@ -225,7 +227,7 @@ def test_empty_sequences():
     (lambda kern, q, k, v, g: kern(q, k, v, g=g, bogus=g), "unknown input 'bogus'"),
     (lambda kern, q, k, v, g: kern(q, k, v, g=g[:, :, :3]), r"input g must have shape"),
     (lambda kern, q, k, v, g: kern(q, k[:, :, :3], v, g=g), "q and k must have the same shape"),
-    (lambda kern, q, k, v, g: kern(q[0], k, v, g=g), "q must be a 4-D tensor"),
+    (lambda kern, q, k, v, g: kern(q[0], k, v, g=g), "q must be 4-D"),
     (lambda kern, q, k, v, g: kern(q, k, v, g=g, cu_seqlens=torch.tensor([0, T])),
      "B must be 1"),
     (lambda kern, q, k, v, g: kern(q[:1], k[:1], v[:1], g=g[:1], cu_seqlens=torch.tensor([0, 3])),
@@ -319,7 +321,7 @@ def test_generated_recurrent_backward(varlen):
     vector and scalar inputs, per-head params, a contraction, relu and a quotient, against
     autograd through the float64 recurrence."""
     kernel = attnc.compile(MIXED)
-    assert "recurrent_bwd" in attnc.backends.triton.linear_codegen.kernel_names(kernel.scan)
+    assert kernel.plan.backward is ScanBackward.RECURRENT and kernel.generated.has("recurrent_bwd")
     gen = torch.Generator().manual_seed(6)
     Bn, Tn = (1, 41) if varlen else (2, 41)
     q, k = (torch.randn(Bn, 2, Tn, 8, generator=gen) for _ in range(2))
@@ -362,7 +364,8 @@ linear wrapped {
   S[i, j] = tanh(S[i, j] + (k[i] % 1.0) * v[j])
   o[j] = sum(i) q[i] * S[i, j]
 }""")
-    assert "recurrent_bwd" not in attnc.backends.triton.linear_codegen.kernel_names(kernel.scan)
+    assert kernel.plan.backward is ScanBackward.EAGER and kernel.plan.no_vjp
+    assert not kernel.generated.has("recurrent_bwd")
     gen = torch.Generator().manual_seed(8)
     leaves = [torch.randn(1, 2, 9, 8, generator=gen).requires_grad_() for _ in range(3)]
     got = torch.autograd.grad(kernel(*leaves).sum(), leaves)
@@ -407,4 +410,35 @@ linear sumj {
     want = torch.autograd.grad(want_out.square().sum(), ref)
     assert _rel(out, want_out) < 1e-5
     for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("algorithm", ["chunked", "recurrent"])
+def test_per_head_feature_params(algorithm):
+    """A param over (head, key feature), `param theta[h, i]`, as a diagonal decay: forward and
+    gradients (theta's included) against the recurrence written out here."""
+    kernel = attnc.compile("""
+linear rot {
+  param theta[h, i]
+  state S[i, j]
+  S[i, j] = exp(-theta[i]) * S[i, j] + k[i] * v[j]
+  o[j] = sum(i) q[i] * S[i, j]
+}""")
+    assert kernel.algorithm == "chunked"
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (0.5 * torch.randn(2, 3, 19, 16, generator=gen) for _ in range(3))
+    theta = torch.rand(3, 16, generator=gen)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, theta)]
+    out = kernel(*leaves[:3], theta=leaves[3], algorithm=algorithm)
+    ref = [x.double().requires_grad_() for x in (q, k, v, theta)]
+    S = torch.zeros(2, 3, 16, 16, dtype=torch.float64)
+    outs = []
+    for t in range(19):
+        S = (torch.exp(-ref[3])[None, :, :, None] * S
+             + ref[1][:, :, t, :, None] * ref[2][:, :, t, None, :])
+        outs.append((ref[0][:, :, t, :, None] * S).sum(-2))
+    want = torch.stack(outs, 2)
+    assert _rel(out, want) < 1e-5
+    for a, b in zip(torch.autograd.grad(out.square().sum(), leaves),
+                    torch.autograd.grad(want.square().sum(), ref)):
         assert _rel(a, b) < 1e-4

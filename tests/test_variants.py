@@ -160,7 +160,8 @@ def test_variant_describes_itself(name):
 
 @pytest.mark.parametrize("name,dtype,shape,tiles,opts,scale", _case_params())
 def test_variant_matches_reference(name, dtype, shape, tiles, opts, scale):
-    check_variant(name, dtype, shape, tiles, opts, scale, seed=zlib.crc32(f"{name}{shape}{dtype}".encode()))
+    check_variant(name, dtype, shape, tiles, opts, scale,
+                  seed=zlib.crc32(f"{name}{shape}{dtype}".encode()))
 
 
 def test_options_really_bite():

@@ -1,9 +1,11 @@
 """Print sympy expressions as Triton expressions.
 
-`names` maps symbols to Triton text (m -> "offs_m[:, None]" inside a tile, "m_lo" stays itself in
-scalar bound expressions). Integer floor division and modulo go through helpers that are correct
-whether the backend's `//` truncates (compiled Triton) or floors (the interpreter). Helpers a
-printed expression needs are collected in `helpers` so the code generator emits only those.
+Functions come from the op table (attnc.expr.functions: each head's `triton` spelling and the
+helper it needs); the rest is sympy's core algebra. `names` maps symbols to Triton text
+(m -> "offs_m[:, None]" inside a tile, "m_lo" stays itself in scalar bound expressions).
+Integer floor division and modulo go through helpers that are correct whether the backend's
+`//` truncates (compiled Triton) or floors (the interpreter). Helpers a printed expression
+needs are collected in `helpers` so the code generator emits only those.
 
 `tiled` names the symbols that are tensors inside a tile. A conjunction that mixes a scalar
 condition (say `p[h] > 1`) with tile conditions is printed as `tl.where(scalar, tile, False)`:
@@ -16,15 +18,13 @@ import math
 
 import sympy
 
-from attnc import symbols as S
+from attnc.expr.functions import BY_HEAD, FUNCTIONS, helper_name
 
-_CALLS = {sympy.exp: "tl.exp", sympy.log: "tl.log", sympy.Abs: "tl.abs", sympy.sin: "tl.sin",
-          sympy.cos: "tl.cos", S.sigmoid: "tl.sigmoid"}
-_HELPER_CALLS = {sympy.tanh: "_tanh", S.softplus: "_softplus", S.elu: "_elu"}
 _REL = {sympy.Lt: "<", sympy.Le: "<=", sympy.Gt: ">", sympy.Ge: ">=", sympy.Eq: "==",
         sympy.Ne: "!="}
 
-HELPERS = {
+# Helpers of sympy's core algebra; the op table's functions bring their own (`Function.helper`).
+_CORE_HELPERS = {
     "_floor_div": '''@triton.jit
 def _floor_div(a, b):
     # floor(a / b) whether `//` truncates (compiled) or floors (interpreter)
@@ -36,32 +36,14 @@ def _floor_div(a, b):
 def _floor_mod(a, b):
     return a - _floor_div(a, b) * b
 ''',
-    "_tanh": '''@triton.jit
-def _tanh(x):
-    # no cancellation near 0 (where tanh(x) ~ x): an odd series below 1/4, (1 - e) / (1 + e)
-    # with e = exp(-2|x|) above; neither overflows
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    t = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    series = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
-                  + x2 * (-0.05396825396825397 + x2 * 0.021869488536155203))))
-    return tl.where(a < 0.25, series, tl.where(x < 0, -t, t))
-''',
-    "_softplus": '''@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)) without overflow for large x
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
-''',
-    "_elu": '''@triton.jit
-def _elu(x):
-    return tl.where(x > 0, x, tl.exp(tl.minimum(x, 0.0)) - 1.0)
-''',
-    "_pow": '''@triton.jit
+}
+_POW = '''@triton.jit
 def _pow(x, y):
     return tl.exp2(y * tl.log2(x))
-''',
-}
+'''
+# Every helper's source by name, in the order generated modules list them.
+HELPERS = {**_CORE_HELPERS, **{helper_name(f): f.helper for f in FUNCTIONS if f.helper},
+           "_pow": _POW}
 HELPER_DEPS = {"_floor_mod": ("_floor_div",)}
 
 
@@ -142,13 +124,12 @@ class TritonPrinter:
             return self._logic(ex)
         if isinstance(ex, sympy.Not):
             return f"(~{self.p(ex.args[0])})"
-        if ex.func in _CALLS:
-            return f"{_CALLS[ex.func]}({self._float(ex.args[0])})"
-        if ex.func is sympy.tan:
-            x = self._float(ex.args[0])
-            return f"(tl.sin({x}) / tl.cos({x}))"
-        if ex.func in _HELPER_CALLS:
-            return f"{self.use(_HELPER_CALLS[ex.func])}({self._float(ex.args[0])})"
+        if ex.func in BY_HEAD:  # the op table's functions (attnc.expr.functions)
+            entry = BY_HEAD[ex.func]
+            if entry.helper is not None:
+                self.use(helper_name(entry))
+            assert entry.triton is not None
+            return entry.triton.format(x=self._float(ex.args[0]))
         raise NotImplementedError(f"no Triton spelling for {ex.func.__name__} in {ex}")
 
     def _float_rounding(self, ex) -> str:

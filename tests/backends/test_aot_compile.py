@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import attnc
-from attnc.backends.triton import aot_check
+from attnc.backends.triton import aot_check, aot_jobs
 from tests.test_linear import MIXED
 
 
@@ -46,7 +46,7 @@ def _check(jobs, tmp_path):
 
 def _traced_kernel():
     """A kernel from FlexAttention mods: tan of an integer index, exp2, a captured tensor."""
-    from attnc import symbols as S
+    from attnc.expr import symbols as S
     from attnc.flex import kernel_for, trace_spec
     offset = torch.rand(4)
 
@@ -64,12 +64,12 @@ def test_representative_kernels_compile_for_sm90(tmp_path):
     dk/dv kernel alone takes a minute), so here only two get theirs: a per-tile param gradient
     (rel_bias) and the block-sparse walk; the slow test compiles every backward."""
     jobs = [j for name in ("streaming", "document") for j in
-            aot_check.jobs_for(attnc.load(name), backward=False)]
-    jobs += aot_check.jobs_for(attnc.load("rel_bias"))
-    jobs += aot_check.jobs_for(attnc.load("alibi"), dtype="fp32", block_m=64, block_n=32,
+            aot_jobs.jobs_for(attnc.load(name), backward=False)]
+    jobs += aot_jobs.jobs_for(attnc.load("rel_bias"))
+    jobs += aot_jobs.jobs_for(attnc.load("alibi"), dtype="fp32", block_m=64, block_n=32,
                                ieee=True, backward=False)
-    jobs += aot_check.jobs_for(attnc.load("document", block_sparse=True))
-    jobs += aot_check.jobs_for(_traced_kernel(), backward=False)
+    jobs += aot_jobs.jobs_for(attnc.load("document", block_sparse=True))
+    jobs += aot_jobs.jobs_for(_traced_kernel(), backward=False)
     assert sum("_bwd_dkdv" in j["function"] for j in jobs) == 2
     _check(jobs, tmp_path)
 
@@ -81,15 +81,15 @@ def test_representative_linear_kernels_compile_for_sm90(tmp_path):
     generated backward, and a nonlinear update's) and wide keys (based: a Taylor map of head
     dim 16 has 273 features)."""
     jobs = [j for name in ("gla", "gated_delta_net", "linear_attn", "lightning", "flowformer")
-            for j in aot_check.linear_jobs_for(attnc.load(name))]
-    jobs += aot_check.linear_jobs_for(attnc.load("gla"), dtype="fp32", ieee=True, varlen=True,
+            for j in aot_jobs.linear_jobs_for(attnc.load(name))]
+    jobs += aot_jobs.linear_jobs_for(attnc.load("gla"), dtype="fp32", ieee=True, varlen=True,
                                       dk=64, dv=96)
-    jobs += aot_check.linear_jobs_for(attnc.load("based"), dk=273, dv=64)
-    jobs += aot_check.linear_jobs_for(attnc.compile(MIXED), dtype="fp32", ieee=True, varlen=True)
+    jobs += aot_jobs.linear_jobs_for(attnc.load("based"), dk=273, dv=64)
+    jobs += aot_jobs.linear_jobs_for(attnc.compile(MIXED), dtype="fp32", ieee=True, varlen=True)
     assert sum(j["function"].endswith("_chunked") for j in jobs) == 6
     assert sum(j["function"].endswith("_recurrent_bwd") for j in jobs) == 2  # generated VJPs
     # the backward's fixed core kernels: the gated delta rule's and the vector decay's
-    core = aot_check.core_jobs()
+    core = aot_jobs.core_jobs()
     jobs += [j for j in core if j["function"] == "core_backward"
              and (j["constexprs"]["DELTA"] and j["constexprs"]["GATE"] == 1
                   or j["constexprs"]["GATE"] == 2)]
@@ -103,21 +103,21 @@ def _is_linear(name: str) -> bool:
 @pytest.mark.slow
 def test_every_library_kernel_compiles_for_sm90(tmp_path):
     jobs = [j for name in attnc.variants() if not _is_linear(name)
-            for j in aot_check.jobs_for(attnc.load(name))]
+            for j in aot_jobs.jobs_for(attnc.load(name))]
     jobs += [j for name in attnc.variants() if _is_linear(name)
              for dk, dv in ((64, 64), (128, 128)) for dtype in ("bf16", "fp16")
-             for j in aot_check.linear_jobs_for(attnc.load(name), dtype=dtype, dk=dk, dv=dv)]
-    jobs += aot_check.core_jobs() + aot_check.core_jobs(ieee=True, dk=64, dv=96)
-    jobs += aot_check.jobs_for(attnc.load("rel_bias"), dtype="fp16", block_d=256, block_m=64,
+             for j in aot_jobs.linear_jobs_for(attnc.load(name), dtype=dtype, dk=dk, dv=dv)]
+    jobs += aot_jobs.core_jobs() + aot_jobs.core_jobs(ieee=True, dk=64, dv=96)
+    jobs += aot_jobs.jobs_for(attnc.load("rel_bias"), dtype="fp16", block_d=256, block_m=64,
                                block_n=32)
-    jobs += aot_check.jobs_for(attnc.load("alibi"), dtype="fp32", block_m=64, block_n=32,
+    jobs += aot_jobs.jobs_for(attnc.load("alibi"), dtype="fp32", block_m=64, block_n=32,
                                ieee=True)
     _check(jobs, tmp_path)
 
 
 def test_a_broken_kernel_is_reported(tmp_path):
     """The check can fail: a source with a type error does not compile."""
-    job = aot_check.jobs_for(attnc.load("causal"))[0]
+    job = aot_jobs.jobs_for(attnc.load("causal"))[0]
     broken = tmp_path / "broken.py"
     broken.write_text(open(job["path"]).read().replace("acc = tl.zeros([BLOCK_M, BLOCK_DV]",
                                                         "acc = tl.zeros([BLOCK_M, 3]"))

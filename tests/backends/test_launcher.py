@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attnc
-from attnc.backends.triton import launcher
+from attnc.backends.triton.softmax import launch as launcher
 from attnc.testing import rel_error
 from tests.reference import reference
 from tests.sparse_reference import masked_attention

@@ -9,7 +9,7 @@ import sympy
 import torch
 
 import attnc
-from attnc import symbols as S
+from attnc.expr import symbols as S
 from attnc.flex import kernel_for, trace_spec
 from attnc.frontends.flex import Captures, ModError, trace_mask_mod, trace_score_mod
 
@@ -53,7 +53,8 @@ EQUIVALENT = {
     "zerotuning": ({}, lambda s, b, h, q, kv: s + torch.where(kv == 0, torch.log(gamma[h]), 0),
                    _causal, False),
     # document ids are data: attnc's block mask lists drive a block-sparse kernel
-    "document": ({"block_sparse": True}, None, lambda b, h, q, kv: (q >= kv) & (doc[b, q] == doc[b, kv]),
+    "document": ({"block_sparse": True}, None,
+                 lambda b, h, q, kv: (q >= kv) & (doc[b, q] == doc[b, kv]),
                  True),
 }
 gamma = torch.rand(4) + 0.5
@@ -87,8 +88,8 @@ def test_captured_tensors_become_inputs_named_after_their_variable():
     trace_mask_mod(lambda b, h, q, kv: doc_ids[b, q] == doc_ids[b, kv], caps)
     trace_score_mod(lambda s, b, h, q, kv: s + table[h, (q - kv) % 9], caps)
     decls = {d.name: d for d in caps.decls(SIZES)}
-    assert decls["doc_ids"].kind == "input" and decls["doc_ids"].dims == (S.B, S.N)
-    assert decls["table"].kind == "param" and decls["table"].dims == (S.H, 9)
+    assert decls["doc_ids"].kind.value == "input" and decls["doc_ids"].dims == (S.B, S.N)
+    assert decls["table"].kind.value == "param" and decls["table"].dims == (S.H, 9)
 
 
 def test_bool_tensor_reads_are_conditions_and_and_masks_fold():
@@ -189,6 +190,7 @@ def test_a_captured_python_float_is_part_of_the_ir():
         spec, _ = trace_spec(lambda s, b, h, q_idx, kv_idx: cap * torch.tanh(s / cap), None,
                              SIZES)
         kernels.add(id(kernel_for(spec)))
-        out = attnc.flex_attention(q, q, q, score_mod=lambda s, b, h, qi, ki: cap * torch.tanh(s / cap))
+        out = attnc.flex_attention(q, q, q,
+                                   score_mod=lambda s, b, h, qi, ki: cap * torch.tanh(s / cap))
         assert torch.isfinite(out).all()
     assert len(kernels) == 2  # 10.0 and 20.0; the second 10.0 reuses the first kernel

@@ -9,9 +9,10 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from attnc.backends import linear_torch as LT
+from attnc.backends.eager import linear as E
+from attnc.backends.reference import linear as LT
+from attnc.ir.linear import DV, LinearScan, format_scan, j
 from attnc.library import variants
-from attnc.linear_ir import DV, LinearScan, format_scan, j
 from attnc.passes import chunk_scan
 from attnc.pipeline import frontend, read_spec
 
@@ -48,7 +49,7 @@ def test_every_linear_library_spec_is_classified():
 def test_library_classes(name):
     sch = scheduled(name).schedule
     assert sch.chunked, sch.reason
-    assert {p.state: p.kind for p in sch.states} == CLASSES[name]
+    assert {p.state: p.kind.value for p in sch.states} == CLASSES[name]
 
 
 def test_class_details():
@@ -75,7 +76,7 @@ def test_class_details():
 def test_update_classes(update, kind):
     sch = scheduled(spec(update)).schedule
     assert sch.chunked, sch.reason
-    assert sch.states[0].kind == kind
+    assert sch.states[0].kind.value == kind
 
 
 @pytest.mark.parametrize("update, output, reason", [
@@ -134,8 +135,8 @@ def test_chunked_form_equals_the_recurrence(name, chunk):
     if name == "based":
         q, k = q * 0.5, k * 0.5
     inputs = _inputs(scan, B, H, T, D, gen)
-    dk = LT.feature_dim(scan, q, inputs)
-    init = {s.name: LT.public_state(s, torch.randn(LT.state_shape(s, B, H, dk, D),
+    dk = E.feature_dim(scan, q, inputs)
+    init = {s.name: E.public_state(s, torch.randn(E.state_shape(s, B, H, dk, D),
                                                    generator=gen, dtype=torch.float64))
             for s in scan.states}
     for name_ in init:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import sympy
 
-from attnc import symbols as S
+from attnc.expr import symbols as S
 from attnc.frontends.lower import lower
 from attnc.frontends.parser import parse
 from attnc.passes.mask_bounds import (analyze, monotone, query_segments, query_tile_schedule,

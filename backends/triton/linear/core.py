@@ -17,28 +17,33 @@ differentiated by torch autograd; the core runs here, as two kernels independent
 
 One program per (sequence, head, value tile). dv and dS0 are exact per value tile; dx, dk,
 dlog-decay and dbeta sum over all value features, so each tile writes its own slice of a
-[NV, ...] buffer and the caller adds them up (deterministic, no atomics). GATE: 0 none,
-1 scalar per step, 2 vector per step (over key features). Tensors are contiguous: x, k, g
-[B, H, T, K|1], v, r, dr [B, H, T, V], states [.., K, V] in fp32.
+[NV, ...] buffer and the caller adds them up (deterministic, no atomics). GATE is an
+attnc.ir.linear.Gate: 0 none, 1 scalar per step, 2 vector per step (over key features).
+Tensors are contiguous: x, k, g [B, H, T, K|1], v, r, dr [B, H, T, V], states [.., K, V] in
+fp32.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import triton
 import triton.language as tl
 
 
+def _prelude():
+    """backends/triton/prelude.py, loaded by its path: this file imports nothing from attnc,
+    so the AOT check can compile it under any Python with Triton (like a generated module)."""
+    path = Path(__file__).resolve().parents[1] / "prelude.py"
+    spec = importlib.util.spec_from_file_location("attnc_core_prelude", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b in fp32 (the generated kernels' PRELUDE has the same helper as text)."""
-    if UPCAST:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32))
-    elif IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
+
+_dot = _prelude()._dot
 
 
 @triton.jit
@@ -287,3 +292,4 @@ def core_backward(x, k, v, g, beta, h, dr, ds_final, dx, dk, dv, dg, dbeta, ds0,
                  mask=tmask[:, None] & mask_v[None, :])
         dS = dS_prev
     tl.store(ds0 + (n * H + hh).to(tl.int64) * K * V + kv, dS, mask=m_kv)
+

@@ -1,8 +1,11 @@
 """The sympy vocabulary shared by every IR level.
 
-Index symbols name positions (b batch, h query head, m query, n key, e/f head-dim ranks); size
-symbols name extents; `scale` is the runtime softmax scale. `sigmoid` and `softplus` are sympy
-functions with derivatives so later passes (autodiff) can differentiate through them.
+Softmax family: index symbols name positions (b batch, h query head, m query, n key, e/f
+head-dim ranks); size symbols name extents; `scale` is the runtime softmax scale; m_lo/m_hi and
+n_lo/n_hi bound a tile's rows or keys; `qk` is one (query, key) pair's dot product.
+
+Linear family (a scan over time t): feature axes i (key features, extent DK) and j (value
+features, extent DV), the length T and q's head dim D before any feature map.
 """
 
 from __future__ import annotations
@@ -30,46 +33,12 @@ K = sympy.IndexedBase("K")
 V = sympy.IndexedBase("V")
 OPERANDS = {"Q": ("m", "e"), "K": ("n", "e"), "V": ("n", "f")}
 
-
-class sigmoid(sympy.Function):
-    """Logistic function 1 / (1 + exp(-x))."""
-
-    def fdiff(self, argindex=1):
-        s = sigmoid(self.args[0])
-        return s * (1 - s)
-
-    @classmethod
-    def eval(cls, x):
-        if x.is_Number:
-            return 1 / (1 + sympy.exp(-x))
-        return None
-
-
-class softplus(sympy.Function):
-    """log(1 + exp(x))."""
-
-    def fdiff(self, argindex=1):
-        return sigmoid(self.args[0])
-
-    @classmethod
-    def eval(cls, x):
-        if x.is_Number:
-            return sympy.log(1 + sympy.exp(x))
-        return None
-
-
-class elu(sympy.Function):
-    """x for x > 0, exp(x) - 1 otherwise (the +1 of linear attention's feature map is outside)."""
-
-    def fdiff(self, argindex=1):
-        x = self.args[0]
-        return sympy.Piecewise((1, x > 0), (sympy.exp(x), True))
-
-    @classmethod
-    def eval(cls, x):
-        if x.is_Number:
-            return x if x > 0 else sympy.exp(x) - 1
-        return None
+# --- scans (`linear` blocks) -------------------------------------------------------------------
+i, j = sympy.symbols("i j", integer=True, nonnegative=True)
+t = sympy.Symbol("t", integer=True, nonnegative=True)
+T, DK, DV, D = sympy.symbols("T DK DV D", integer=True, positive=True)
+AXES = {"i": i, "j": j}
+EXTENT = {i: DK, j: DV}
 
 
 def compare(op: str, a, b) -> sympy.Expr:
@@ -81,4 +50,10 @@ def compare(op: str, a, b) -> sympy.Expr:
 
 
 def access(name: str, *index) -> sympy.Indexed:
+    """name[index...]: a tensor access."""
     return sympy.IndexedBase(name)[tuple(index)]
+
+
+def at(name: str, *ranks: str) -> sympy.Indexed:
+    """name[ranks...] for rank names ("m", "n", "e", "f")."""
+    return access(name, *(RANKS[r] for r in ranks))

@@ -21,16 +21,21 @@ Rows past M get lse = +inf (so p = 0) and keys past N are masked, so padding nev
 from __future__ import annotations
 
 import sympy
+import triton
 
-from attnc import symbols as S
-from attnc.backends.triton.codegen import (BLOCK_LISTS, SPARSE_CONSTEXPRS, emit_segment_walk,
-                                           load_stmt, ptr_args, query_tile_prologue, step_header,
-                                           stride_args)
+from attnc.backends.triton.contract import Bind, GridRule, KernelContract, Param, ParamType, arg
+from attnc.backends.triton.prelude import PRELUDE_PREPROCESS
 from attnc.backends.triton.printer import TritonPrinter
-from attnc.kernel_ir import AttentionKernel
+from attnc.backends.triton.softmax.forward import (BLOCK_LISTS, SPARSE_CONSTEXPRS, KernelNames,
+                                                   constexprs, emit_segment_walk, list_params,
+                                                   load_stmt, query_tile_prologue, step_header,
+                                                   stride_params, strides, tensor_params)
+from attnc.expr import symbols as S
+from attnc.ir.kernel import AttentionKernel, Load, LoadLevel
 
 # Where each param load's partial gradient is summed (the dims its buffer keeps), by load level.
-BUFFER_KERNEL = {"program": "dq", "row": "dq", "tile": "dq", "key": "dkdv"}
+BUFFER_KERNEL = {LoadLevel.PROGRAM: "dq", LoadLevel.ROW: "dq", LoadLevel.TILE: "dq",
+                 LoadLevel.KEY: "dkdv"}
 STEP_FLAGS = ("MASKED", "IEEE", "UPCAST", "DPARAMS")
 BWD_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "IEEE", "UPCAST", "DPARAMS")
 # The block mask's transposed lists: per (b, h, key block) the query blocks that see it.
@@ -38,63 +43,78 @@ Q_LISTS = (("Q_NUM", "qn", "bhk"), ("Q_IDX", "qi", "bhkq"),
            ("FULL_Q_NUM", "fqn", "bhk"), ("FULL_Q_IDX", "fqi", "bhkq"))
 
 
-def backward_names(k: AttentionKernel) -> dict[str, str]:
-    base = f"attnc_{k.name}_bwd"
-    return {"dq": f"{base}_dq", "dkdv": f"{base}_dkdv", "dq_step": f"_{base}_dq_step",
-            "dkdv_step": f"_{base}_dkdv_step"}
-
-
-def param_loads(k: AttentionKernel, kernel: str) -> list:
+def param_loads(k: AttentionKernel, kernel: str) -> list[tuple[Load, sympy.Expr]]:
     """(load, derivative) of the param loads whose partial gradients `kernel` writes."""
-    loads = {ld.name: ld for ld in k.loads}
-    return [(loads[name], d) for name, d in k.grad.dloads
-            if BUFFER_KERNEL[loads[name].level] == kernel]
+    assert k.grad is not None
+    return [(k.load(name), d) for name, d in k.grad.dloads
+            if BUFFER_KERNEL[k.load(name).level] == kernel]
 
 
-def _accumulators(k: AttentionKernel, kernel: str) -> list[str]:
+def _accumulators(k: AttentionKernel, kernel: str, nm: KernelNames) -> list[str]:
     """The running partial sums `kernel`'s steps carry: one per param load whose buffer is not
     per element (those are stored by the step itself)."""
-    return [f"dacc_{ld.name}" for ld, _ in param_loads(k, kernel) if ld.level != "tile"]
+    return [nm.acc(ld) for ld, _ in param_loads(k, kernel) if ld.level is not LoadLevel.TILE]
 
 
-def _operand_strides(names: str) -> list[str]:
-    return [f"stride_{t}{r}" for t in names.split() for r in ("bhmd" if t in ("q", "do", "dq")
-                                                             else "bhnd")]
+def _buffers(k: AttentionKernel, kernel: str, nm: KernelNames) -> list[Param]:
+    return [Param(nm.buffer(ld), ParamType.FP32_PTR, Bind("buffer", ld.name))
+            for ld, _ in param_loads(k, kernel)]
 
 
-def _sparse(k: AttentionKernel) -> bool:
-    return k.schedule.keys == "block_mask"
+def preprocess_grid(v) -> tuple[int]:
+    """One program per BLOCK_R rows of (b, h, m)."""
+    return (triton.cdiv(v["R"], v["BLOCK_R"]),)
 
 
-def dq_args(k: AttentionKernel) -> list[str]:
-    """The dq kernel's parameters, in launch order."""
-    lists = [name for name, _, _ in BLOCK_LISTS] if _sparse(k) else []
-    list_strides = ([f"{s}_s{r}" for _, s, dims in BLOCK_LISTS for r in dims]
-                    if _sparse(k) else [])
-    buffers = [f"D_{ld.name}" for ld, _ in param_loads(k, "dq")]
-    return (["Q", "K", "V", "DO", "Lse", "Delta", "DQ"] + ptr_args(k) + buffers + lists
-            + _operand_strides("q k v do dq") + stride_args(k) + list_strides
-            + ["B", "H", "M", "N", "D", "DV", "GROUP", "scale", "TILE_START", "SLAB"]
-            + list(BWD_CONSTEXPRS) + (list(SPARSE_CONSTEXPRS) if _sparse(k) else []))
+def dq_grid(v) -> tuple[int, int]:
+    """One program per (query tile of the slab, b * h)."""
+    return triton.cdiv(v["SLAB"], v["BLOCK_M"]), v["B"] * v["H"]
 
 
-def dkdv_args(k: AttentionKernel) -> list[str]:
-    """The dk/dv kernel's parameters, in launch order."""
-    lists = [name for name, _, _ in Q_LISTS] if _sparse(k) else []
-    list_strides = [f"{s}_s{r}" for _, s, dims in Q_LISTS for r in dims] if _sparse(k) else []
-    buffers = [f"D_{ld.name}" for ld, _ in param_loads(k, "dkdv")]
-    return (["Q", "K", "V", "DO", "Lse", "Delta", "DK", "DVo"] + ptr_args(k) + buffers + lists
-            + _operand_strides("q k v do dk dv") + stride_args(k) + list_strides
-            + ["B", "H", "M", "N", "D", "DV", "GROUP", "scale"] + list(BWD_CONSTEXPRS)
-            + (list(SPARSE_CONSTEXPRS) if _sparse(k) else []))
+def dkdv_grid(v) -> tuple[int, int]:
+    """One program per (key tile, b * kv head); it loops over the query heads of its group."""
+    return triton.cdiv(v["N"], v["BLOCK_N"]), v["B"] * v["H"] // v["GROUP"]
 
 
-def bwd_constexprs(k: AttentionKernel) -> tuple[str, ...]:
-    return BWD_CONSTEXPRS + (SPARSE_CONSTEXPRS if _sparse(k) else ())
+PREPROCESS = KernelContract(
+    "preprocess", PRELUDE_PREPROCESS,
+    (arg("Out", ParamType.DATA), arg("DO", ParamType.DATA), arg("DLse", ParamType.FP32_PTR),
+     arg("Delta", ParamType.FP32_PTR), arg("R", ParamType.INT), arg("DV", ParamType.INT),
+     *constexprs(("HAS_DLSE", "BLOCK_R", "BLOCK_DV"))),
+    GridRule(preprocess_grid.__doc__ or "", preprocess_grid), "delta = rowsum(dO * O) - dlse")
 
 
-def _signature(args: list[str], k: AttentionKernel) -> list[str]:
-    return [f"{a}: tl.constexpr" if a in bwd_constexprs(k) else a for a in args]
+def dq_contract(k: AttentionKernel, nm: KernelNames) -> KernelContract:
+    """The dq kernel's signature."""
+    lists, list_strides = list_params(BLOCK_LISTS) if k.block_sparse else ([], [])
+    params = ([arg(x, ParamType.DATA) for x in ("Q", "K", "V", "DO")]
+              + [arg("Lse", ParamType.FP32_PTR), arg("Delta", ParamType.FP32_PTR),
+                 arg("DQ", ParamType.DATA)]
+              + tensor_params(k, nm) + _buffers(k, "dq", nm) + lists
+              + strides("stride_", "q k v do dq") + stride_params(k, nm) + list_strides
+              + [arg(x, ParamType.INT) for x in ("B", "H", "M", "N", "D", "DV", "GROUP")]
+              + [arg("scale", ParamType.FLOAT), arg("TILE_START", ParamType.INT),
+                 arg("SLAB", ParamType.INT)]
+              + constexprs(BWD_CONSTEXPRS + (SPARSE_CONSTEXPRS if k.block_sparse else ())))
+    return KernelContract("dq", nm.entry("dq"), tuple(params),
+                          GridRule(dq_grid.__doc__ or "", dq_grid),
+                          "dq and the partial sums of params indexed by (b, h), m or (m, n)")
+
+
+def dkdv_contract(k: AttentionKernel, nm: KernelNames) -> KernelContract:
+    """The dk/dv kernel's signature."""
+    lists, list_strides = list_params(Q_LISTS) if k.block_sparse else ([], [])
+    params = ([arg(x, ParamType.DATA) for x in ("Q", "K", "V", "DO")]
+              + [arg("Lse", ParamType.FP32_PTR), arg("Delta", ParamType.FP32_PTR),
+                 arg("DK", ParamType.DATA), arg("DVo", ParamType.DATA)]
+              + tensor_params(k, nm) + _buffers(k, "dkdv", nm) + lists
+              + strides("stride_", "q k v do dk dv") + stride_params(k, nm) + list_strides
+              + [arg(x, ParamType.INT) for x in ("B", "H", "M", "N", "D", "DV", "GROUP")]
+              + [arg("scale", ParamType.FLOAT)]
+              + constexprs(BWD_CONSTEXPRS + (SPARSE_CONSTEXPRS if k.block_sparse else ())))
+    return KernelContract("dkdv", nm.entry("dkdv"), tuple(params),
+                          GridRule(dkdv_grid.__doc__ or "", dkdv_grid),
+                          "dk, dv and the partial sums of key-indexed params")
 
 
 def _guarded(ds: str, deriv: sympy.Expr, pr: TritonPrinter) -> str:
@@ -105,11 +125,12 @@ def _guarded(ds: str, deriv: sympy.Expr, pr: TritonPrinter) -> str:
     return f"tl.where(p > 0.0, {ds} * ({pr(deriv)}), 0.0)"
 
 
-def _scores(c, k: AttentionKernel, pr: TritonPrinter, inner) -> None:
+def _scores(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames, inner) -> None:
     """qk -> masked scores s and probabilities p for one (query tile, key tile) pair."""
+    assert k.grad is not None
     c("qk = _dot(q, kt, IEEE, UPCAST)")
     for ld in inner:
-        c(load_stmt(ld, k, pr))
+        c(load_stmt(ld, k, pr, nm))
     if k.score.has(S.qk):
         c(f"s = {pr(k.score)}")
     else:
@@ -124,33 +145,33 @@ def _scores(c, k: AttentionKernel, pr: TritonPrinter, inner) -> None:
     c(f"dqk = {_guarded('ds', k.grad.dqk, pr)}")
 
 
-def _tile_loads(k: AttentionKernel, levels) -> list:
+def _tile_loads(k: AttentionKernel, levels) -> list[Load]:
     return [ld for ld in k.loads if ld.level in levels]
 
 
-def _tensors_with_strides(k: AttentionKernel, loads) -> list[str]:
+def _tensors_with_strides(k: AttentionKernel, loads, nm: KernelNames) -> list[str]:
     tensors = sorted({ld.tensor for ld in loads})
-    return tensors + [f"{d.name}_s{i}" for d in k.inputs if d.name in tensors
-                      for i in range(len(d.dims))]
+    return [nm.tensor(t) for t in tensors] + [nm.stride(d.name, i) for d in k.inputs
+                                              if d.name in tensors for i in range(len(d.dims))]
 
 
 # --- dq ----------------------------------------------------------------------------------------
 
-def _dq_step_args(k: AttentionKernel) -> list[str]:
-    inner = _tile_loads(k, ("key", "tile"))
-    hoisted = [ld.name for ld in _tile_loads(k, ("program", "row"))]
-    accs = _accumulators(k, "dq")
-    tiles = [f"D_{ld.name}" for ld, _ in param_loads(k, "dq") if ld.level == "tile"]
+def _dq_step_args(k: AttentionKernel, nm: KernelNames) -> list[str]:
+    inner = _tile_loads(k, (LoadLevel.KEY, LoadLevel.TILE))
+    hoisted = [nm.load(ld) for ld in _tile_loads(k, (LoadLevel.PROGRAM, LoadLevel.ROW))]
+    accs = _accumulators(k, "dq", nm)
+    tiles = [nm.buffer(ld) for ld, _ in param_loads(k, "dq") if ld.level is LoadLevel.TILE]
     return (["dq"] + accs + ["q", "do", "lse", "delta", "k_base", "v_base", "start_n", "offs_m",
                              "offs_d", "offs_dv", "stride_kn", "stride_kd", "stride_vn",
                              "stride_vd", "b", "h", "pid_bh", "B", "H", "M", "N", "D", "DV",
                              "scale", "TILE_START", "SLAB"]
-            + hoisted + _tensors_with_strides(k, inner) + tiles + ["BLOCK_M", "BLOCK_N"])
+            + hoisted + _tensors_with_strides(k, inner, nm) + tiles + ["BLOCK_M", "BLOCK_N"])
 
 
-def _emit_dq_step(c, k: AttentionKernel, pr: TritonPrinter) -> None:
-    accs = _accumulators(k, "dq")
-    step_header(c, backward_names(k)["dq_step"], _dq_step_args(k), STEP_FLAGS)
+def _emit_dq_step(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> None:
+    accs = _accumulators(k, "dq", nm)
+    step_header(c, nm.entry("dq_step"), _dq_step_args(k, nm), STEP_FLAGS)
     with c.indented():
         c('"""One key tile of the dq kernel: recompute p, then ds, and fold into dq."""')
         c("offs_n = start_n + tl.arange(0, BLOCK_N)")
@@ -158,33 +179,35 @@ def _emit_dq_step(c, k: AttentionKernel, pr: TritonPrinter) -> None:
         c("             mask=(offs_n[None, :] < N) & (offs_d[:, None] < D), other=0.0)")
         c("vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,")
         c("             mask=(offs_n[None, :] < N) & (offs_dv[:, None] < DV), other=0.0)")
-        _scores(c, k, pr, _tile_loads(k, ("key", "tile")))
+        _scores(c, k, pr, nm, _tile_loads(k, (LoadLevel.KEY, LoadLevel.TILE)))
         c("dq += _dot(_round(dqk, kt.dtype, UPCAST), tl.trans(kt), IEEE, UPCAST)")
         loads = param_loads(k, "dq")
         if loads:
             with c.block("if DPARAMS:"):
                 for ld, deriv in loads:
                     contrib = _guarded("ds", deriv, pr)
-                    if ld.level == "tile":
-                        c(f"tl.store(D_{ld.name} + pid_bh.to(tl.int64) * SLAB * N"
+                    if ld.level is LoadLevel.TILE:
+                        c(f"tl.store({nm.buffer(ld)} + pid_bh.to(tl.int64) * SLAB * N"
                           f" + (offs_m[:, None] - TILE_START * BLOCK_M) * N + offs_n[None, :],"
                           f" {contrib},")
                         c("         mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))")
                     else:
-                        c(f"dacc_{ld.name} += tl.sum({contrib}, 1)")
+                        c(f"{nm.acc(ld)} += tl.sum({contrib}, 1)")
         c("return " + ", ".join(["dq"] + accs))
 
 
-def _emit_dq(c, k: AttentionKernel, pr: TritonPrinter) -> None:
-    names = backward_names(k)
+def _emit_dq(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> KernelContract:
+    contract = dq_contract(k, nm)
     c("@triton.jit")
-    c.call(f"def {names['dq']}(", _signature(dq_args(k), k), "):")
+    c.call(f"def {contract.entry}(", [p.declaration for p in contract.params], "):")
     with c.indented():
         c(f'"""{k.name}: dq (and param partial sums); one program per (query tile, b * h)."""')
         query_tile_prologue(c, "TILE_START")
         c("row_ok = offs_m < M")
-        c("q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm")
-        c("            + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < D),")
+        c("q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, "
+          "None] * stride_qm")
+        c("            + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & "
+          "(offs_d[None, :] < D),")
         c("            other=0.0)")
         c("do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * "
           "stride_dom")
@@ -193,31 +216,33 @@ def _emit_dq(c, k: AttentionKernel, pr: TritonPrinter) -> None:
         _emit_row_stats(c)
         c("k_base = K + b.to(tl.int64) * stride_kb + kvh * stride_kh")
         c("v_base = V + b.to(tl.int64) * stride_vb + kvh * stride_vh")
-        for ld in _tile_loads(k, ("program", "row")):
-            c(load_stmt(ld, k, pr))
+        for ld in _tile_loads(k, (LoadLevel.PROGRAM, LoadLevel.ROW)):
+            c(load_stmt(ld, k, pr, nm))
         c("dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)")
-        for acc in _accumulators(k, "dq"):
+        for acc in _accumulators(k, "dq", nm):
             c(f"{acc} = tl.zeros([BLOCK_M], tl.float32)")
-        targets = ", ".join(["dq"] + _accumulators(k, "dq"))
-        call = _call(f"{targets} = {names['dq_step']}(", _dq_step_args(k))
-        if _sparse(k):
+        targets = ", ".join(["dq"] + _accumulators(k, "dq", nm))
+        call = _call(f"{targets} = {nm.entry('dq_step')}(", _dq_step_args(k, nm))
+        if k.block_sparse:
             c("qb = m_lo // SPARSE_Q")
             _emit_block_walk(c, call, BLOCK_LISTS, "q", "k")
         else:
             emit_segment_walk(c, k.segments, call, "N", "BLOCK_N", "start_n", pr)
-        c("tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm")
+        c("tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, "
+          "None] * stride_dqm")
         c("         + offs_d[None, :] * stride_dqd, _round(dq, DQ.dtype.element_ty, UPCAST),")
         c("         mask=row_ok[:, None] & (offs_d[None, :] < D))")
-        sums = [ld for ld, _ in param_loads(k, "dq") if ld.level != "tile"]
+        sums = [ld for ld, _ in param_loads(k, "dq") if ld.level is not LoadLevel.TILE]
         if sums:
             with c.block("if DPARAMS:"):
                 for ld in sums:
-                    if ld.level == "program":
-                        c(f"tl.store(D_{ld.name} + pid_bh * tl.cdiv(M, BLOCK_M) + pid_m, "
-                          f"tl.sum(dacc_{ld.name}, 0))")
+                    if ld.level is LoadLevel.PROGRAM:
+                        c(f"tl.store({nm.buffer(ld)} + pid_bh * tl.cdiv(M, BLOCK_M) + pid_m, "
+                          f"tl.sum({nm.acc(ld)}, 0))")
                     else:
-                        c(f"tl.store(D_{ld.name} + pid_bh.to(tl.int64) * M + offs_m, "
-                          f"dacc_{ld.name}, mask=row_ok)")
+                        c(f"tl.store({nm.buffer(ld)} + pid_bh.to(tl.int64) * M + offs_m, "
+                          f"{nm.acc(ld)}, mask=row_ok)")
+    return contract
 
 
 def _emit_row_stats(c) -> None:
@@ -256,20 +281,20 @@ def _emit_block_walk(c, call, lists, own: str, other: str) -> None:
 
 # --- dk/dv -------------------------------------------------------------------------------------
 
-def _dkdv_step_args(k: AttentionKernel) -> list[str]:
-    inner = _tile_loads(k, ("row", "tile"))
-    hoisted = [ld.name for ld in _tile_loads(k, ("program", "key"))]
-    accs = _accumulators(k, "dkdv")
+def _dkdv_step_args(k: AttentionKernel, nm: KernelNames) -> list[str]:
+    inner = _tile_loads(k, (LoadLevel.ROW, LoadLevel.TILE))
+    hoisted = [nm.load(ld) for ld in _tile_loads(k, (LoadLevel.PROGRAM, LoadLevel.KEY))]
+    accs = _accumulators(k, "dkdv", nm)
     return (["dk", "dv"] + accs + ["kt", "vt", "q_base", "do_base", "lse_base", "delta_base",
                                     "start_m", "offs_n", "offs_d", "offs_dv", "stride_qm",
                                     "stride_qd", "stride_dom", "stride_dod", "b", "h", "B", "H",
                                     "M", "N", "D", "DV", "scale"]
-            + hoisted + _tensors_with_strides(k, inner) + ["BLOCK_M", "BLOCK_N"])
+            + hoisted + _tensors_with_strides(k, inner, nm) + ["BLOCK_M", "BLOCK_N"])
 
 
-def _emit_dkdv_step(c, k: AttentionKernel, pr: TritonPrinter) -> None:
-    accs = _accumulators(k, "dkdv")
-    step_header(c, backward_names(k)["dkdv_step"], _dkdv_step_args(k), STEP_FLAGS)
+def _emit_dkdv_step(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> None:
+    accs = _accumulators(k, "dkdv", nm)
+    step_header(c, nm.entry("dkdv_step"), _dkdv_step_args(k, nm), STEP_FLAGS)
     with c.indented():
         c('"""One query tile of the dk/dv kernel: recompute p and ds, fold into dk and dv."""')
         c("offs_m = start_m + tl.arange(0, BLOCK_M)")
@@ -281,21 +306,22 @@ def _emit_dkdv_step(c, k: AttentionKernel, pr: TritonPrinter) -> None:
         c('lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))')
         c('lse = tl.where(lse == float("-inf"), float("inf"), lse)')
         c("delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)")
-        _scores(c, k, pr, _tile_loads(k, ("row", "tile")))
+        _scores(c, k, pr, nm, _tile_loads(k, (LoadLevel.ROW, LoadLevel.TILE)))
         c("dv += _dot(tl.trans(_round(p, do.dtype, UPCAST)), do, IEEE, UPCAST)")
         c("dk += _dot(tl.trans(_round(dqk, q.dtype, UPCAST)), q, IEEE, UPCAST)")
         loads = param_loads(k, "dkdv")
         if loads:
             with c.block("if DPARAMS:"):
                 for ld, deriv in loads:
-                    c(f"dacc_{ld.name} += tl.sum({_guarded('ds', deriv, pr)}, 0)")
+                    c(f"{nm.acc(ld)} += tl.sum({_guarded('ds', deriv, pr)}, 0)")
         c("return " + ", ".join(["dk", "dv"] + accs))
 
 
-def _emit_dkdv(c, k: AttentionKernel, pr: TritonPrinter) -> None:
-    names = backward_names(k)
+def _emit_dkdv(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> KernelContract:
+    assert k.grad is not None
+    contract = dkdv_contract(k, nm)
     c("@triton.jit")
-    c.call(f"def {names['dkdv']}(", _signature(dkdv_args(k), k), "):")
+    c.call(f"def {contract.entry}(", [p.declaration for p in contract.params], "):")
     with c.indented():
         c(f'"""{k.name}: dk, dv (and key-indexed param partial sums); one program per '
           '(key tile, b * kv head)."""')
@@ -311,15 +337,18 @@ def _emit_dkdv(c, k: AttentionKernel, pr: TritonPrinter) -> None:
         c("offs_d = tl.arange(0, BLOCK_D)")
         c("offs_dv = tl.arange(0, BLOCK_DV)")
         c("col_ok = offs_n < N")
-        c("kt = tl.load(K + b.to(tl.int64) * stride_kb + kvh * stride_kh + offs_n[None, :] * stride_kn")
-        c("             + offs_d[:, None] * stride_kd, mask=col_ok[None, :] & (offs_d[:, None] < D),")
+        c("kt = tl.load(K + b.to(tl.int64) * stride_kb + kvh * stride_kh + "
+          "offs_n[None, :] * stride_kn")
+        c("             + offs_d[:, None] * stride_kd, mask=col_ok[None, :] & "
+          "(offs_d[:, None] < D),")
         c("             other=0.0)")
-        c("vt = tl.load(V + b.to(tl.int64) * stride_vb + kvh * stride_vh + offs_n[None, :] * stride_vn")
+        c("vt = tl.load(V + b.to(tl.int64) * stride_vb + kvh * stride_vh + "
+          "offs_n[None, :] * stride_vn")
         c("             + offs_dv[:, None] * stride_vd,")
         c("             mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)")
         c("dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)")
         c("dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)")
-        if _sparse(k):
+        if k.block_sparse:
             c("kb = n_lo // SPARSE_KV")
         with c.block("for g in range(0, GROUP):"):
             c("h = kvh * GROUP + g")
@@ -328,32 +357,42 @@ def _emit_dkdv(c, k: AttentionKernel, pr: TritonPrinter) -> None:
             c("do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh")
             c("lse_base = Lse + bh * M")
             c("delta_base = Delta + bh * M")
-            for ld in _tile_loads(k, ("program", "key")):
-                c(load_stmt(ld, k, pr))
-            accs = _accumulators(k, "dkdv")
+            for ld in _tile_loads(k, (LoadLevel.PROGRAM, LoadLevel.KEY)):
+                c(load_stmt(ld, k, pr, nm))
+            accs = _accumulators(k, "dkdv", nm)
             for acc in accs:
                 c(f"{acc} = tl.zeros([BLOCK_N], tl.float32)")
-            call = _call(f"{', '.join(['dk', 'dv'] + accs)} = {names['dkdv_step']}(",
-                         _dkdv_step_args(k))
-            if _sparse(k):
+            call = _call(f"{', '.join(['dk', 'dv'] + accs)} = {nm.entry('dkdv_step')}(",
+                         _dkdv_step_args(k, nm))
+            if k.block_sparse:
                 _emit_block_walk(c, call, Q_LISTS, "k", "q")
             else:
                 emit_segment_walk(c, k.grad.rows, call, "M", "BLOCK_M", "start_m", pr)
             if accs:
                 with c.block("if DPARAMS:"):
                     for ld, _ in param_loads(k, "dkdv"):
-                        c(f"tl.store(D_{ld.name} + bh * N + offs_n, dacc_{ld.name}, mask=col_ok)")
-        c("tl.store(DK + b.to(tl.int64) * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn")
+                        c(f"tl.store({nm.buffer(ld)} + bh * N + offs_n, {nm.acc(ld)}, "
+                          "mask=col_ok)")
+        c("tl.store(DK + b.to(tl.int64) * stride_dkb + kvh * stride_dkh + "
+          "offs_n[:, None] * stride_dkn")
         c("         + offs_d[None, :] * stride_dkd, _round(dk, DK.dtype.element_ty, UPCAST),")
         c("         mask=col_ok[:, None] & (offs_d[None, :] < D))")
-        c("tl.store(DVo + b.to(tl.int64) * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn")
+        c("tl.store(DVo + b.to(tl.int64) * stride_dvb + kvh * stride_dvh + "
+          "offs_n[:, None] * stride_dvn")
         c("         + offs_dv[None, :] * stride_dvd, _round(dv, DVo.dtype.element_ty, UPCAST),")
         c("         mask=col_ok[:, None] & (offs_dv[None, :] < DV))")
+    return contract
 
 
-def emit_backward(c, k: AttentionKernel, pr: TritonPrinter) -> None:
-    """All backward kernels of `k` (which has a Gradient) into the CodeBuilder `c`."""
+def emit_backward(c, k: AttentionKernel, pr: TritonPrinter,
+                  nm: KernelNames) -> list[KernelContract]:
+    """All backward kernels of `k` (which has a Gradient) into the CodeBuilder `c`; returns
+    the contracts of the backward's launches (the preprocess lives in the prelude)."""
+    contracts = [PREPROCESS]
     for emit in (_emit_dq_step, _emit_dq, _emit_dkdv_step, _emit_dkdv):
         c()
         c()
-        emit(c, k, pr)
+        made = emit(c, k, pr, nm)
+        if made is not None:
+            contracts.append(made)
+    return contracts

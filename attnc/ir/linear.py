@@ -12,25 +12,68 @@ from the updated states. Expressions are sympy in element form over two feature 
 `sympy.Indexed` accesses (bare names are symbols); a contraction is a `sympy.Sum` over i or j.
 Feature maps that change the feature dimension (taylor2, hedgehog) are `FeatureMap` prologues.
 
-After `chunk_scan`, a scan carries its `Schedule`: per state, the algebraic class of its update
-and the pieces of the chunkwise-parallel form, or the reason the scan stays sequential.
+After `chunk_scan`, a scan carries its `ScanSchedule`: per state, the algebraic class of its
+update and the pieces of the chunkwise-parallel form, or the reason the scan stays sequential.
+`verify_scan` states what a well-formed scan is and runs after every pass.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import sympy
 
-from attnc.ir import TensorDecl
+from attnc.expr.symbols import AXES, DK, DV, EXTENT, D, T, i, j, t
+from attnc.ir.cascade import TensorDecl
 
-i, j = sympy.symbols("i j", integer=True, nonnegative=True)
-t = sympy.Symbol("t", integer=True, nonnegative=True)
-T, DK, DV, D = sympy.symbols("T DK DV D", integer=True, positive=True)
-AXES = {"i": i, "j": j}
-EXTENT = {i: DK, j: DV}
+__all__ = ["AXES", "DK", "DV", "D", "T", "i", "j", "t", "OPERAND_AXES", "FeatureMapKind",
+           "UpdateClass", "Gate", "read", "contract", "name_of", "reads", "StateDecl",
+           "FeatureMap", "Update", "Readout", "StatePlan", "ScanSchedule", "LinearScan",
+           "step_axes", "format_scan", "verify_scan"]
+
 OPERAND_AXES = {"q": ("i",), "k": ("i",), "v": ("j",)}
-MAPS = {"taylor2": 0, "hedgehog": 1}  # built-in feature maps and how many params each takes
+
+
+class FeatureMapKind(enum.Enum):
+    """Built-in feature maps; `params` is how many weight tensors each takes."""
+
+    TAYLOR2 = "taylor2"
+    HEDGEHOG = "hedgehog"
+
+    @property
+    def params(self) -> int:
+        return {FeatureMapKind.TAYLOR2: 0, FeatureMapKind.HEDGEHOG: 1}[self]
+
+
+class Gate(enum.IntEnum):
+    """How a state decays between steps; the core kernels' GATE constexpr."""
+
+    NONE = 0
+    SCALAR = 1  # one log decay per step
+    VECTOR = 2  # one log decay per step and key feature
+
+
+class UpdateClass(enum.Enum):
+    """The algebraic class chunk_scan finds for a state's update."""
+
+    ADDITIVE = "additive"
+    SCALAR_DECAY = "scalar_decay"
+    DIAGONAL_DECAY = "diagonal_decay"
+    DELTA_RULE = "delta_rule"
+    GATED_DELTA_RULE = "gated_delta_rule"
+
+    @property
+    def delta(self) -> bool:
+        return self in (UpdateClass.DELTA_RULE, UpdateClass.GATED_DELTA_RULE)
+
+    @property
+    def gate(self) -> Gate:
+        if self is UpdateClass.DIAGONAL_DECAY:
+            return Gate.VECTOR
+        if self in (UpdateClass.SCALAR_DECAY, UpdateClass.GATED_DELTA_RULE):
+            return Gate.SCALAR
+        return Gate.NONE
 
 
 def read(name: str, axes: tuple[str, ...]) -> sympy.Expr:
@@ -74,11 +117,12 @@ class FeatureMap:
     """`map q = taylor2(q)`: a prologue replacing q (or k) by a feature map of it."""
 
     target: str
-    fn: str
+    fn: FeatureMapKind
     params: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        return f"map {self.target} = {self.fn}({', '.join((self.target,) + self.params)})"
+        return (f"map {self.target} = {self.fn.value}"
+                f"({', '.join((self.target,) + self.params)})")
 
 
 @dataclass(frozen=True)
@@ -100,13 +144,12 @@ class Readout:
 class StatePlan:
     """How one state evolves: `state = A_t(state) + key[i] * value[j]`.
 
-    `kind` is additive | scalar_decay | diagonal_decay | delta_rule | gated_delta_rule.
     `log_decay` is log a_t (scalar) or log a_t[i] (diagonal); `beta` is the delta rule's step size:
     for delta rules A_t(S) = a_t (I - beta key key^T) S and the input is beta key value^T.
     """
 
     state: str
-    kind: str
+    kind: UpdateClass
     key: sympy.Expr
     value: sympy.Expr
     log_decay: sympy.Expr = sympy.Integer(0)
@@ -114,7 +157,7 @@ class StatePlan:
 
 
 @dataclass(frozen=True)
-class Schedule:
+class ScanSchedule:
     """chunk_scan's verdict: `chunked` with a plan per state and the readouts the output reads,
     or sequential (`reason` says why)."""
 
@@ -134,10 +177,23 @@ class LinearScan:
     updates: tuple[Update, ...]
     output: sympy.Expr
     options: tuple[tuple[str, sympy.Expr], ...] = ()
-    schedule: Schedule | None = None
+    schedule: ScanSchedule | None = None
+    chunk_size: int | None = None  # the compile option: steps per chunk (None: the default)
 
     def state(self, name: str) -> StateDecl:
         return next(s for s in self.states if s.name == name)
+
+    @property
+    def step_tensors(self) -> tuple[TensorDecl, ...]:
+        """Declared tensors the kernels read (a feature map's weights are the prologue's)."""
+        mapped = {p for mp in self.maps for p in mp.params}
+        return tuple(d for d in self.decls if d.name not in mapped)
+
+    def atoms(self) -> set:
+        """What a step reads: q, k, v, the per-step tensors and the states (element form)."""
+        found = {read("q", ("i",)), read("k", ("i",)), read("v", ("j",))}
+        found |= {read(d.name, step_axes(d)) for d in self.step_tensors}
+        return found | {read(s.name, s.axes) for s in self.states}
 
 
 def step_axes(decl: TensorDecl) -> tuple[str, ...]:
@@ -163,11 +219,11 @@ def format_scan(scan: LinearScan) -> str:
         return "\n".join(lines)
     lines.append("  schedule: chunked (intra-chunk masked products + inter-chunk state passing)")
     for p in sch.states:
-        lines.append(f"    {p.state}: {p.kind}")
+        lines.append(f"    {p.state}: {p.kind.value}")
         lines.append(f"      key[i] = {sympy.sstr(p.key)};  value = {sympy.sstr(p.value)}")
-        if p.kind != "additive" and p.kind != "delta_rule":
+        if p.kind not in (UpdateClass.ADDITIVE, UpdateClass.DELTA_RULE):
             lines.append(f"      log a_t = {sympy.sstr(p.log_decay)}")
-        if p.kind in ("delta_rule", "gated_delta_rule"):
+        if p.kind.delta:
             lines.append(f"      beta = {sympy.sstr(p.beta)}  (WY/UT form: T = (I + tril(diag("
                          "beta) Gamma K K^T, -1))^-1 by forward substitution)")
     for r in sch.readouts:
@@ -178,3 +234,31 @@ def format_scan(scan: LinearScan) -> str:
 
 def _lhs(s: StateDecl) -> str:
     return f"{s.name}[{', '.join(s.axes)}]" if s.axes else s.name
+
+
+def verify_scan(scan: LinearScan) -> None:
+    """What a well-formed scan is (checked after every pass): states have distinct names and
+    axes from (i, j); each is updated exactly once, by an expression whose free feature axes
+    are its own; the output's free axes are at most j; a chunked schedule plans every state
+    once and its readouts read planned states."""
+    names = [s.name for s in scan.states]
+    if len(set(names)) != len(names):
+        raise AssertionError(f"{scan.name}: two states share a name")
+    if any(s.axes not in ((), ("i",), ("j",), ("i", "j")) for s in scan.states):
+        raise AssertionError(f"{scan.name}: a state's axes are not a subsequence of (i, j)")
+    if sorted(u.state for u in scan.updates) != sorted(names):
+        raise AssertionError(f"{scan.name}: every state must be updated exactly once")
+    for u in scan.updates:
+        free = {a for a, sym in AXES.items() if sym in u.expr.free_symbols}
+        if not free <= set(scan.state(u.state).axes):
+            raise AssertionError(f"{scan.name}: the update of {u.state} has free axes {free}")
+    if {a for a, sym in AXES.items() if sym in scan.output.free_symbols} - {"j"}:
+        raise AssertionError(f"{scan.name}: the output has a free key axis")
+    sch = scan.schedule
+    if sch is not None and sch.chunked:
+        if sorted(p.state for p in sch.states) != sorted(names):
+            raise AssertionError(f"{scan.name}: the schedule must plan every state once")
+        if any(r.state not in names for r in sch.readouts) or sch.output is None:
+            raise AssertionError(f"{scan.name}: the schedule's readouts or output are missing")
+    if sch is not None and not sch.chunked and not sch.reason:
+        raise AssertionError(f"{scan.name}: a sequential schedule must say why")

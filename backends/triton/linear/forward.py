@@ -1,35 +1,53 @@
-"""Generate Triton source for a scheduled LinearScan: a fused recurrent kernel, and for a
-chunked schedule a fused chunked kernel.
+"""Generate Triton source for a ScanPlan: a fused recurrent kernel, for a chunked scan a fused
+chunked kernel, and for a sequential scan whose steps sympy differentiates, the generated
+recurrent backward (backends/triton/linear/recurrent_backward.py).
 
-Both kernels run one program per (sequence, head, value tile) and keep every state in
+Both forward kernels run one program per (sequence, head, value tile) and keep every state in
 registers in fp32. The recurrent kernel walks t one step at a time (any update: the
 expressions are printed as [BK|1, BV|1] tiles, i along rows, j along columns); it also serves
 one-step decoding. The chunked kernel walks chunks of BT steps: per state it forms the
 intra-chunk masked products with decay (for delta rules, the WY/UT form with a forward
 substitution for the unit-triangular inverse) and passes the state on; per-step expressions
-are printed as [BT, features] tiles (t along rows).
-
-Argument order (the launcher's contract): q, k, v, o, declared tensors, initial states, final
-states, cu_seqlens; strides of q, k, v, o (b, h, t), each declared tensor's strides; T, H, DK,
-DV, scale; constexprs HAS_INIT, STORE_FINAL, VARLEN, BK, BV, (BT), IEEE, UPCAST. States travel
-as contiguous fp32 [N, H, I, J] (I = DK or 1, J = DV or 1).
+are printed as [BT, features] tiles (t along rows). States travel as contiguous fp32
+[N, H, I, J] (I = DK or 1, J = DV or 1). The signatures are the contracts below; names the spec
+chose are placeholders until `generate` spells them out (backends/triton/names.py).
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Mapping
 
 import sympy
+import triton
 
-from attnc import symbols as S
-from attnc.backends.triton.codegen import PRELUDE, CodeBuilder
+from attnc.backends.triton.contract import (Bind, GeneratedModule, GridRule, KernelContract, Param,
+                                            ParamType, arg)
+from attnc.backends.triton.names import UserNames, choose
+from attnc.backends.triton.prelude import PRELUDE
 from attnc.backends.triton.printer import HELPERS, TritonPrinter
-from attnc.linear_ir import DK, DV, T, LinearScan, StatePlan, i, read, reads, step_axes, t
+from attnc.backends.triton.source import CodeBuilder
+from attnc.expr import symbols as S
+from attnc.ir.linear import (DK, DV, LinearScan, StatePlan, T, UpdateClass, i, read, reads,
+                             step_axes, t)
+from attnc.ir.linear_kernel import Algorithm, ScanBackward, ScanPlan
 
 _STATE_MASK = {("i", "j"): "m_ij", ("i",): "m_i", ("j",): "m_j", (): "m_0"}
 _STATE_SHAPE = {("i", "j"): "[BK, BV]", ("i",): "[BK, 1]", ("j",): "[1, BV]", (): "[1, 1]"}
 _STATE_OFFS = {("i", "j"): "offs_i[:, None] * DV + offs_j[None, :]", ("i",): "offs_i[:, None]",
                ("j",): "offs_j[None, :]", (): "tl.zeros([1, 1], tl.int32)"}
+INT = ParamType.INT
+
+
+class ScanNames:
+    """How the generated code spells each name the spec chose (placeholders in a draft, else as
+    `spelled`): the scan, its tensors and its states."""
+
+    def __init__(self, scan: LinearScan, spelled: Mapping[str, str] | None = None):
+        self.users = UserNames([scan.name] + [d.name for d in scan.step_tensors]
+                               + [s.name for s in scan.states], spelled)
+
+    def __call__(self, name: str) -> str:
+        return self.users.of(name)
 
 
 class _Printer(TritonPrinter):
@@ -53,63 +71,59 @@ class _Printer(TritonPrinter):
         return super().p(ex)
 
 
-def kernel_names(scan: LinearScan) -> dict[str, str]:
-    names = {"recurrent": f"{scan.name}_recurrent"}
-    if chunk_supported(scan) is None:
-        names["chunked"] = f"{scan.name}_chunked"
-    if recurrent_backward(scan) is not None:
-        names["recurrent_bwd"] = f"{scan.name}_recurrent_bwd"
-    return names
+def value_tiles_grid(v) -> tuple[int, int, int]:
+    """One program per (sequence, head, value tile)."""
+    return v["sequences"], v["H"], triton.cdiv(v["DV"], v["BV"])
 
 
-@functools.lru_cache(maxsize=64)
-def recurrent_backward(scan: LinearScan) -> tuple[str, frozenset] | None:
-    """The fused recurrent backward's source and helpers; None when a chunked scan does not need
-    it (its backward is the chunked core's) or a VJP cannot be derived."""
-    from attnc.backends.triton import linear_recurrent_bwd as bwd
-    if chunk_supported(scan) is None:
-        return None
-    c = CodeBuilder()
-    try:
-        pr = bwd.emit(c, scan, _names(scan, "t"), _Printer)
-    except bwd.NotDifferentiable:
-        return None
-    return c.text(), frozenset(pr.helpers)
+def tensor_params(scan: LinearScan, nm: ScanNames) -> tuple[list[Param], list[Param]]:
+    """The declared tensors the kernels read (any float dtype; fp32 stands for them in AOT
+    signatures) and their strides."""
+    pointers = [Param(f"x_{nm(d.name)}", ParamType.FP32_PTR, Bind("tensor", d.name))
+                for d in scan.step_tensors]
+    strides = [Param(f"sx_{nm(d.name)}_{n}", INT, Bind("stride", d.name, n))
+               for d in scan.step_tensors for n in range(len(d.dims))]
+    return pointers, strides
 
 
-def chunk_supported(scan: LinearScan) -> str | None:
-    """None when the chunked kernel covers this schedule, else why not."""
-    sch = scan.schedule
-    if sch is None or not sch.chunked:
-        return sch.reason if sch is not None else "not scheduled"
-    for plan in sch.states:
-        axes = scan.state(plan.state).axes
-        if "i" not in axes:
-            return f"the chunked kernel needs a key axis on state {plan.state}"
-        if plan.kind in ("delta_rule", "gated_delta_rule") and "j" not in axes:
-            return f"the chunked delta-rule kernel needs a matrix state ({plan.state})"
-    return None
+def states(scan: LinearScan, role: str, prefix: str, nm: ScanNames) -> list[Param]:
+    """One fp32 pointer per state: `<prefix>_<state>`, bound as (role, state)."""
+    return [Param(f"{prefix}_{nm(s.name)}", ParamType.FP32_PTR, Bind(role, s.name))
+            for s in scan.states]
 
 
-def tensor_args(scan: LinearScan) -> list:
-    """Declared tensors the kernels read (a feature map's weights are the prologue's)."""
-    mapped = {p for mp in scan.maps for p in mp.params}
-    return [d for d in scan.decls if d.name not in mapped]
+def forward_contract(scan: LinearScan, algorithm: Algorithm, nm: ScanNames) -> KernelContract:
+    """q, k, v, o, declared tensors, initial and final states, cu_seqlens; strides of q, k, v,
+    o (b, h, t), each declared tensor's strides; T, H, DK, DV, scale; the constexprs. q and k
+    are fp32 when feature maps ran before the kernel."""
+    qk = ParamType.FP32_PTR if scan.maps else ParamType.DATA
+    pointers, strides = tensor_params(scan, nm)
+    params = ([arg("q", qk), arg("k", qk), arg("v", ParamType.DATA), arg("o", ParamType.DATA)]
+              + pointers + states(scan, "init", "init", nm) + states(scan, "final", "final", nm)
+              + [arg("cu_seqlens", ParamType.I32_PTR)]
+              + [arg(f"s{x}_{a}", INT) for x in "qkvo" for a in "bht"] + strides
+              + [arg(x, INT) for x in ("T", "H", "DK", "DV")] + [arg("scale", ParamType.FLOAT)]
+              + [arg(x, ParamType.CONSTEXPR) for x in
+                 ("HAS_INIT", "STORE_FINAL", "VARLEN", "BK", "BV")
+                 + (("BT",) if algorithm is Algorithm.CHUNKED else ()) + ("IEEE", "UPCAST")])
+    doc = ("chunks of BT steps: intra-chunk products and state passing"
+           if algorithm is Algorithm.CHUNKED else "one step at a time")
+    return KernelContract(algorithm.value, f"{nm(scan.name)}_{algorithm.value}", tuple(params),
+                          GridRule(value_tiles_grid.__doc__ or "", value_tiles_grid), doc)
 
 
-def kernel_args(scan: LinearScan, chunked: bool) -> list[str]:
-    args = ["q", "k", "v", "o"] + [f"x_{d.name}" for d in tensor_args(scan)]
-    args += [f"init_{s.name}" for s in scan.states] + [f"final_{s.name}" for s in scan.states]
-    args += ["cu_seqlens"] + [f"s{x}_{a}" for x in "qkvo" for a in "bht"]
-    args += [f"sx_{d.name}_{n}" for d in tensor_args(scan) for n in range(len(d.dims))]
-    args += ["T", "H", "DK", "DV", "scale", "HAS_INIT: tl.constexpr", "STORE_FINAL: tl.constexpr",
-             "VARLEN: tl.constexpr", "BK: tl.constexpr", "BV: tl.constexpr"]
-    if chunked:
-        args.append("BT: tl.constexpr")
-    return args + ["IEEE: tl.constexpr", "UPCAST: tl.constexpr"]
+def generate(plan: ScanPlan, header: str = "") -> GeneratedModule:
+    """The module of a plan's generated kernels (the chunked backward's core kernels are
+    static: backends/triton/linear/core.py); a draft with placeholders picks the spellings of
+    the spec's names (backends/triton/names.py)."""
+    draft = ScanNames(plan.scan)
+    spelled = choose(_generate(plan, header, draft).source, draft.users)
+    return _generate(plan, header, ScanNames(plan.scan, spelled))
 
 
-def generate(scan: LinearScan, header: str = "") -> str:
+def _generate(plan: ScanPlan, header: str, nm: ScanNames) -> GeneratedModule:
+    from attnc.backends.triton.linear.recurrent_backward import emit  # it builds on this module
+    scan = plan.scan
     c = CodeBuilder()
     if header:
         c(f"# {header}")
@@ -117,17 +131,22 @@ def generate(scan: LinearScan, header: str = "") -> str:
     c("import triton.language as tl")
     c(PRELUDE)
     body = CodeBuilder()
-    printers = [_emit_recurrent(body, scan)]
-    if chunk_supported(scan) is None:
-        printers.append(_emit_chunked(body, scan))
-    helpers = set().union(*(p.helpers for p in printers))
-    backward = recurrent_backward(scan)
-    if backward is not None:
-        body.lines.append(backward[0])
-        helpers |= backward[1]
+    contract, pr = _emit_recurrent(body, scan, nm)
+    contracts, helpers = [contract], set(pr.helpers)
+    if plan.chunked:
+        contract, pr = _emit_chunked(body, scan, nm)
+        contracts.append(contract)
+        helpers |= pr.helpers
+    if plan.backward is ScanBackward.RECURRENT:
+        backward = CodeBuilder()
+        contract, pr = emit(backward, scan, _names(scan, "t", nm), _Printer, nm)
+        body.lines.append(backward.text())
+        contracts.append(contract)
+        helpers |= pr.helpers
     for name in sorted(helpers):
         c(HELPERS[name])
-    return c.text() + body.text()
+    return GeneratedModule(c.text() + body.text(), tuple(contracts),
+                           dict(nm.users.spelled or {}))
 
 
 # --- shared pieces -----------------------------------------------------------------------------
@@ -159,25 +178,26 @@ def _state_base(s) -> str:
     return f"(n * H + hh).to(tl.int64) * {size}"
 
 
-def _load_states(c: CodeBuilder, scan: LinearScan, row_vectors: bool) -> None:
+def _load_states(c: CodeBuilder, scan: LinearScan, row_vectors: bool, nm: ScanNames) -> None:
     """Initial states; with `row_vectors` a vector state z[i] is kept as a [1, BK] row."""
     for s in scan.states:
         shape, mask, offs = _STATE_SHAPE[s.axes], _STATE_MASK[s.axes], _STATE_OFFS[s.axes]
-        c(f"st_{s.name} = tl.zeros({shape}, tl.float32)")
+        c(f"st_{nm(s.name)} = tl.zeros({shape}, tl.float32)")
         with c.block("if HAS_INIT:"):
-            c(f"st_{s.name} = tl.load(init_{s.name} + {_state_base(s)} + {offs}, mask={mask}, "
+            c(f"st_{nm(s.name)} = tl.load(init_{nm(s.name)} + {_state_base(s)} + "
+              f"{offs}, mask={mask}, "
               "other=0.0)")
         if row_vectors and s.axes == ("i",):
-            c(f"st_{s.name} = tl.trans(st_{s.name})")
+            c(f"st_{nm(s.name)} = tl.trans(st_{nm(s.name)})")
 
 
-def _store_states(c: CodeBuilder, scan: LinearScan, row_vectors: bool) -> None:
+def _store_states(c: CodeBuilder, scan: LinearScan, row_vectors: bool, nm: ScanNames) -> None:
     with c.block("if STORE_FINAL:"):
         for s in scan.states:
-            value = f"st_{s.name}"
+            value = f"st_{nm(s.name)}"
             if row_vectors and s.axes == ("i",):
                 value = f"tl.trans({value})"
-            store = (f"tl.store(final_{s.name} + {_state_base(s)} + {_STATE_OFFS[s.axes]}, "
+            store = (f"tl.store(final_{nm(s.name)} + {_state_base(s)} + {_STATE_OFFS[s.axes]}, "
                      f"{value}, mask={_STATE_MASK[s.axes]})")
             if "j" in s.axes:
                 c(store)
@@ -186,55 +206,58 @@ def _store_states(c: CodeBuilder, scan: LinearScan, row_vectors: bool) -> None:
                     c(store)
 
 
-def _decl_offset(d, time: str, feature: dict) -> str:
+def _decl_offset(d, time: str | None, feature: dict, nm: ScanNames) -> str:
     parts = []
     for n, dim in enumerate(d.dims):
         index = {S.B: "bb", S.H: "hh", T: time}.get(dim) or feature.get(dim)
-        parts.append(f"{index} * sx_{d.name}_{n}")
+        parts.append(f"{index} * sx_{nm(d.name)}_{n}")
     return " + ".join(parts) if parts else "0"
 
 
 # --- the recurrent kernel ----------------------------------------------------------------------
-def _names(scan: LinearScan, suffix: str) -> dict:
+def _names(scan: LinearScan, suffix: str, nm: ScanNames) -> dict:
     """Kernel variable names of the per-step values: q_t, x_beta_t, ... (q_c, ... in chunks)."""
     names = {S.scale: "scale", S.h: "hh_f", S.H: "H", DK: "DK", DV: "DV", t: "t_f"}
     for x, axis in (("q", "i"), ("k", "i"), ("v", "j")):
         names[read(x, (axis,))] = f"{x}_{suffix}"
-    for d in tensor_args(scan):
-        names[read(d.name, step_axes(d))] = f"x_{d.name}_{suffix}"
+    for d in scan.step_tensors:
+        names[read(d.name, step_axes(d))] = f"x_{nm(d.name)}_{suffix}"
     return names
 
 
-def _emit_recurrent(c: CodeBuilder, scan: LinearScan) -> TritonPrinter:
-    names = _names(scan, "t")
+def _emit_recurrent(c: CodeBuilder, scan: LinearScan,
+                    nm: ScanNames) -> tuple[KernelContract, TritonPrinter]:
+    names = _names(scan, "t", nm)
     for s in scan.states:
-        names[read(s.name, s.axes)] = f"st_{s.name}"
+        names[read(s.name, s.axes)] = f"st_{nm(s.name)}"
     pr = _Printer(names, "step")
     used = set().union(*map(reads, [u.expr for u in scan.updates] + [scan.output]))
     c("@triton.jit")
-    c.call(f"def {scan.name}_recurrent(", kernel_args(scan, chunked=False), "):")
+    contract = forward_contract(scan, Algorithm.RECURRENT, nm)
+    c.call(f"def {contract.entry}(", [p.declaration for p in contract.params], "):")
     with c.indented():
         _program_prologue(c)
-        _load_states(c, scan, row_vectors=False)
-        for d in tensor_args(scan):
+        _load_states(c, scan, False, nm)
+        for d in scan.step_tensors:
             if T not in d.dims and d.name in used:
-                c(f"x_{d.name}_t = {_step_load(d, 'bos')}")
+                c(f"x_{nm(d.name)}_t = {_step_load(d, 'bos', nm)}")
         with c.block("for tt in range(0, seq_len):"):
             c("row = bos + tt")
             c("t_f = tt * 1.0")
-            emit_step_loads(c, scan, used)
+            emit_step_loads(c, scan, used, nm)
             for u in scan.updates:
                 s = scan.state(u.state)
-                c(f"st_{s.name} = tl.where({_STATE_MASK[s.axes]}, {pr(u.expr)}, 0.0)")
+                c(f"st_{nm(s.name)} = tl.where({_STATE_MASK[s.axes]}, {pr(u.expr)}, 0.0)")
             c(f"o_t = tl.where(m_j, {pr(scan.output)}, 0.0)")
             c("tl.store(o + bb * so_b + hh * so_h + row * so_t + offs_j, "
               "tl.sum(o_t, axis=0).to(o.dtype.element_ty), mask=mask_j)")
-        _store_states(c, scan, row_vectors=False)
+        _store_states(c, scan, False, nm)
     c()
-    return pr
+    return contract, pr
 
 
-def emit_step_loads(c: CodeBuilder, scan: LinearScan, used, chunk: bool = False) -> None:
+def emit_step_loads(c: CodeBuilder, scan: LinearScan, used, nm: ScanNames,
+                    chunk: bool = False) -> None:
     """The rows of q, k, v and of the per-step inputs among `used` at step `row`: step tiles
     (q_t [BK, 1], v_t [1, BV]), or with `chunk` the chunk's rows (q_c [BT, BK], v_c [BT, BV])."""
     for x, axis in (("q", "i"), ("k", "i"), ("v", "j")):
@@ -249,26 +272,28 @@ def emit_step_loads(c: CodeBuilder, scan: LinearScan, used, chunk: bool = False)
             tail = "[:, None]" if axis == "i" else "[None, :]"
             c(f"{x}_t = tl.load({x} + bb * s{x}_b + hh * s{x}_h + row * s{x}_t + {offs}, "
               f"mask={'mask_i' if axis == 'i' else 'mask_j'}, other=0.0).to(tl.float32){tail}")
-    for d in tensor_args(scan):
+    for d in scan.step_tensors:
         if T in d.dims and d.name in used:
-            load = _chunk_load(d, "row") if chunk else _step_load(d, "row")
-            c(f"x_{d.name}_{'c' if chunk else 't'} = {load}")
+            load = _chunk_load(d, "row", nm) if chunk else _step_load(d, "row", nm)
+            c(f"x_{nm(d.name)}_{'c' if chunk else 't'} = {load}")
 
 
-def _step_load(d, time: str) -> str:
+def _step_load(d, time: str, nm: ScanNames) -> str:
     axes = step_axes(d)
     feature = {DK: "offs_i[:, None]", DV: "offs_j[None, :]"}
-    off = _decl_offset(d, time, feature)
+    off = _decl_offset(d, time, feature, nm)
     if not axes:
-        return f"tl.load(x_{d.name} + {off}).to(tl.float32)"
+        return f"tl.load(x_{nm(d.name)} + {off}).to(tl.float32)"
     mask = {("i",): "m_i", ("j",): "m_j", ("i", "j"): "m_ij"}[axes]
-    return f"tl.load(x_{d.name} + {off}, mask={mask}, other=0.0).to(tl.float32)"
+    return f"tl.load(x_{nm(d.name)} + {off}, mask={mask}, other=0.0).to(tl.float32)"
 
 
 # --- the chunked kernel ------------------------------------------------------------------------
-def _emit_chunked(c: CodeBuilder, scan: LinearScan) -> TritonPrinter:
+def _emit_chunked(c: CodeBuilder, scan: LinearScan,
+                  nm: ScanNames) -> tuple[KernelContract, TritonPrinter]:
     sch = scan.schedule
-    names = _names(scan, "c")
+    assert sch is not None and sch.output is not None
+    names = _names(scan, "c", nm)
     for r in sch.readouts:
         names[r.symbol] = f"rd_{r.symbol}"
     pr = _Printer(names, "chunk")
@@ -277,7 +302,8 @@ def _emit_chunked(c: CodeBuilder, scan: LinearScan) -> TritonPrinter:
         exprs += [p.key, p.value, p.log_decay, p.beta]
     used = set().union(*map(reads, exprs))
     c("@triton.jit")
-    c.call(f"def {scan.name}_chunked(", kernel_args(scan, chunked=True), "):")
+    contract = forward_contract(scan, Algorithm.CHUNKED, nm)
+    c.call(f"def {contract.entry}(", [p.declaration for p in contract.params], "):")
     with c.indented():
         _program_prologue(c)
         c("offs_t = tl.arange(0, BT)")
@@ -286,52 +312,54 @@ def _emit_chunked(c: CodeBuilder, scan: LinearScan) -> TritonPrinter:
         c("lower = offs_t[:, None] >= offs_t[None, :]")
         c("strict = offs_t[:, None] > offs_t[None, :]")
         c("col_t = tl.zeros([BT, 1], tl.float32)")
-        _load_states(c, scan, row_vectors=True)
-        for d in tensor_args(scan):
+        _load_states(c, scan, True, nm)
+        for d in scan.step_tensors:
             if T not in d.dims and d.name in used:
-                c(f"x_{d.name}_c = {_chunk_load(d, None)}")
+                c(f"x_{nm(d.name)}_c = {_chunk_load(d, None, nm)}")
         with c.block("for c0 in range(0, seq_len, BT):"):
             c("tpos = c0 + offs_t")
             c("tmask = tpos < seq_len")
             c("tm = tmask[:, None]")
             c("row = bos + tpos")
             c("t_f = tpos.to(tl.float32)[:, None]")
-            emit_step_loads(c, scan, used, chunk=True)
+            emit_step_loads(c, scan, used, nm, chunk=True)
             for plan in sch.states:
-                _emit_state_chunk(c, scan, plan, pr)
+                _emit_state_chunk(c, scan, plan, pr, nm)
             c(f"o_c = tl.where(tm & cm_j, {pr(sch.output)}, 0.0)")
             c("tl.store(o + bb * so_b + hh * so_h + row[:, None] * so_t + offs_j[None, :], "
               "o_c.to(o.dtype.element_ty), mask=tm & cm_j)")
-        _store_states(c, scan, row_vectors=True)
+        _store_states(c, scan, True, nm)
     c()
-    return pr
+    return contract, pr
 
 
-def _chunk_load(d, time: str | None) -> str:
+def _chunk_load(d, time: str | None, nm: ScanNames) -> str:
     axes = step_axes(d)
     feature = {DK: "offs_i[None, :]", DV: "offs_j[None, :]"}
     t_index = "row[:, None]" if time else None
-    off = _decl_offset(d, t_index, feature)
+    off = _decl_offset(d, t_index, feature, nm)
     if time is None:  # per (b, h) or per head: one value, or one row of features
         mask = {(): None, ("i",): "cm_i", ("j",): "cm_j"}[axes]
         extra = f", mask={mask}, other=0.0" if mask else ""
-        return f"tl.load(x_{d.name} + {off}{extra}).to(tl.float32)"
+        return f"tl.load(x_{nm(d.name)} + {off}{extra}).to(tl.float32)"
     mask = {(): "tm", ("i",): "tm & cm_i", ("j",): "tm & cm_j"}[axes]
-    return f"tl.load(x_{d.name} + {off}, mask={mask}, other=0.0).to(tl.float32)"
+    return f"tl.load(x_{nm(d.name)} + {off}, mask={mask}, other=0.0).to(tl.float32)"
 
 
-def _emit_state_chunk(c: CodeBuilder, scan: LinearScan, plan: StatePlan, pr) -> None:
+def _emit_state_chunk(c: CodeBuilder, scan: LinearScan, plan: StatePlan, pr,
+                      nm: ScanNames) -> None:
     s = scan.state(plan.state)
-    st = f"st_{s.name}"
+    st = f"st_{nm(s.name)}"
     matrix = "j" in s.axes
+    assert scan.schedule is not None
     readers = [r for r in scan.schedule.readouts if r.state == s.name]
-    c(f"# state {s.name}: {plan.kind}")
+    c(f"# state {nm(s.name)}: {plan.kind.value}")
     c(f"kk = tl.where(tm & cm_i, {pr(plan.key)} + col_t, 0.0)")
     if matrix:
         c(f"vv = tl.where(tm & cm_j, {pr(plan.value)} + col_t, 0.0)")
     else:
         c(f"vv = tl.where(tm, {pr(plan.value)} + col_t, 0.0)")
-    if plan.kind == "diagonal_decay":
+    if plan.kind is UpdateClass.DIAGONAL_DECAY:
         c(f"gg = tl.where(tm & cm_i, {pr(plan.log_decay)} + col_t, 0.0)")
         c("G = tl.cumsum(gg, axis=0)")
         c("g_last = tl.sum(gg, axis=0)")
@@ -351,7 +379,7 @@ def _emit_state_chunk(c: CodeBuilder, scan: LinearScan, plan: StatePlan, pr) -> 
     c("g_last = tl.sum(gs, axis=0)")
     c("decay = tl.where(lower, tl.exp(tl.where(lower, G[:, None] - G[None, :], 0.0)), 0.0)")
     c("k_end = kk * tl.exp(g_last - G)[:, None]")
-    if plan.kind in ("delta_rule", "gated_delta_rule"):
+    if plan.kind.delta:
         c(f"bt = tl.sum(tl.where(tm, {pr(plan.beta)} + col_t, 0.0), axis=1)")
         c("a_low = tl.where(strict, decay * _dot(kk, tl.trans(kk), IEEE, UPCAST), 0.0) "
           "* bt[:, None]")

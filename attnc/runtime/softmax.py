@@ -1,11 +1,11 @@
-"""Compiled kernels as callables and torch ops.
+"""Compiled softmax-family kernels (`attention` and `cascade` blocks) as callables and torch
+ops.
 
-`compile_spec` runs the pipeline, fetches (or generates and caches) the Triton source, and wraps
-the kernel in a `torch.library.custom_op` with a fake implementation, so it works under
-`torch.compile(fullgraph=True)`. A second op runs the backward kernels and is registered as the
-first's autograd formula; param gradients leave the kernels as partial sums and are reduced here
-(`ParamGradients`, deterministically). `Kernel.__call__` validates every argument and says which one is
-wrong and what was expected.
+A `Kernel` wraps its generated forward in a `torch.library.custom_op` with a fake
+implementation, so it works under `torch.compile(fullgraph=True)`. A second op runs the backward
+kernels and is registered as the first's autograd formula; param gradients leave the kernels as
+partial sums and are reduced deterministically (attnc/runtime/params.py).
+`Kernel.__call__` validates every argument and says which one is wrong and what was expected.
 """
 
 from __future__ import annotations
@@ -13,51 +13,45 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from dataclasses import replace
 
 import sympy
 import torch
 
-import attnc.backends.triton as triton_backend
 from attnc import autotune, cache
-from attnc import symbols as S
-from attnc.kernel_ir import AttentionKernel
-from attnc.linear_ir import LinearScan
+from attnc.backends.triton.softmax.launch import (Config, backward_config, default_config, launch,
+                                                  launch_backward, launch_packed, packs_heads, pow2)
+from attnc.block_mask import BlockMask
+from attnc.expr import symbols as S
+from attnc.ir.cascade import TensorKind
+from attnc.ir.kernel import AttentionKernel
 from attnc.passes.mask_bounds import monotone
-from attnc.pipeline import Source, format_ir, frontend, run_passes
+from attnc.pipeline import IR, FrontendIR, Source
+from attnc.runtime import validate
+from attnc.runtime.base import CompiledKernel
+from attnc.runtime.params import ParamGradients
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAUNCH_OPTIONS = ("block_m", "block_n", "num_warps", "num_stages", "kv_splits")
 _OPS: dict[str, object] = {}
-_KERNELS: dict[str, "Kernel"] = {}
-TRACED = "<traced mods>"  # the Source filename of kernels built from Python mods
+_KERNELS: dict[str, Kernel] = {}
 _LOCK = threading.Lock()
+LAYOUT = {"q": "[B, H, M, D]", "k": "[B, H, N, D]", "v": "[B, H, N, Dv]"}
 
 
-class Kernel:
+class Kernel(CompiledKernel):
     """A compiled attention variant:
     `kernel(q, k, v, *, scale=None, return_lse=False, block_mask=None, **inputs)`; a block-sparse
     kernel (compiled with block_sparse=True) requires `block_mask`, others refuse it. Outputs
     are differentiable in q, k, v and every `param` that requires grad."""
 
-    def __init__(self, src: Source, options: dict, frontend_ir, trail, key: str, source: str,
-                 cache_hit: bool, launch_overrides: dict, autotune: bool | None = None):
-        self.name = trail[-1][1].name
-        self.spec = src
-        self._options = options
-        self.kernel_ir: AttentionKernel = trail[-1][1]
-        self.key = key
-        self.source = source
-        self.cache_hit = cache_hit
-        self._frontend_ir = frontend_ir
-        self._trail = trail
+    def __init__(self, src: Source, options: dict, frontend_ir: FrontendIR,
+                 trail: list[tuple[str, IR]], launch_overrides: dict,
+                 autotune: bool | None = None):
+        super().__init__(src, options, frontend_ir, trail, autotune)
+        assert isinstance(self.final_ir, AttentionKernel)
+        self.kernel_ir: AttentionKernel = self.final_ir
         self._overrides = launch_overrides
-        self.autotune = autotune  # None: follow $ATTNC_AUTOTUNE
-        self._mod = None
-        self._configs: dict = {}
         self.inputs = tuple(d.name for d in self.kernel_ir.inputs)
-        self.block_sparse = self.kernel_ir.schedule.keys == "block_mask"
-        from attnc.backends.triton.launcher import packs_heads
+        self.block_sparse = self.kernel_ir.block_sparse
         self.packs_heads = packs_heads(self.kernel_ir)  # GQA heads may share programs
         self._op = _make_op(self)
         self._checks = _index_checks(self.kernel_ir)
@@ -70,82 +64,42 @@ class Kernel:
         extra = f", inputs={list(self.inputs)}" if self.inputs else ""
         return f"attnc.Kernel({self.name!r}{extra})"
 
-    def ir(self, stage: str = "kernel") -> str:
-        """The IR after a stage (see attnc.pipeline.STAGES), printed."""
-        if stage == "triton":
-            return self.source
-        if stage == "cascade" or (stage == "parse" and self.spec.filename == TRACED):
-            return format_ir(self._frontend_ir)
-        if stage == "kernel":
-            return format_ir(self.kernel_ir)
-        for name, ir in self._trail:
-            if name == stage:
-                return format_ir(ir)
-        from attnc.pipeline import show
-        return show(self.spec, stage, self._options)
-
     # --- running ----------------------------------------------------------------------------
-    def _module(self):
-        if self._mod is None:
-            triton_backend.check_interpreter()
-            self._mod = cache.import_kernel(self.key)
-        return self._mod
-
-    def _function(self):
-        from attnc.backends.triton.codegen import kernel_names
-        return getattr(self._module(), kernel_names(self.kernel_ir)[0])
-
     def _backward(self, q, k, v, extras, out, lse, dout, dlse, block_lists, block_sizes, scale,
                   param_grads) -> list[torch.Tensor]:
         """dq, dk, dv, then the gradient of each param flagged in `param_grads`."""
-        from attnc.backends.triton.backward import backward_names
-        from attnc.backends.triton.codegen import PRELUDE_PREPROCESS
-        from attnc.backends.triton.launcher import launch_backward
         if self.kernel_ir.grad is None:
             raise RuntimeError(f"{self.name}: no backward: {self.kernel_ir.no_backward}")
-        module = self._module()
-        fns = {role: getattr(module, fn) for role, fn in backward_names(self.kernel_ir).items()}
-        fns[PRELUDE_PREPROCESS] = getattr(module, PRELUDE_PREPROCESS)
+        named = dict(zip(self.inputs, extras))
         wanted = [t for t, flag in zip(extras, param_grads) if flag]
         names = [d.name for d, flag in zip(self.kernel_ir.inputs, param_grads) if flag]
-        grads = ParamGradients(self.kernel_ir, dict(zip(self.inputs, extras)), names,
-                               q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        grads = ParamGradients(self.kernel_ir, named, names, q.shape[0], q.shape[1],
+                               q.shape[2], k.shape[2])
 
         def run(config, on_partial=(lambda *partial: None) if names else None):
             return launch_backward(
-                fns, self.kernel_ir, q, k, v, extras, out, lse, dout, dlse, scale, config,
-                block_lists[:4], block_lists[4:], tuple(block_sizes) if block_sizes else None,
-                on_partial=on_partial)
+                self.module(), self.kernel_ir, q, k, v, named, out, lse, dout, dlse, scale,
+                config, block_lists[:4], block_lists[4:],
+                tuple(block_sizes) if block_sizes else None, on_partial=on_partial)
         config = self.backward_config(q, k, v, run)
         dq, dk, dv = run(config, grads.add if names else None)
         return [dq, dk, dv] + [grads.grads[n].to(t.dtype) for n, t in zip(names, wanted)]
 
-    def config(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run=None) -> dict:
+    def config(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run=None) -> Config:
         """The forward's launch configuration for these operands. With `run` (config ->
         outputs) and tuning on (compile option `autotune`, else $ATTNC_AUTOTUNE), a cache
         without a tuned config for this (kernel, head dims, dtype, device) is tuned first."""
-        from attnc.backends.triton.launcher import default_config
-
         def default():
             return default_config(q.shape[-1], v.shape[-1], q.dtype, q.device)
         return self._config("forward", q, k, v, run, default)
 
-    @property
-    def launch_records(self) -> list[dict]:
-        """The launch configurations used so far in this process, each with how it was chosen
-        ("source": default or tuned; a tuned one lists its "trials")."""
-        return list(self._configs.values())
-
-    def backward_config(self, q, k, v, run=None) -> dict:
+    def backward_config(self, q, k, v, run=None) -> Config:
         """The backward kernels' launch configuration (tuned like the forward's)."""
-        from attnc.backends.triton.launcher import backward_config
-
         def default():
             return backward_config(self.config(q, k, v), q.dtype, q.device)
         return self._config("backward", q, k, v, run, default)
 
-    def _config(self, kind: str, q, k, v, run, default) -> dict:
-        from attnc.backends.triton.launcher import pow2
+    def _config(self, kind: str, q, k, v, run, default) -> Config:
         # short queries (decoding) tune apart from long ones: rows per program differ
         kind += f"-m{min(pow2(q.shape[2]), 128)}"
         fixed = {k.upper() if k.startswith("block") else k: v
@@ -155,11 +109,9 @@ class Kernel:
         def candidates():
             return autotune.candidates(kind, {**default(), **fixed}, q.shape[-1], v.shape[-1],
                                        q.dtype, q.device, fixed)
-        cfg = autotune.resolve(self._configs, self.key, kind, q, v, self._overrides,
-                               lambda: {**default(), **fixed}, candidates, run,
-                               autotune.enabled(self.autotune),
-                               (*q.shape, k.shape[1], k.shape[2], v.shape[-1]))
-        return {**cfg, **splits}
+        cfg = self.resolve(kind, q, v, self._overrides, lambda: {**default(), **fixed},
+                           candidates, run, (*q.shape, k.shape[1], k.shape[2], v.shape[-1]))
+        return Config(**{**cfg, **splits})
 
     def __call__(self, q, k, v, *, scale=None, return_lse=False, block_mask=None, **inputs):
         extras = self._validate(q, k, v, scale, inputs)
@@ -175,7 +127,6 @@ class Kernel:
                 raise ValueError(f"{self.name}: this kernel takes no block_mask; compile the spec "
                                  "with block_sparse=True to visit a block mask's key blocks")
             return [], []
-        from attnc.block_mask import BlockMask
         if block_mask is None:
             raise ValueError(f"{self.name}: a block-sparse kernel needs block_mask=")
         if not isinstance(block_mask, BlockMask):
@@ -211,23 +162,11 @@ class Kernel:
         return lists, [bq, bkv]
 
     def _validate(self, q, k, v, scale, inputs) -> list[torch.Tensor]:
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{self.name}: {name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != 4:
-                raise ValueError(f"{self.name}: {name} must be 4-D [B, H, {'M' if name == 'q' else 'N'}, "
-                                 f"{'Dv' if name == 'v' else 'D'}], got shape {tuple(t.shape)}")
-            if t.dtype not in DTYPES:
-                raise ValueError(f"{self.name}: {name} has dtype {t.dtype}; expected float32, "
-                                 "float16 or bfloat16")
-            if t.device != q.device:
-                raise ValueError(f"{self.name}: {name} is on {t.device}, q is on {q.device}")
-        if k.dtype != q.dtype or v.dtype != q.dtype:
-            raise ValueError(f"{self.name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "
-                             f"{v.dtype}")
+        validate.operands(self.name, LAYOUT, q=q, k=k, v=v)
         B, H, M, D = q.shape
         if k.shape[0] != B or v.shape[0] != B:
-            raise ValueError(f"{self.name}: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+            raise ValueError(f"{self.name}: batch sizes differ: q {B}, k {k.shape[0]}, "
+                             f"v {v.shape[0]}")
         if k.shape[1] != v.shape[1]:
             raise ValueError(f"{self.name}: k and v must have the same number of heads, got "
                              f"{k.shape[1]} and {v.shape[1]}")
@@ -242,24 +181,13 @@ class Kernel:
         for name, d in (("q/k head dim D", D), ("v head dim Dv", v.shape[3])):
             if not 1 <= d <= 256:
                 raise ValueError(f"{self.name}: {name} is {d}; supported 1..256")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-            raise ValueError(f"{self.name}: scale must be a Python number or None, got {scale!r}")
-        interp = triton_backend.interpreting()
-        if q.device.type == "cpu" and not interp:
-            raise ValueError(f"{self.name}: tensors are on the CPU but this process runs Triton "
-                             "natively; use CUDA tensors, or set TRITON_INTERPRET=1 before "
-                             "importing attnc to run on the CPU through Triton's interpreter")
-        if q.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"{self.name}: device {q.device} is not supported (cuda or cpu)")
-        unknown = sorted(set(inputs) - set(self.inputs))
-        if unknown:
-            raise ValueError(f"{self.name}: unexpected input {unknown[0]!r}; this kernel takes "
-                             f"{', '.join(self.inputs) or 'no extra inputs'}")
+        validate.scale(self.name, scale)
+        validate.known(self.name, inputs, self.inputs)
         N = k.shape[2]
         extras = []
         for decl, shape_of in zip(self.kernel_ir.inputs, self._shapes):
             if decl.name not in inputs:
-                raise ValueError(f"{self.name}: missing {decl.kind} {decl.name!r} "
+                raise ValueError(f"{self.name}: missing {decl.kind.value} {decl.name!r} "
                                  f"(shape [{', '.join(map(str, decl.dims))}])")
             t = inputs[decl.name]
             if not isinstance(t, torch.Tensor):
@@ -270,11 +198,12 @@ class Kernel:
                                  f"{want} ([{', '.join(map(str, decl.dims))}])")
             if t.device != q.device:
                 raise ValueError(f"{self.name}: {decl.name} is on {t.device}, q is on {q.device}")
-            if decl.kind == "param" and not t.is_floating_point():
-                raise ValueError(f"{self.name}: param {decl.name} must be floating point, got {t.dtype}")
+            if decl.kind is TensorKind.PARAM and not t.is_floating_point():
+                raise ValueError(f"{self.name}: param {decl.name} must be floating point, got "
+                                 f"{t.dtype}")
             if t.is_complex():
                 raise ValueError(f"{self.name}: {decl.name} must be real, got {t.dtype}")
-            if decl.kind == "input" and t.requires_grad:
+            if decl.kind is TensorKind.INPUT and t.requires_grad:
                 raise ValueError(f"{self.name}: {decl.name} is an input (ids, masks: read, never "
                                  "differentiated) but requires grad; declare it `param` to learn "
                                  "it, or pass it detached")
@@ -288,43 +217,6 @@ class Kernel:
                     f"[{lo}, {hi}] for these shapes but the dimension has size {size}; clamp the "
                     "index in the spec (e.g. clamp(x, 0, size - 1))")
         return extras
-
-
-class ParamGradients:
-    """Param gradients from the backward kernels' partial sums: `add` evaluates a load's index
-    over the dims its buffer kept (rows from `first_row` for a per-element buffer) and
-    scatter-sums the buffer into the param (deterministically, attnc.scatter)."""
-
-    def __init__(self, ir: AttentionKernel, inputs: dict, names: list[str], B, H, M, N):
-        self.loads = {ld.name: ld for ld in ir.loads}
-        self.inputs, self.sizes = inputs, (B, H, M, N)
-        self.grads = {n: torch.zeros(inputs[n].shape, dtype=torch.float64,
-                                     device=inputs[n].device) for n in names}
-
-    def add(self, load_name: str, buffer: torch.Tensor, first_row: int) -> None:
-        from attnc.backends.reference import Evaluator, gather
-        from attnc.scatter import scatter_sum
-        ld = self.loads[load_name]
-        if ld.tensor not in self.grads:
-            return
-        B, H, M, N = self.sizes
-        dev = buffer.device
-        ranks = {"program": (), "row": ("m",), "key": ("n",), "tile": ("m", "n")}[ld.level]
-        positions = {"m": torch.arange(first_row, first_row + (
-            buffer.shape[1] if ld.level == "tile" else M), device=dev),
-            "n": torch.arange(N, device=dev)}
-        values = (buffer.view(B, H, -1).sum(-1) if ld.level == "program"
-                  else buffer.view(B, H, *(len(positions[r]) for r in ranks)))
-        nd = 2 + len(ranks)
-        syms = {S.B: B, S.H: H, S.M: M, S.N: N, S.m: 0, S.n: 0,
-                S.b: torch.arange(B, device=dev).view([-1] + [1] * (nd - 1)),
-                S.h: torch.arange(H, device=dev).view([1, -1] + [1] * (nd - 2))}
-        for i, r in enumerate(ranks):
-            syms[S.RANKS[r]] = positions[r].view([-1 if j == 2 + i else 1 for j in range(nd)])
-        ev = Evaluator(syms, lambda acc: gather(self.inputs[str(acc.base)],
-                                                [ev(x) for x in acc.indices]), values)
-        self.grads[ld.tensor] += scatter_sum(values, [ev(x) for x in ld.index],
-                                             self.grads[ld.tensor].shape)
 
 
 def _index_checks(k: AttentionKernel):
@@ -350,9 +242,8 @@ def _index_range(fn, size: dict, corners: bool) -> tuple[int, int]:
                                    (0, size["N"] - 1))
     else:
         points = itertools.product(range(size["B"]), range(size["H"]), (0,), (0,))
-    corners = points
     vals = [math.floor(fn(b, h, m, n, size["B"], size["H"], size["M"], size["N"]))
-            for b, h, m, n in corners]
+            for b, h, m, n in points]
     return min(vals), max(vals)
 
 
@@ -373,13 +264,14 @@ def _make_op(kernel: Kernel):
         def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     extras: list[torch.Tensor], block_lists: list[torch.Tensor],
                     block_sizes: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-            from attnc.backends.triton.launcher import launch, launch_packed
             kernel = _KERNELS[name]
             go = launch_packed if kernel.packs_heads else launch
+            named = dict(zip(kernel.inputs, extras))
 
             def run(config):
-                return go(kernel._function(), q, k, v, list(extras), scale, config,
-                          list(block_lists[:4]), tuple(block_sizes) if block_sizes else None)
+                sizes = (block_sizes[0], block_sizes[1]) if block_sizes else None
+                return go(kernel.module(), q, k, v, named, scale, config,
+                          list(block_lists[:4]), sizes)
             return run(kernel.config(q, k, v, run))
 
         op = torch.library.custom_op(name, forward, mutates_args=())
@@ -418,7 +310,7 @@ def _make_op(kernel: Kernel):
             q, k, v, extras, block_lists, block_sizes, scale = inputs
             ctx.save_for_backward(q, k, v, *output, *extras, *block_lists)
             ctx.counts = (len(extras), block_sizes, scale)
-            ctx.param_grads = [d.kind == "param" and t.requires_grad
+            ctx.param_grads = [d.kind is TensorKind.PARAM and t.requires_grad
                                for d, t in zip(kernel.kernel_ir.inputs, extras)]
 
         def backward(ctx, dout, dlse):
@@ -431,7 +323,7 @@ def _make_op(kernel: Kernel):
             lists = [None] * (len(rest) - n)
             # the structure must mirror the inputs': torch takes a list of ints as one leaf, but
             # an empty list as a list
-            sizes = [] if not block_sizes else None
+            sizes: list | None = [] if not block_sizes else None
             return grads[0], grads[1], grads[2], dextras, lists, sizes, None
 
         op.register_autograd(backward, setup_context=setup_context)
@@ -448,45 +340,3 @@ def launch_options(options: dict) -> dict:
             raise ValueError(f"{k} must be " + ("a power of two >= 16" if k.startswith("block")
                                                 else "a positive integer") + f", got {v!r}")
     return launch_overrides
-
-
-def compile_spec(src: Source, options: dict) -> Kernel:
-    """Compile DSL text; `block_sparse=True` makes a kernel that visits a block mask's blocks."""
-    launch_overrides = launch_options(options)
-    tune = options.pop("autotune", None)
-    if tune is not None and not isinstance(tune, bool):
-        raise ValueError(f"autotune must be True, False or None, got {tune!r}")
-    block_sparse = options.pop("block_sparse", False)
-    chunk_size = options.pop("chunk_size", None)
-    if not isinstance(block_sparse, bool):
-        raise ValueError(f"block_sparse must be True or False, got {block_sparse!r}")
-    _, ir = frontend(src, options)
-    if isinstance(ir, LinearScan):
-        if launch_overrides or block_sparse:
-            raise ValueError(f"{sorted(launch_overrides) or ['block_sparse']} do not apply to "
-                             "a linear block (its launch option is chunk_size)")
-        from attnc.linear_runtime import compile_linear
-        return compile_linear(src, options, ir, chunk_size, tune)
-    if chunk_size is not None:
-        raise ValueError("chunk_size applies to linear blocks only")
-    if block_sparse:
-        ir = replace(ir, block_sparse=True)
-    return compile_ir(ir, src, options, launch_overrides, tune)
-
-
-def compile_ir(ir, src: Source, options: dict, launch_overrides: dict,
-               tune: bool | None = None) -> Kernel:
-    """Run the passes on frontend IR (an AttentionSpec or Cascade) and build the kernel."""
-    from attnc.backends.triton.codegen import generate
-
-    trail = run_passes(ir)
-    kernel_ir = trail[-1][1]
-    key = cache.digest(repr(kernel_ir), repr(sorted(cache.versions().items())), "triton")
-    text = cache.read_kernel(key)
-    hit = text is not None
-    if not hit:
-        header = (f"Generated by attnc from {src.filename} ({kernel_ir.name}); "
-                  f"key {key[:16]}. Regenerate with `attnc compile`.")
-        text = generate(kernel_ir, header=header)
-        cache.write_kernel(key, text)
-    return Kernel(src, options, ir, trail, key, text, hit, launch_overrides, tune)

@@ -1,15 +1,34 @@
 """Launch a generated attention kernel: the heuristic launch configuration (attnc.autotune
 tunes from it), key splits for short queries and their merge, GQA head packing, the forward
-and backward calls themselves."""
+and backward calls themselves. Every launch gathers its values by role and binds them to the
+kernel's parameters by name (backends/triton/contract.py)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict
 
 import sympy
 import torch
 import triton
 
-from attnc import symbols as S
 from attnc.backends.triton import interpreting
+from attnc.backends.triton.contract import Bind
+from attnc.backends.triton.module import KernelModule
+from attnc.backends.triton.softmax.backward import Q_LISTS, param_loads
+from attnc.backends.triton.softmax.forward import BLOCK_LISTS
+from attnc.expr import symbols as S
+from attnc.ir.kernel import AttentionKernel, LoadLevel
+
+
+class Config(TypedDict, total=False):
+    """A softmax kernel's launch configuration (forward or backward)."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+    kv_splits: int  # the forward's key splits, when fixed by the compile option
 
 
 def pow2(x: int) -> int:
@@ -17,7 +36,7 @@ def pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-def default_config(D: int, Dv: int, dtype: torch.dtype, device: torch.device) -> dict:
+def default_config(D: int, Dv: int, dtype: torch.dtype, device: torch.device) -> Config:
     """Heuristic tile sizes, the default when tuning is off (and the tuner's first candidate):
     smaller tiles for wide heads and fp32."""
     bd, bdv = pow2(D), pow2(Dv)
@@ -32,10 +51,11 @@ def default_config(D: int, Dv: int, dtype: torch.dtype, device: torch.device) ->
             "num_stages": 2 if wide else 3}
 
 
-def _constexprs(config: dict, q, D: int, Dv: int, block_sizes: tuple[int, int] | None) -> dict:
-    """Tile sizes, dtype path and launch options shared by the forward and backward kernels; a
-    block mask's sizes bound the tiles (a tile never straddles a block of the mask), and so do
-    short queries (a decoding step's one row needs no 128-row tile)."""
+def _constexprs(config: Config, q, D: int, Dv: int, block_sizes: tuple[int, int] | None
+                ) -> dict[str, Any]:
+    """Tile sizes and the dtype path shared by the forward and backward kernels; a block mask's
+    sizes bound the tiles (a tile never straddles a block of the mask), and so do short queries
+    (a decoding step's one row needs no 128-row tile)."""
     bm, bn = min(config["BLOCK_M"], pow2(q.shape[2])), config["BLOCK_N"]
     sparse = {}
     if block_sizes is not None:
@@ -43,8 +63,43 @@ def _constexprs(config: dict, q, D: int, Dv: int, block_sizes: tuple[int, int] |
         sparse = {"SPARSE_Q": block_sizes[0], "SPARSE_KV": block_sizes[1]}
     ieee = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=pow2(D), BLOCK_DV=pow2(Dv), IEEE=ieee,
-                UPCAST=interpreting(), **sparse, num_warps=config["num_warps"],
-                num_stages=config["num_stages"])
+                UPCAST=interpreting(), **sparse)
+
+
+def _options(config: Config) -> dict[str, int]:
+    return {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+
+
+def _roles(values: Mapping[str, object]) -> dict[Bind, object]:
+    return {Bind(name): v for name, v in values.items()}
+
+
+def _strides(letters: str, names: str, *tensors: torch.Tensor) -> dict[Bind, object]:
+    """stride_<name><letter> of each tensor, e.g. stride_qb .. stride_qd of q."""
+    return {Bind(f"stride_{name}{r}"): s for name, t in zip(names.split(), tensors)
+            for r, s in zip(letters, t.stride()[-4:])}
+
+
+def _operand_strides(q, k, v) -> dict[Bind, object]:
+    return {**_strides("bhmd", "q", q), **_strides("bhnd", "k v", k, v)}
+
+
+def _extras(extras: Mapping[str, torch.Tensor]) -> dict[Bind, object]:
+    """The spec's params and inputs and their strides."""
+    out: dict[Bind, object] = {}
+    for name, t in extras.items():
+        out[Bind("tensor", name)] = t
+        out.update({Bind("stride", name, i): s for i, s in enumerate(t.stride())})
+    return out
+
+
+def _lists(spec, tensors) -> dict[Bind, object]:
+    """A block mask's lists (`spec`: BLOCK_LISTS or Q_LISTS) and their strides."""
+    out: dict[Bind, object] = {}
+    for (name, short, dims), t in zip(spec, tensors):
+        out[Bind(name)] = t
+        out.update({Bind(f"{short}_s{r}"): s for r, s in zip(dims, t.stride())})
+    return out
 
 
 # A split must hold this many keys at least: below it the partial results cost more to merge
@@ -65,9 +120,9 @@ def kv_splits(programs: int, N: int, sms: int | None, fixed: int | None = None) 
     return max(1, min(triton.cdiv(2 * sms, programs), N // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
-def launch(fn, q, k, v, extras: list[torch.Tensor], scale: float, config: dict,
-           block_lists: list[torch.Tensor] = (), block_sizes: tuple[int, int] | None = None):
-    """Run the kernel; a block-sparse kernel also gets its block mask's four lists (already
+def launch(mod: KernelModule, q, k, v, extras: Mapping[str, torch.Tensor], scale: float,
+           config: Config, block_lists=(), block_sizes: tuple[int, int] | None = None):
+    """Run the forward; a block-sparse kernel also gets its block mask's four lists (already
     broadcast to [B, H, ...]) and the mask's (query, key) block sizes. With several key splits
     (kv_splits) each split writes fp32 partial results that are merged by their lse."""
     B, H, M, D = q.shape
@@ -76,8 +131,6 @@ def launch(fn, q, k, v, extras: list[torch.Tensor], scale: float, config: dict,
     lse = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
     if M == 0 or B * H == 0:
         return out, lse
-    strides = [s for t in extras for s in t.stride()]
-    list_strides = [s for t in block_lists for s in t.stride()]
     common = _constexprs(config, q, D, Dv, block_sizes)
     tiles = triton.cdiv(M, common["BLOCK_M"])
     sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
@@ -90,10 +143,12 @@ def launch(fn, q, k, v, extras: list[torch.Tensor], scale: float, config: dict,
     if splits > 1:
         o = torch.empty(splits, B, H, M, Dv, dtype=torch.float32, device=q.device)
         l = torch.empty(splits, B, H, M, dtype=torch.float32, device=q.device)
-    fn[(tiles, B * H, splits)](
-        q, k, v, o, l, *extras, *block_lists, *q.stride(), *k.stride(), *v.stride(),
-        *o.stride()[-4:], *strides, *list_strides, B, H, M, N, D, Dv, H // Hkv, float(scale),
-        per_split, o.stride(0) if splits > 1 else 0, **common)
+    values = {**_roles(dict(Q=q, K=k, V=v, Out=o, Lse=l, B=B, H=H, M=M, N=N, D=D, DV=Dv,
+                            GROUP=H // Hkv, scale=float(scale), KV_SPLIT=per_split,
+                            stride_os=o.stride(0) if splits > 1 else 0, **common)),
+              **_operand_strides(q, k, v), **_strides("bhmd", "o", o), **_extras(extras),
+              **_lists(BLOCK_LISTS, block_lists)}
+    mod.launch("forward", values, {"splits": splits}, _options(config))
     if splits > 1:
         torch.logsumexp(l, 0, out=lse)
         # splits that saw no key have lse -inf and out 0; a row no split saw stays 0 / -inf
@@ -106,12 +161,12 @@ def launch(fn, q, k, v, extras: list[torch.Tensor], scale: float, config: dict,
 PACKED_ROWS = 128
 
 
-def packs_heads(ir) -> bool:
+def packs_heads(ir: AttentionKernel) -> bool:
     """Whether the query heads of a GQA group may share programs, their rows stacked as one
     query tile: true when nothing the kernel evaluates depends on the query position, the
     query head or the query shape (m, h, M, H) -- attention over a cache (`full`, a window on
     the newest keys), not causal or per-head ALiBi -- and no block mask lists per head."""
-    if ir.schedule.keys == "block_mask":
+    if ir.block_sparse:
         return False
     exprs = [ir.score, *([ir.mask] if ir.mask is not None else []),
              *(x for ld in ir.loads for x in ld.index),
@@ -120,23 +175,23 @@ def packs_heads(ir) -> bool:
     return not any(sympy.sympify(x).free_symbols & banned for x in exprs)
 
 
-def launch_packed(fn, q, k, v, *args, **kw):
+def launch_packed(mod: KernelModule, q, k, v, *args, **kw):
     """`launch` with each GQA group's query heads stacked along the rows, so every key and
     value tile is loaded once per group rather than once per query head (decoding: one row per
     head). Only for kernels where `packs_heads` holds; same results as `launch`."""
     B, H, M, D = q.shape
     group = H // k.shape[1]
     if group == 1 or M * group > PACKED_ROWS:
-        return launch(fn, q, k, v, *args, **kw)
-    out, lse = launch(fn, q.reshape(B, k.shape[1], group * M, D), k, v, *args, **kw)
+        return launch(mod, q, k, v, *args, **kw)
+    out, lse = launch(mod, q.reshape(B, k.shape[1], group * M, D), k, v, *args, **kw)
     return out.reshape(B, H, M, -1), lse.reshape(B, H, M)
 
 
-def backward_config(config: dict, dtype: torch.dtype, device: torch.device) -> dict:
+def backward_config(config: Config, dtype: torch.dtype, device: torch.device) -> Config:
     """Tiles for the backward kernels: each holds a k/v tile and its dk/dv accumulators (or q,
     dO and dq) at once, so on a GPU they are smaller than the forward's."""
     if device.type != "cuda":
-        return dict(config)
+        return Config(**config)
     size = 32 if dtype == torch.float32 else 64
     return {**config, "BLOCK_M": min(config["BLOCK_M"], size),
             "BLOCK_N": min(config["BLOCK_N"], size), "num_stages": min(config["num_stages"], 2)}
@@ -147,16 +202,15 @@ def backward_config(config: dict, dtype: torch.dtype, device: torch.device) -> d
 TILE_BUFFER_ELEMENTS = 1 << 26
 
 
-def launch_backward(fns: dict, ir, q, k, v, extras: list[torch.Tensor], out, lse, dout, dlse,
-                    scale: float, config: dict, block_lists=(), q_lists=(),
-                    block_sizes: tuple[int, int] | None = None, on_partial=None):
+def launch_backward(mod: KernelModule, ir: AttentionKernel, q, k, v,
+                    extras: Mapping[str, torch.Tensor], out, lse, dout, dlse, scale: float,
+                    config: Config, block_lists=(), q_lists=(),
+                    block_sizes: tuple[int, int] | None = None,
+                    on_partial: Callable[[str, torch.Tensor, int], None] | None = None):
     """Run the preprocess, dq and dk/dv kernels; returns dq, dk, dv. With `on_partial`, the
     param loads' partial sums are computed too and handed over as on_partial(load name, buffer,
     first row): per-element buffers once per slab of query rows, the others once at the end,
     always in the same order."""
-    from attnc.backends.triton.backward import param_loads
-    from attnc.backends.triton.codegen import PRELUDE_PREPROCESS
-
     B, H, M, D = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -164,43 +218,46 @@ def launch_backward(fns: dict, ir, q, k, v, extras: list[torch.Tensor], out, lse
         return dq, dk, dv
     dparams = on_partial is not None
     common = dict(_constexprs(config, q, D, Dv, block_sizes), DPARAMS=dparams)
-    bm, bn = common["BLOCK_M"], common["BLOCK_N"]
+    bm = common["BLOCK_M"]
     dout = dout.contiguous()
     delta = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
     rows = B * H * M
-    fns[PRELUDE_PREPROCESS][(triton.cdiv(rows, 32),)](
-        out.contiguous(), dout, dlse.contiguous() if dlse is not None else delta, delta, rows, Dv,
-        HAS_DLSE=dlse is not None, BLOCK_R=32, BLOCK_DV=pow2(Dv))
-    qt, kt = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    mod.launch("preprocess", _roles(dict(
+        Out=out.contiguous(), DO=dout, DLse=dlse.contiguous() if dlse is not None else delta,
+        Delta=delta, R=rows, DV=Dv, HAS_DLSE=dlse is not None, BLOCK_R=32, BLOCK_DV=pow2(Dv))))
+    qt = triton.cdiv(M, bm)
 
     def scratch(*shape):
         return torch.zeros(shape if dparams else (0,), dtype=torch.float32, device=q.device)
 
-    shapes = {"program": (B * H, qt), "row": (B * H, M), "key": (B * H, N)}
+    shapes = {LoadLevel.PROGRAM: (B * H, qt), LoadLevel.ROW: (B * H, M),
+              LoadLevel.KEY: (B * H, N)}
     whole = {ld.name: scratch(*shapes[ld.level]) for kernel in ("dq", "dkdv")
-             for ld, _ in param_loads(ir, kernel) if ld.level != "tile"}
-    per_element = [ld.name for ld, _ in param_loads(ir, "dq") if ld.level == "tile"]
+             for ld, _ in param_loads(ir, kernel) if ld.level is not LoadLevel.TILE}
+    per_element = [ld.name for ld, _ in param_loads(ir, "dq") if ld.level is LoadLevel.TILE]
     slab = M
     if dparams and per_element:
         slab = min(M, max(bm, TILE_BUFFER_ELEMENTS // (B * H * N * len(per_element)) // bm * bm))
-    strides = [s for t in extras for s in t.stride()]
-    sizes = (B, H, M, N, D, Dv, H // Hkv, float(scale))
+    shared = {**_roles(dict(Q=q, K=k, V=v, DO=dout, Lse=lse, Delta=delta, B=B, H=H, M=M, N=N,
+                            D=D, DV=Dv, GROUP=H // Hkv, scale=float(scale), **common)),
+              **_operand_strides(q, k, v), **_strides("bhmd", "do", dout), **_extras(extras)}
     for first in range(0, M, slab):
         count = min(slab, M - first)
         tiles = {name: scratch(B * H, count, N) for name in per_element}
-        buffers = [tiles[ld.name] if ld.level == "tile" else whole[ld.name]
-                   for ld, _ in param_loads(ir, "dq")]
-        fns["dq"][(triton.cdiv(count, bm), B * H)](
-            q, k, v, dout, lse, delta, dq, *extras, *buffers, *block_lists, *q.stride(),
-            *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *strides,
-            *[s for t in block_lists for s in t.stride()], *sizes, first // bm, count, **common)
-        for name in tiles if dparams else ():
-            on_partial(name, tiles[name], first)
-    fns["dkdv"][(kt, B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, *extras,
-        *[whole[ld.name] for ld, _ in param_loads(ir, "dkdv")], *q_lists, *q.stride(),
-        *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *strides,
-        *[s for t in q_lists for s in t.stride()], *sizes, **common)
-    for name in whole if dparams else ():
-        on_partial(name, whole[name], 0)
+        buffers = {Bind("buffer", ld.name): tiles.get(ld.name, whole.get(ld.name))
+                   for ld, _ in param_loads(ir, "dq")}
+        mod.launch("dq", {**shared, **buffers, **_roles(dict(DQ=dq, TILE_START=first // bm,
+                                                           SLAB=count)),
+                          **_strides("bhmd", "dq", dq), **_lists(BLOCK_LISTS, block_lists)},
+                   options=_options(config))
+        if on_partial is not None:
+            for name in tiles:
+                on_partial(name, tiles[name], first)
+    buffers = {Bind("buffer", ld.name): whole[ld.name] for ld, _ in param_loads(ir, "dkdv")}
+    mod.launch("dkdv", {**shared, **buffers, **_roles(dict(DK=dk, DVo=dv)),
+                        **_strides("bhnd", "dk dv", dk, dv), **_lists(Q_LISTS, q_lists)},
+               options=_options(config))
+    if on_partial is not None:
+        for name in whole:
+            on_partial(name, whole[name], 0)
     return dq, dk, dv

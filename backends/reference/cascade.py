@@ -15,107 +15,12 @@ import math
 import sympy
 import torch
 
-from attnc import symbols as S
-from attnc.ir import Cascade, Einsum, ScatterSum
+from attnc.backends.eager.evaluate import Evaluator, extremum, gather
+from attnc.expr import symbols as S
+from attnc.ir.cascade import Backward, Cascade, Einsum, Reduce, Saved, ScatterSum, TensorKind
+from attnc.ir.kernel import LoadLevel
+from attnc.passes.mask_bounds import query_tile_schedule, tile_schedule
 from attnc.scatter import scatter_sum
-
-_UNARY = {
-    sympy.exp: torch.exp, sympy.log: torch.log, sympy.tanh: torch.tanh, sympy.Abs: torch.abs,
-    sympy.sin: torch.sin, sympy.cos: torch.cos, sympy.tan: torch.tan, S.sigmoid: torch.sigmoid,
-    S.softplus: torch.nn.functional.softplus, sympy.floor: torch.floor,
-    sympy.ceiling: torch.ceil,
-}
-_RELATION = {sympy.Lt: torch.lt, sympy.Le: torch.le, sympy.Gt: torch.gt, sympy.Ge: torch.ge,
-             sympy.Eq: torch.eq, sympy.Ne: torch.ne}
-
-
-def _t(x, like: torch.Tensor) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device=like.device)
-
-
-class Evaluator:
-    """Evaluate a sympy expression with broadcasting torch tensors.
-
-    `symbols` maps sympy symbols to tensors or numbers; `tensor(access)` resolves an Indexed.
-    """
-
-    def __init__(self, symbols: dict, tensor, like: torch.Tensor):
-        self.symbols = symbols
-        self.tensor = tensor
-        self.like = like
-
-    def __call__(self, ex):
-        like = self.like
-        if ex is sympy.true or ex is sympy.false:
-            return bool(ex)
-        if ex.is_Number:
-            if ex == sympy.oo or ex == -sympy.oo:
-                return float(ex)
-            return int(ex) if ex.is_Integer else float(ex)
-        if ex.is_Symbol:
-            return self.symbols[ex]
-        if isinstance(ex, sympy.Indexed):
-            return self.tensor(ex)
-        args = [self(a) for a in ex.args] if not isinstance(ex, sympy.Piecewise) else None
-        if ex.is_Add:
-            out = args[0]
-            for a in args[1:]:
-                out = out + a
-            return out
-        if ex.is_Mul:
-            out = args[0]
-            for a in args[1:]:
-                out = out * a
-            return out
-        if ex.is_Pow:
-            base, exp = args
-            if isinstance(base, torch.Tensor) and not base.is_floating_point():
-                base = base.double()
-            return base ** exp if isinstance(base, torch.Tensor) else _t(float(base), like) ** exp
-        if isinstance(ex, sympy.Piecewise):
-            result = None
-            for value, cond in reversed(ex.args):
-                v = self(value)
-                if result is None:
-                    result = _t(v, like)
-                    continue
-                result = torch.where(_t(self(cond), like), _t(v, like), result)
-            return result
-        if ex.func in _UNARY:
-            x = _t(args[0], like)
-            return _UNARY[ex.func](x if x.is_floating_point() else x.double())
-        if isinstance(ex, (sympy.Min, sympy.Max)):
-            fold = torch.minimum if isinstance(ex, sympy.Min) else torch.maximum
-            out = _t(args[0], like)
-            for a in args[1:]:
-                out = fold(out, _t(a, like))
-            return out
-        if isinstance(ex, sympy.Mod):
-            return torch.remainder(_t(args[0], like), args[1])
-        if ex.func in _RELATION:
-            return _RELATION[ex.func](_t(args[0], like), _t(args[1], like))
-        if isinstance(ex, sympy.And):
-            out = _t(args[0], like)
-            for a in args[1:]:
-                out = out & a
-            return out
-        if isinstance(ex, sympy.Or):
-            out = _t(args[0], like)
-            for a in args[1:]:
-                out = out | a
-            return out
-        if isinstance(ex, sympy.Not):
-            return ~_t(args[0], like)
-        raise NotImplementedError(f"reference interpreter: {ex.func.__name__} in {ex}")
-
-
-def gather(value: torch.Tensor, index: list) -> torch.Tensor:
-    """value[index...] with broadcasting index tensors (float indices from floor are rounded)."""
-    idx = []
-    for i in index:
-        i = torch.as_tensor(i, device=value.device)
-        idx.append(i.round().long() if i.is_floating_point() else i.long())
-    return value[tuple(idx)]
 
 
 def _axis(values: torch.Tensor, pos: int, nd: int) -> torch.Tensor:
@@ -135,7 +40,8 @@ class _Run:
         self.B, self.H, self.M, D = q.shape
         self.N, self.Dv = k.shape[2], v.shape[3]
         self.size = {"m": self.M, "n": self.N, "e": D, "f": self.Dv}
-        self.env = {"Q": (q, ("m", "e")), "K": (k, ("n", "e")), "V": (v, ("n", "f"))}
+        self.env: dict[str, tuple[torch.Tensor, tuple[str, ...]]] = {
+            "Q": (q, ("m", "e")), "K": (k, ("n", "e")), "V": (v, ("n", "f"))}
         self.inputs = inputs
         self.scale = scale
 
@@ -159,23 +65,15 @@ class _Run:
                 shape = [value.shape[0], value.shape[1]] + [
                     self.size[r] if r in vr else 1 for r in ranks]
                 return value.reshape(shape)
-            ev = Evaluator(syms, tensor, self.q)
             return gather(self.inputs[name], [ev(i) for i in acc.indices])
 
-        return Evaluator(syms, tensor, self.q)
+        ev = Evaluator(syms, self.q, access=tensor)
+        return ev
 
     def full(self, value, ranks) -> torch.Tensor:
         shape = [self.B, self.H] + [self.size[r] for r in ranks]
-        return _t(value, self.q).to(self.q.dtype if _t(value, self.q).is_floating_point()
-                                    else _t(value, self.q).dtype).expand(shape)
-
-
-def _extremum(val: torch.Tensor, axes: tuple[int, ...], reduce: str) -> torch.Tensor:
-    """max/min over `axes`; over an empty range they are -inf/+inf, the identities of the monoid."""
-    if any(val.shape[a] == 0 for a in axes):
-        shape = [d for i, d in enumerate(val.shape) if i not in axes]
-        return val.new_full(shape, -math.inf if reduce == "max" else math.inf)
-    return val.amax(dim=axes) if reduce == "max" else val.amin(dim=axes)
+        t = torch.as_tensor(value, device=self.q.device)
+        return t.to(self.q.dtype if t.is_floating_point() else t.dtype).expand(shape)
 
 
 def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict | None = None,
@@ -183,13 +81,14 @@ def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict |
               ) -> dict[str, torch.Tensor]:
     """Run a cascade; returns {role: tensor} for its outputs (out [B,H,M,Dv], lse [B,H,M]).
 
-    A backward cascade (autodiff's) also takes `saved`: {O, LSE, dO, dLSE} as [B, H, M, ...];
-    its dk and dv are summed over the query heads of each k/v head (GQA), and a param's
-    gradient has the param's shape."""
+    A backward cascade (see `interpret_backward`) also takes `saved`: its saved tensors by
+    name, as [B, H, M, ...]; its dk and dv are summed over the query heads of each k/v head
+    (GQA), and a param's gradient has the param's shape."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     run = _Run(c.options, q, k, v, scale, inputs or {})
     for d in c.decls:
-        if d.kind == "saved":
+        if d.kind is TensorKind.SAVED:
+            assert saved is not None, f"{c.name} reads saved tensors"
             run.env[d.name] = (saved[d.name], tuple(str(r) for r in d.dims))
     for nd in c.nodes:
         if isinstance(nd, ScatterSum):
@@ -199,10 +98,10 @@ def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict |
             it = nd.iteration
             val = run.full(run.evaluator(it)(nd.expr), it)
             axes = tuple(2 + it.index(r) for r in nd.over)
-            if nd.reduce == "sum":
+            if nd.reduce is Reduce.SUM:
                 val = val.sum(dim=axes)
-            elif nd.reduce in ("max", "min"):
-                val = _extremum(val, axes, nd.reduce)
+            elif nd.reduce is not None:
+                val = extremum(val, axes, nd.reduce is Reduce.MAX)
             run.env[nd.name] = (val, nd.ranks)
         else:
             scores = run.full(run.evaluator(("m", "n"))(nd.scores), ("m", "n"))
@@ -214,6 +113,14 @@ def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict |
             run.env[nd.lse] = (lse, ("m",))
     result = {role: run.env[name][0] for role, name in c.outputs}
     return _sum_groups(result, k.shape[1])
+
+
+def interpret_backward(bwd: Backward, q, k, v, *, saved: dict, scale: float | None = None,
+                       inputs: dict | None = None) -> dict[str, torch.Tensor]:
+    """Run autodiff's backward cascade; `saved` maps each Saved role (or its value: "O",
+    "LSE", "dO", "dLSE") to its tensor. Returns {"dq", "dk", "dv", "d_<param>": gradient}."""
+    by_name = {bwd.saved_name(Saved(role)): x for role, x in saved.items()}
+    return interpret(bwd.cascade, q, k, v, scale=scale, inputs=inputs, saved=by_name)
 
 
 def _sum_groups(grads: dict, kv_heads: int) -> dict:
@@ -244,13 +151,16 @@ def online_softmax_scan(scores: torch.Tensor, value: torch.Tensor):
     return _softmax_finish(*state)
 
 
-def _softmax_start(rows: torch.Size, dv: int, like: torch.Tensor):
+State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _softmax_start(rows: tuple[int, ...], dv: int, like: torch.Tensor) -> State:
     """Running max, denominator and numerator before any key."""
     rm = torch.full(rows, -math.inf, dtype=like.dtype, device=like.device)
     return rm, torch.zeros_like(rm), torch.zeros(*rows, dv, dtype=like.dtype, device=like.device)
 
 
-def _softmax_update(rm, rd, rnv, s, value):
+def _softmax_update(rm, rd, rnv, s, value) -> State:
     """Fold keys in: scores `s` [..., rows, keys], `value` [..., keys, f]."""
     new = torch.maximum(rm, s.amax(-1))
     # rows that have seen no visible key keep max -inf; shift by 0 there to avoid inf - inf
@@ -270,8 +180,7 @@ def _softmax_finish(rm, rd, rnv):
 
 def _apply_bounds(c: Cascade, run: _Run, scores, tiles):
     """Drop keys outside visited tiles; use the unmasked score on full tiles."""
-    from attnc.passes.mask_bounds import tile_schedule
-
+    assert c.bounds is not None
     bm, bn = tiles
     plan = torch.zeros(run.M, run.N, dtype=torch.int8, device=scores.device)
     for i, visits in enumerate(tile_schedule(c.bounds.segments, run.M, run.N, bm, bn)):
@@ -289,11 +198,10 @@ def _tile_scores(kernel, run: _Run, rows, cols, masked: bool):
         S.m: _axis(rows, 2, 4), S.n: _axis(cols, 3, 4),
         S.qk: run.q[:, :, rows] @ run.k[:, :, cols].transpose(-1, -2)})
     for ld in kernel.loads:
-        ev.symbols[sympy.Symbol(ld.name, real=True)] = gather(
-            run.inputs[ld.tensor], [ev(x) for x in ld.index])
-    s = _t(ev(kernel.score), run.q).expand(run.B, run.H, len(rows), len(cols))
+        ev.values[ld.symbol] = gather(run.inputs[ld.tensor], [ev(x) for x in ld.index])
+    s = ev.tensor(ev(kernel.score)).expand(run.B, run.H, len(rows), len(cols))
     if masked and kernel.mask is not None:
-        s = torch.where(_t(ev(kernel.mask), run.q), s, torch.full_like(s, -math.inf))
+        s = torch.where(ev.tensor(ev(kernel.mask)), s, torch.full_like(s, -math.inf))
     return ev, s
 
 
@@ -301,8 +209,6 @@ def run_kernel(kernel, q, k, v, *, scale: float | None = None, inputs: dict | No
                tiles: tuple[int, int] = (16, 16)) -> dict[str, torch.Tensor]:
     """Execute an AttentionKernel tile by tile, as the generated code does: the same key-tile
     schedule, the mask only on masked tiles, the same online-softmax update."""
-    from attnc.passes.mask_bounds import tile_schedule
-
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     run = _Run((), q, k, v, scale, inputs or {})
     bm, bn = tiles
@@ -328,12 +234,10 @@ def run_kernel_backward(kernel, q, k, v, *, saved: dict, scale: float | None = N
     the n-indexed param sums over the transposed query tiles per key tile; the mask only on
     masked tiles; p recomputed from the saved lse. `saved` holds O, LSE, dO, dLSE; returns dq,
     dk, dv (summed over GQA groups) and d_<param> for every param."""
-    from attnc.passes.mask_bounds import query_tile_schedule, tile_schedule
-
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     run = _Run((), q, k, v, scale, inputs or {})
     bm, bn = tiles
-    B, H, M, N = run.B, run.H, run.M, run.N
+    M, N = run.M, run.N
     lse = saved["LSE"]
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse)
     delta = (saved["dO"] * saved["O"]).sum(-1) - saved["dLSE"]
@@ -341,7 +245,8 @@ def run_kernel_backward(kernel, q, k, v, *, saved: dict, scale: float | None = N
     grads = {"dq": torch.zeros_like(run.q), "dk": torch.zeros_like(run.k),
              "dv": torch.zeros_like(run.v)}
     params = {d.name: torch.zeros(run.inputs[d.name].shape, dtype=torch.float64,
-                                  device=q.device) for d in kernel.inputs if d.kind == "param"}
+                                  device=q.device) for d in kernel.inputs
+              if d.kind is TensorKind.PARAM}
 
     def tile(rows, cols, masked, levels):
         ev, s = _tile_scores(kernel, run, rows, cols, masked)
@@ -351,22 +256,22 @@ def run_kernel_backward(kernel, q, k, v, *, saved: dict, scale: float | None = N
         for name, deriv in kernel.grad.dloads:
             ld = loads[name]
             if ld.level in levels and ld.tensor in params:
-                value = torch.where(p > 0, ds * _t(ev(deriv), q), torch.zeros_like(ds))
+                value = torch.where(p > 0, ds * ev.tensor(ev(deriv)), torch.zeros_like(ds))
                 params[ld.tensor] += scatter_sum(value, [ev(x) for x in ld.index],
                                                  params[ld.tensor].shape)
-        return p, ds * _t(ev(kernel.grad.dqk), q)
+        return p, ds * ev.tensor(ev(kernel.grad.dqk))
 
     for i, visits in enumerate(tile_schedule(kernel.segments, M, N, bm, bn)):
         rows = torch.arange(i * bm, min(i * bm + bm, M), device=q.device)
         for start, masked in visits:
             cols = torch.arange(start, min(start + bn, N), device=q.device)
-            _, dqk = tile(rows, cols, masked, ("program", "row", "tile"))
+            _, dqk = tile(rows, cols, masked, (LoadLevel.PROGRAM, LoadLevel.ROW, LoadLevel.TILE))
             grads["dq"][:, :, rows] += dqk @ run.k[:, :, cols]
     for j, visits in enumerate(query_tile_schedule(kernel.grad.rows, M, N, bm, bn)):
         cols = torch.arange(j * bn, min(j * bn + bn, N), device=q.device)
         for start, masked in visits:
             rows = torch.arange(start, min(start + bm, M), device=q.device)
-            p, dqk = tile(rows, cols, masked, ("key",))
+            p, dqk = tile(rows, cols, masked, (LoadLevel.KEY,))
             grads["dv"][:, :, cols] += p.transpose(-1, -2) @ saved["dO"][:, :, rows]
             grads["dk"][:, :, cols] += dqk.transpose(-1, -2) @ run.q[:, :, rows]
     _sum_groups(grads, k.shape[1])

@@ -5,19 +5,73 @@ A node is an output tensor with named ranks, a sympy map expression over tensor 
 implicitly batched over (b, h). Q[m, e], K[n, e] and V[n, f] are the operands; `param`/`input`
 tensors are read by arbitrary index expressions. After `online_softmax`, an `OnlineSoftmax` node
 replaces the max/exp/sum/divide chain with a one-pass scan over n. After `autodiff`, a cascade
-carries its backward cascade: einsums over the forward's operands plus the `saved` tensors
-(O, LSE, dO, dLSE), and a `ScatterSum` per param (its gradient, summed at the read indices).
+carries its `Backward`: a cascade of einsums over the forward's operands plus the saved tensors
+(O, LSE, dO, dLSE), a `ScatterSum` per param (its gradient, summed at the read indices), and
+which of its nodes hold the derivatives the backward kernels evaluate.
 
-All nodes are frozen dataclasses: structurally comparable and hashable. `Cascade.graph()` gives the
-networkx DAG; `format_cascade` is the deterministic printer (its text is the cache key's root).
+All nodes are frozen dataclasses: structurally comparable and hashable. `Cascade.graph()` gives
+the networkx DAG; `format_cascade` is the deterministic printer (its text is the cache key's
+root); `verify` states what a well-formed cascade is and runs after every pass.
+
+Names a pass introduces (desugar's GM, SD, ..., autodiff's P, dS, ...) are chosen by
+`fresh_name` among the names the cascade does not use yet, so they never collide with a
+tensor the spec declares; passes find each other's nodes through the fields that name them
+(`Cascade.mask_node`, `Backward.dqk`, ...), never by a fixed string.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, replace
 
 import sympy
 
+from attnc.errors import CompileError
+from attnc.expr import symbols as S
+
+
+class TensorKind(enum.Enum):
+    OPERAND = "operand"  # q, k, v (Q, K, V in a cascade)
+    PARAM = "param"      # a learnable float tensor
+    INPUT = "input"      # a runtime tensor that is read, never differentiated (ids, ...)
+    SAVED = "saved"      # a forward result the backward reads
+
+
+class Reduce(enum.Enum):
+    SUM = "sum"
+    MAX = "max"
+    MIN = "min"
+
+
+class BlockKind(enum.Enum):
+    """Which spec block a cascade came from."""
+
+    ATTENTION = "attention"
+    CASCADE = "cascade"
+
+
+class Normalizer(enum.Enum):
+    SOFTMAX = "softmax"
+
+
+class KeySource(enum.Enum):
+    """Where a query tile's key tiles come from."""
+
+    SEGMENTS = "segments"      # mask_bounds' segments, decided at compile time
+    BLOCK_MASK = "block_mask"  # a block mask's per (b, h, query block) lists, given at call time
+
+
+class Saved(enum.Enum):
+    """The forward results and incoming gradients a backward cascade reads."""
+
+    OUT = "O"
+    LSE = "LSE"
+    DOUT = "dO"
+    DLSE = "dLSE"
+
+    @property
+    def ranks(self) -> tuple[str, ...]:
+        return ("m", "f") if self in (Saved.OUT, Saved.DOUT) else ("m",)
 
 
 @dataclass(frozen=True)
@@ -25,11 +79,11 @@ class TensorDecl:
     """A tensor the caller passes: an operand (q, k, v), a learnable `param` or an `input`."""
 
     name: str
-    kind: str  # "operand" | "param" | "input" | "saved" (a forward result the backward reads)
+    kind: TensorKind
     dims: tuple[sympy.Expr, ...]
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.name}[{', '.join(map(str, self.dims))}]"
+        return f"{self.kind.value} {self.name}[{', '.join(map(str, self.dims))}]"
 
 
 @dataclass(frozen=True)
@@ -39,7 +93,7 @@ class Einsum:
     name: str
     ranks: tuple[str, ...]
     expr: sympy.Expr
-    reduce: str | None = None  # "sum" | "max" | "min"
+    reduce: Reduce | None = None
     over: tuple[str, ...] = ()
 
     @property
@@ -47,7 +101,7 @@ class Einsum:
         return self.ranks + self.over
 
     def __str__(self) -> str:
-        red = f"{self.reduce}({', '.join(self.over)}) " if self.reduce else ""
+        red = f"{self.reduce.value}({', '.join(self.over)}) " if self.reduce else ""
         return f"{self.name}[{', '.join(self.ranks)}] = {red}{self.expr}"
 
 
@@ -141,23 +195,37 @@ class KeyBounds:
 
 
 @dataclass(frozen=True)
-class Schedule:
+class TileSchedule:
     """tile's result: which ranks are parallel, which rank is the sequential loop, block names,
-    and where a query tile's key tiles come from: "segments" (mask_bounds, decided at compile
-    time) or "block_mask" (per (b, h, query block) lists of key blocks, given at call time)."""
+    and where a query tile's key tiles come from (`keys`)."""
 
     parallel: tuple[str, ...] = ("b", "h", "m")
     loop: str = "n"
     blocks: tuple[tuple[str, str], ...] = (("m", "BLOCK_M"), ("n", "BLOCK_N"),
                                            ("e", "BLOCK_D"), ("f", "BLOCK_DV"))
-    keys: str = "segments"
+    keys: KeySource = KeySource.SEGMENTS
 
     def __str__(self) -> str:
         blocks = ", ".join(f"{r}:{b}" for r, b in self.blocks)
-        source = ("key tiles from the mask bounds" if self.keys == "segments"
+        source = ("key tiles from the mask bounds" if self.keys is KeySource.SEGMENTS
                   else "key blocks from the call's block mask (partial: masked, full: unmasked)")
         return (f"schedule: grid over ({', '.join(self.parallel)}), "
                 f"sequential loop over {self.loop}; tiles {blocks}; {source}")
+
+
+@dataclass(frozen=True)
+class Backward:
+    """autodiff's result: the backward cascade (outputs dq, dk, dv and d<param> per param) and
+    the nodes the backward kernels evaluate per (row, key): `dqk` holds d score / d (q.k), and
+    `dparams` pairs each param read in the score with the node holding d score / d read."""
+
+    cascade: Cascade
+    saved: tuple[tuple[Saved, str], ...]
+    dqk: str
+    dparams: tuple[tuple[sympy.Indexed, str], ...] = ()
+
+    def saved_name(self, role: Saved) -> str:
+        return dict(self.saved)[role]
 
 
 @dataclass(frozen=True)
@@ -167,13 +235,15 @@ class Cascade:
     nodes: tuple[Node, ...]
     outputs: tuple[tuple[str, str], ...]  # (role, tensor): ("out", ...), ("lse", ...)
     options: tuple[tuple[str, object], ...] = ()
-    source_kind: str = "cascade"  # "attention" or "cascade": the block it came from
+    source_kind: BlockKind = BlockKind.CASCADE
     block_sparse: bool = False  # visit the key blocks a call's block mask lists
+    # desugar's masking einsum where(mask, score, -oo): a block-sparse kernel skips exactly
+    # this mask on full blocks
+    mask_node: str | None = None
     bounds: KeyBounds | None = None
-    schedule: Schedule | None = None
-    # autodiff's result: the backward cascade (outputs dq, dk, dv and d<param> per param), or
-    # why the score cannot be differentiated
-    backward: "Cascade | None" = None
+    schedule: TileSchedule | None = None
+    # autodiff's result, or why the score cannot be differentiated
+    backward: Backward | None = None
     no_backward: str | None = None
 
     def node(self, name: str) -> Node:
@@ -181,6 +251,12 @@ class Cascade:
             if nd.name == name or (isinstance(nd, OnlineSoftmax) and nd.lse == name):
                 return nd
         raise KeyError(name)
+
+    def einsum(self, name: str) -> Einsum:
+        nd = self.node(name)
+        if not isinstance(nd, Einsum):
+            raise KeyError(f"{name} is not an einsum")
+        return nd
 
     def produced(self) -> dict[str, Node]:
         out: dict[str, Node] = {}
@@ -190,12 +266,16 @@ class Cascade:
                 out[nd.lse] = nd
         return out
 
+    def names(self) -> set[str]:
+        """Every tensor name the cascade declares or produces."""
+        return {d.name for d in self.decls} | set(self.produced())
+
     def output(self, role: str) -> str | None:
         return dict(self.outputs).get(role)
 
     @property
     def extra_inputs(self) -> tuple[TensorDecl, ...]:
-        return tuple(d for d in self.decls if d.kind in ("param", "input"))
+        return tuple(d for d in self.decls if d.kind in (TensorKind.PARAM, TensorKind.INPUT))
 
     def graph(self):
         """Tensors as vertices; an edge X -> Y when Y's node reads X (a networkx.DiGraph;
@@ -204,7 +284,7 @@ class Cascade:
         import networkx as nx
         g = nx.DiGraph()
         for d in self.decls:
-            g.add_node(d.name, kind=d.kind)
+            g.add_node(d.name, kind=d.kind.value)
         for nd in self.nodes:
             outs = [nd.name] + ([nd.lse] if isinstance(nd, OnlineSoftmax) else [])
             for o in outs:
@@ -213,8 +293,52 @@ class Cascade:
                     g.add_edge(src, o)
         return g
 
-    def with_nodes(self, nodes, **changes) -> "Cascade":
+    def with_nodes(self, nodes, **changes) -> Cascade:
         return replace(self, nodes=tuple(nodes), **changes)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What an `attention` block says, before desugaring into a cascade.
+
+    `score` reads the q.k dot product as QK[m, n] (`QK` below); `mask` is a sympy boolean
+    (True = visible) or None for no mask.
+    """
+
+    name: str
+    decls: tuple[TensorDecl, ...]
+    score: sympy.Expr
+    mask: sympy.Expr | None
+    normalize: Normalizer = Normalizer.SOFTMAX
+    options: tuple[tuple[str, object], ...] = ()
+    block_sparse: bool = False
+
+    def __str__(self) -> str:
+        lines = [f"attention {self.name}" + ("  # block-sparse" if self.block_sparse else "")]
+        if self.options:
+            lines.append("option " + ", ".join(f"{k} = {v}" for k, v in self.options))
+        lines += [str(d) for d in self.decls]
+        lines.append(f"score = {self.score}")
+        lines.append(f"mask = {self.mask if self.mask is not None else 'none'}")
+        lines.append(f"normalize = {self.normalize.value}")
+        return "\n".join(lines) + "\n"
+
+
+# The operands of every cascade, and the access through which an attention block's score reads
+# q.k: names of the spec language, reserved there, so no declared tensor takes them.
+QK = "QK"
+OPERAND_DECLS = tuple(TensorDecl(name, TensorKind.OPERAND, tuple(S.RANKS[r] for r in ranks))
+                      for name, ranks in S.OPERANDS.items())
+
+
+def fresh_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first not in `taken` (which it joins)."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
 
 
 def exprs_of(nd: Node) -> tuple[sympy.Expr, ...]:
@@ -236,24 +360,48 @@ def reads(nd: Node) -> list[str]:
 
 
 def verify(c: Cascade) -> None:
-    """Structural checks run after every pass: defined-before-use (so the graph is acyclic:
-    nodes only read what earlier nodes or declarations define), outputs exist."""
-    known = {d.name for d in c.decls}
+    """What a well-formed cascade is (checked after every pass): tensor names are unique; every
+    node reads only what earlier nodes or declarations define (so the graph is acyclic); ranks
+    are m, n, e, f, a reduction reduces ranks absent from its output and a map reduces none;
+    the outputs, the masking node and the backward's named nodes exist."""
+    known: set[str] = set()
+    for d in c.decls:
+        if d.name in known:
+            raise AssertionError(f"{c.name}: {d.name} is declared twice")
+        known.add(d.name)
     for nd in c.nodes:
         for src in reads(nd):
             if src not in known:
-                raise AssertionError(f"{nd.name} reads {src} before it is defined")
-        known.add(nd.name)
-        if isinstance(nd, OnlineSoftmax):
-            known.add(nd.lse)
+                raise AssertionError(f"{c.name}: {nd.name} reads {src} before it is defined")
+        outs = [nd.name] + ([nd.lse] if isinstance(nd, OnlineSoftmax) else [])
+        for o in outs:
+            if o in known:
+                raise AssertionError(f"{c.name}: {o} is defined twice")
+            known.add(o)
+        if isinstance(nd, Einsum):
+            bad = [r for r in nd.iteration if r not in S.RANKS]
+            if bad or set(nd.ranks) & set(nd.over) or (nd.reduce is None) != (not nd.over):
+                raise AssertionError(f"{c.name}: malformed einsum {nd}")
     for role, name in c.outputs:
         if name not in known:
-            raise AssertionError(f"output {role}={name} is not produced")
+            raise AssertionError(f"{c.name}: output {role}={name} is not produced")
+    if c.mask_node is not None and c.mask_node not in known:
+        raise AssertionError(f"{c.name}: the masking node {c.mask_node} is not produced")
+    if c.backward is not None:
+        bwd = c.backward.cascade
+        verify(bwd)
+        produced = bwd.produced()
+        for name in [c.backward.dqk] + [n for _, n in c.backward.dparams]:
+            if name not in produced:
+                raise AssertionError(f"{c.name}: the backward's node {name} is not produced")
+        declared = {d.name for d in bwd.decls if d.kind is TensorKind.SAVED}
+        if {name for _, name in c.backward.saved} != declared:
+            raise AssertionError(f"{c.name}: the backward's saved tensors are not declared")
 
 
 def format_cascade(c: Cascade, passes: int | None = None) -> str:
     """Deterministic math view of a cascade (one einsum per line, FuseMax style)."""
-    lines = [f"cascade {c.name}  # from {c.source_kind} block"
+    lines = [f"cascade {c.name}  # from {c.source_kind.value} block"
              + (", block-sparse" if c.block_sparse else "")]
     if passes is not None:
         lines.append(f"# passes over n: {passes}")
@@ -270,35 +418,31 @@ def format_cascade(c: Cascade, passes: int | None = None) -> str:
         lines.append(str(c.schedule))
     if c.backward is not None:
         lines.append("")
-        lines.append("backward " + format_cascade(c.backward).rstrip("\n"))
+        lines.append("backward " + format_cascade(c.backward.cascade).rstrip("\n"))
     elif c.no_backward is not None:
         lines.append(f"no backward: {c.no_backward}")
     return "\n".join(lines) + "\n"
 
 
 
-@dataclass(frozen=True)
-class AttentionSpec:
-    """What an `attention` block says, before desugaring into a cascade.
+def qk_factor(c: Cascade, einsum: Einsum) -> sympy.Expr:
+    """For the q.k product sum(e) Q[m, e]*K[n, e]*factor, the factor (free of e); raises
+    CompileError for any other reduction."""
+    core = S.access("Q", S.m, S.e) * S.access("K", S.n, S.e)
+    factor = sympy.simplify(einsum.expr / core)
+    if (einsum.reduce is not Reduce.SUM or einsum.over != ("e",) or factor.has(S.e)
+            or factor.atoms(sympy.Indexed)):
+        raise CompileError(f"{c.name}: {einsum.name} must be the q.k product "
+                           "sum(e) Q[m, e]*K[n, e] (times a factor free of e)")
+    return factor
 
-    `score` reads the q.k dot product as QK[m, n]; `mask` is a sympy boolean (True = visible) or
-    None for no mask.
-    """
 
-    name: str
-    decls: tuple[TensorDecl, ...]
-    score: sympy.Expr
-    mask: sympy.Expr | None
-    normalize: str
-    options: tuple[tuple[str, object], ...] = ()
-    block_sparse: bool = False
-
-    def __str__(self) -> str:
-        lines = [f"attention {self.name}" + ("  # block-sparse" if self.block_sparse else "")]
-        if self.options:
-            lines.append("option " + ", ".join(f"{k} = {v}" for k, v in self.options))
-        lines += [str(d) for d in self.decls]
-        lines.append(f"score = {self.score}")
-        lines.append(f"mask = {self.mask if self.mask is not None else 'none'}")
-        lines.append(f"normalize = {self.normalize}")
-        return "\n".join(lines) + "\n"
+def qk_products(c: Cascade, ex: sympy.Expr) -> dict[sympy.Indexed, sympy.Expr]:
+    """The reductions `ex` reads, each the q.k product times a factor: {access: factor}."""
+    found = {}
+    for nd in c.nodes:
+        if isinstance(nd, Einsum) and nd.reduce is not None:
+            acc = S.access(nd.name, *(S.RANKS[r] for r in nd.ranks))
+            if ex.has(acc):
+                found[acc] = qk_factor(c, nd)
+    return found

@@ -1,0 +1,352 @@
+"""Generate the Triton source of an AttentionKernel's forward (and, with a Gradient, its
+backward: backends/triton/softmax/backward.py) as one module with its kernels' contracts.
+
+The source is built statement by statement with a CodeBuilder (no template with holes): a
+header, the prelude and the helpers the expressions need, a key-tile step function (`MASKED` is
+a constexpr, so full tiles compile without the mask), and the program that walks the key
+segments (or, for a block-sparse kernel, the key blocks its block mask lists). The text depends
+only on the kernel IR, so it is shared by every dtype and device; dtype-dependent choices are
+constexprs picked at launch. Names the spec chose are placeholders until `generate` spells
+them out (backends/triton/names.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import sympy
+import triton
+
+from attnc.backends.triton.contract import (Bind, GeneratedModule, GridRule, KernelContract, Param,
+                                            ParamType, arg)
+from attnc.backends.triton.names import UserNames, choose
+from attnc.backends.triton.prelude import PRELUDE
+from attnc.backends.triton.printer import HELPERS, TritonPrinter
+from attnc.backends.triton.source import CodeBuilder
+from attnc.expr import symbols as S
+from attnc.ir.cascade import TensorKind
+from attnc.ir.kernel import AttentionKernel, Load, LoadLevel
+
+TILE_NAMES = {S.m: "offs_m[:, None]", S.n: "offs_n[None, :]", S.qk: "qk"}
+INT, PTR = ParamType.INT, ParamType.FP32_PTR
+
+
+class KernelNames:
+    """How the generated code spells what the spec named (placeholders in a draft, else as
+    `spelled`): the spec's name, its tensors and their strides, loads and the backward's
+    partial-sum buffers and accumulators."""
+
+    def __init__(self, k: AttentionKernel, spelled: Mapping[str, str] | None = None):
+        self.users = UserNames([k.name] + [d.name for d in k.inputs], spelled)
+        self.spec = self.users.of(k.name)
+
+    def tensor(self, name: str) -> str:
+        return self.users.of(name)
+
+    def stride(self, name: str, dim: int) -> str:
+        return f"{self.users.of(name)}_s{dim}"
+
+    def load(self, ld: Load) -> str:
+        return f"{self.users.of(ld.tensor)}_{ld.ordinal}"
+
+    def buffer(self, ld: Load) -> str:
+        return f"D_{self.load(ld)}"
+
+    def acc(self, ld: Load) -> str:
+        return f"dacc_{self.load(ld)}"
+
+    def entry(self, role: str) -> str:
+        return {"forward": f"attnc_{self.spec}_fwd", "step": f"_attnc_{self.spec}_step",
+                "dq": f"attnc_{self.spec}_bwd_dq", "dkdv": f"attnc_{self.spec}_bwd_dkdv",
+                "dq_step": f"_attnc_{self.spec}_bwd_dq_step",
+                "dkdv_step": f"_attnc_{self.spec}_bwd_dkdv_step"}[role]
+
+
+def tensor_params(k: AttentionKernel, nm: KernelNames) -> list[Param]:
+    """The spec's params and inputs: fp32 params, integer inputs."""
+    return [Param(nm.tensor(d.name), PTR if d.kind is TensorKind.PARAM else ParamType.INDEX_PTR,
+                  Bind("tensor", d.name)) for d in k.inputs]
+
+
+def stride_params(k: AttentionKernel, nm: KernelNames) -> list[Param]:
+    return [Param(nm.stride(d.name, i), INT, Bind("stride", d.name, i))
+            for d in k.inputs for i in range(len(d.dims))]
+
+
+def strides(prefix: str, tensors: str) -> list[Param]:
+    """stride_<t><r> of operand-like tensors: q/do/dq/o laid out bhmd, k/v/dk/dv bhnd."""
+    return [arg(f"{prefix}{t}{r}", INT) for t in tensors.split()
+            for r in ("bhmd" if t in ("q", "o", "do", "dq") else "bhnd")]
+
+
+def load_stmt(ld: Load, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> str:
+    decl = next(d for d in k.inputs if d.name == ld.tensor)
+    idx = [pr(i) for i in ld.index]
+    addr = " + ".join([nm.tensor(ld.tensor)] + [f"{i} * {nm.stride(ld.tensor, j)}"
+                                                 for j, i in enumerate(idx)])
+    # Padding rows/keys may index out of range, so dims indexed by m or n are bounds-checked.
+    # Dims indexed by b and h alone are validated at call time (attnc.runtime); checking them
+    # here would mix scalar and tensor masks, which Triton's interpreter rejects.
+    checks = [f"({i} >= 0) & ({i} < {pr(d)})" for i, d, ix in zip(idx, decl.dims, ld.index)
+              if ld.level is LoadLevel.PROGRAM or ix.has(S.m) or ix.has(S.n)]
+    mask = f", mask={' & '.join(checks)}, other=0" if checks else ""
+    cast = ".to(tl.float32)" if decl.kind is TensorKind.PARAM else ""
+    return f"{nm.load(ld)} = tl.load({addr}{mask}){cast}"
+
+
+def printer(k: AttentionKernel, nm: KernelNames) -> TritonPrinter:
+    """Tile-level expressions: m and n as the tile's offsets, loads by their names."""
+    tiled = {S.m, S.n, S.qk} | {ld.symbol for ld in k.loads if ld.level is not LoadLevel.PROGRAM}
+    names = {**TILE_NAMES, **{ld.symbol: nm.load(ld) for ld in k.loads}}
+    return TritonPrinter(names, frozenset(tiled))
+
+
+def generate(k: AttentionKernel, header: str = "") -> GeneratedModule:
+    """The module of `k`'s kernels: the forward, and the backward's when `k` has a Gradient
+    (a draft with placeholders picks the spellings of the spec's names, backends/triton/names)."""
+    draft = KernelNames(k)
+    spelled = choose(_generate(k, header, draft).source, draft.users)
+    return _generate(k, header, KernelNames(k, spelled))
+
+
+def _generate(k: AttentionKernel, header: str, nm: KernelNames) -> GeneratedModule:
+    from attnc.backends.triton.softmax.backward import emit_backward  # it builds on this module
+    pr = printer(k, nm)
+    body = CodeBuilder()
+    _emit_step(body, k, pr, nm)
+    body()
+    body()
+    contracts = [_emit_program(body, k, pr, nm)]
+    if k.grad is not None:
+        contracts += emit_backward(body, k, pr, nm)
+    out = CodeBuilder()
+    out(f'"""{header or "attnc kernel"}"""')
+    out("import triton")
+    out("import triton.language as tl")
+    out()
+    for line in PRELUDE.rstrip("\n").split("\n"):
+        out(line)
+    out()
+    for name, text in HELPERS.items():
+        if name in pr.helpers:
+            out()
+            for line in text.rstrip("\n").split("\n"):
+                out(line)
+            out()
+    out()
+    return GeneratedModule(out.text() + body.text(), tuple(contracts),
+                           dict(nm.users.spelled or {}))
+
+
+def _inner_loads(k: AttentionKernel) -> list[Load]:
+    return [ld for ld in k.loads if ld.level in (LoadLevel.KEY, LoadLevel.TILE)]
+
+
+def _step_args(k: AttentionKernel, nm: KernelNames) -> list[str]:
+    """What the key-tile step reads from the program: state, operands, indices, hoisted loads,
+    and the tensors (with strides) it loads per key; the constexprs follow."""
+    tensors = sorted({ld.tensor for ld in _inner_loads(k)})
+    stride_names = [nm.stride(d.name, i) for d in k.inputs if d.name in tensors
+                    for i in range(len(d.dims))]
+    hoisted = [nm.load(ld) for ld in k.loads if ld.level in (LoadLevel.PROGRAM, LoadLevel.ROW)]
+    return (["acc", "l_i", "m_i", "q", "k_base", "v_base", "start_n", "offs_m", "offs_d",
+             "offs_dv", "stride_kn", "stride_kd", "stride_vn", "stride_vd", "b", "h", "B", "H", "M",
+             "N", "D", "DV", "scale"] + hoisted + [nm.tensor(t) for t in tensors] + stride_names
+            + ["BLOCK_M", "BLOCK_N"])
+
+
+def step_header(c: CodeBuilder, name: str, args: list[str], flags: tuple[str, ...]) -> None:
+    """`@triton.jit def name(...)` of a tile step: the BLOCK_* sizes and the `flags` are
+    constexprs, so each (masked, dtype path) combination compiles to its own code."""
+    params = [f"{a}: tl.constexpr" if a.startswith("BLOCK") else a for a in args]
+    c("@triton.jit")
+    c.call(f"def {name}(", params + [f"{f}: tl.constexpr" for f in flags], "):")
+
+
+def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> None:
+    step_header(c, nm.entry("step"), _step_args(k, nm), ("MASKED", "IEEE", "UPCAST"))
+    with c.indented():
+        c('"""One key tile: scores, optional mask, online-softmax update."""')
+        c("offs_n = start_n + tl.arange(0, BLOCK_N)")
+        c("kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd")
+        c("v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd")
+        with c.block("if MASKED:"):
+            c("kt = tl.load(kt_ptrs, mask=(offs_n[None, :] < N) & (offs_d[:, None] < "
+              "D), other=0.0)")
+            c("v = tl.load(v_ptrs, mask=(offs_n[:, None] < N) & (offs_dv[None, :] < "
+              "DV), other=0.0)")
+        with c.block("else:"):
+            c("kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)")
+            c("v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)")
+        c("qk = _dot(q, kt, IEEE, UPCAST)")
+        for ld in _inner_loads(k):
+            c(load_stmt(ld, k, pr, nm))
+        if k.score.has(S.qk):
+            c(f"s = {pr(k.score)}")
+        else:  # a score without q.k still needs the tile's shape
+            c(f"s = {pr(k.score)} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32)")
+        with c.block("if MASKED:"):
+            visible = S.n < S.N if k.mask is None else sympy.And(S.n < S.N, k.mask)
+            c(f"s = tl.where({pr(visible)}, s, float(\"-inf\"))")
+        c("m_new = tl.maximum(m_i, tl.max(s, 1))")
+        c("# rows that have seen no visible key keep max -inf; shift by 0 there to avoid inf - inf")
+        c('m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)')
+        c("p = tl.exp(s - m_safe[:, None])")
+        c("alpha = tl.exp(m_i - m_safe)")
+        c("l_i = l_i * alpha + tl.sum(p, 1)")
+        c("acc = acc * alpha[:, None] + _dot(_round(p, v.dtype, UPCAST), v, IEEE, UPCAST)")
+        c("return acc, l_i, m_new")
+
+
+PROGRAM_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "IEEE", "UPCAST")
+# A block-sparse kernel's lists: (number of blocks [B, H, QB], block indices [B, H, QB, KB]) for
+# the partial and the full blocks, each with its strides; the block sizes are constexprs.
+BLOCK_LISTS = (("KV_NUM", "kvn", "bhq"), ("KV_IDX", "kvi", "bhqk"),
+               ("FULL_NUM", "fn", "bhq"), ("FULL_IDX", "fi", "bhqk"))
+SPARSE_CONSTEXPRS = ("SPARSE_Q", "SPARSE_KV")
+
+
+def list_params(lists) -> tuple[list[Param], list[Param]]:
+    """A block mask's list pointers and their strides (`lists`: BLOCK_LISTS or the backward's
+    transposed Q_LISTS)."""
+    pointers = [arg(name, ParamType.I32_PTR) for name, _, _ in lists]
+    list_strides = [arg(f"{short}_s{r}", INT) for _, short, dims in lists for r in dims]
+    return pointers, list_strides
+
+
+def constexprs(names) -> list[Param]:
+    return [arg(name, ParamType.CONSTEXPR) for name in names]
+
+
+def forward_grid(v) -> tuple[int, int, int]:
+    """One program per (query tile, b * h, key split)."""
+    return triton.cdiv(v["M"], v["BLOCK_M"]), v["B"] * v["H"], v["splits"]
+
+
+def forward_contract(k: AttentionKernel, nm: KernelNames) -> KernelContract:
+    """The forward kernel's signature: pointers, strides, sizes, scale, then the constexprs."""
+    sparse = k.block_sparse
+    lists, list_strides = list_params(BLOCK_LISTS) if sparse else ([], [])
+    params = ([arg(x, ParamType.DATA) for x in ("Q", "K", "V", "Out")] + [arg("Lse", PTR)]
+              + tensor_params(k, nm) + lists + strides("stride_", "q k v o")
+              + stride_params(k, nm) + list_strides
+              + [arg(x, INT) for x in ("B", "H", "M", "N", "D", "DV", "GROUP")]
+              + [arg("scale", ParamType.FLOAT), arg("KV_SPLIT", INT), arg("stride_os", INT)]
+              + constexprs(PROGRAM_CONSTEXPRS + (SPARSE_CONSTEXPRS if sparse else ())))
+    return KernelContract("forward", nm.entry("forward"), tuple(params),
+                          GridRule(forward_grid.__doc__ or "", forward_grid),
+                          "softmax attention forward: out and lse per key split")
+
+
+def query_tile_prologue(c: CodeBuilder, first_tile: str = "") -> None:
+    """Which (query tile, b, h) a program owns, for the forward and the dq kernel alike (the dq
+    kernel may be launched on a slab of query tiles starting at `first_tile`)."""
+    c("pid_m = tl.program_id(0)" + (f" + {first_tile}" if first_tile else ""))
+    c("pid_bh = tl.program_id(1)")
+    c("b = pid_bh // H")
+    c("h = pid_bh % H")
+    c("kvh = h // GROUP")
+    c("m_lo = pid_m * BLOCK_M")
+    c("m_hi = tl.minimum(m_lo + BLOCK_M, M) - 1")
+    c("zero = m_lo * 0  # a runtime integer, so bound arithmetic never folds to constants")
+    c("offs_m = m_lo + tl.arange(0, BLOCK_M)")
+    c("offs_d = tl.arange(0, BLOCK_D)")
+    c("offs_dv = tl.arange(0, BLOCK_DV)")
+
+
+def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
+                  nm: KernelNames) -> KernelContract:
+    contract = forward_contract(k, nm)
+    c("@triton.jit")
+    c.call(f"def {contract.entry}(", [p.declaration for p in contract.params], "):")
+    with c.indented():
+        c(f'"""{nm.spec}: softmax attention forward; one program per (query tile, b * h, key '
+          'split).')
+        c("Split s sees keys [s * KV_SPLIT, (s + 1) * KV_SPLIT) and writes its own normalized "
+          "out and lse")
+        c('(at Out + s * stride_os, Lse + s * B * H * M), which the launcher merges."""')
+        query_tile_prologue(c)
+        c("split_lo = tl.program_id(2) * KV_SPLIT")
+        c("split_hi = split_lo + KV_SPLIT")
+        c("q_ptrs = (Q + b.to(tl.int64) * stride_qb + h * stride_qh")
+        c("          + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)")
+        c("q = tl.load(q_ptrs, mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)")
+        c("k_base = K + b.to(tl.int64) * stride_kb + kvh * stride_kh")
+        c("v_base = V + b.to(tl.int64) * stride_vb + kvh * stride_vh")
+        for ld in k.loads:
+            if ld.level in (LoadLevel.PROGRAM, LoadLevel.ROW):
+                c(load_stmt(ld, k, pr, nm))
+        c('m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)')
+        c("l_i = tl.zeros([BLOCK_M], tl.float32)")
+        c("acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)")
+        if k.block_sparse:
+            _emit_block_lists(c, k, nm)
+        else:
+            emit_segment_walk(c, k.segments, lambda c, masked: _step_call(c, k, nm, masked), "N",
+                              "BLOCK_N", "start_n", pr, split=True)
+        c("empty = l_i == 0.0")
+        c("l_safe = tl.where(empty, 1.0, l_i)")
+        c("out = acc / l_safe[:, None]")
+        c('lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))')
+        c("split = tl.program_id(2).to(tl.int64)")
+        c("o_ptrs = (Out + split * stride_os + b.to(tl.int64) * stride_ob + h * stride_oh")
+        c("          + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)")
+        c("tl.store(o_ptrs, _round(out, Out.dtype.element_ty, UPCAST), "
+          "mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))")
+        c("tl.store(Lse + (split * B * H + pid_bh) * M + offs_m, lse, mask=offs_m < M)")
+    return contract
+
+
+def _step_call(c: CodeBuilder, k: AttentionKernel, nm: KernelNames, masked: str) -> None:
+    c.call(f"acc, l_i, m_i = {nm.entry('step')}(", _step_args(k, nm) + [
+        f"MASKED={masked}", "IEEE=IEEE", "UPCAST=UPCAST"])
+
+
+def emit_segment_walk(c: CodeBuilder, segments, call, extent: str, block: str, var: str,
+                      pr: TritonPrinter, split: bool = False) -> None:
+    """Walk the tiles of `segments` along one axis (keys for the forward and dq kernels, queries
+    for the dk/dv kernel): per segment, masked / full / masked ranges, each tile emitted by
+    call(c, masked). The bounds are scalars; helpers they need are added to `pr`'s. With
+    `split`, only the tiles inside [split_lo, split_hi) are walked (the forward's key split)."""
+    scalar = TritonPrinter({})
+    c("prev_end = zero")
+    for i, seg in enumerate(segments):
+        c(f"# segment {i}: [{seg.lo}, {seg.hi}), all of the tile sees [{seg.full_lo}, "
+          f"{seg.full_hi})")
+        for name, ex in (("lo", seg.lo), ("hi", seg.hi), ("flo", seg.full_lo),
+                         ("fhi", seg.full_hi)):
+            c(f"{name} = {scalar(ex)} + zero")
+        c(f"t0, t1, t2, t3 = _key_tiles(lo, hi, flo, fhi, prev_end, {extent}, {block})")
+        if split:
+            c("t0, t1, t2, t3 = _split_tiles(t0, t1, t2, t3, split_lo, split_hi)")
+        for lo_name, hi_name, masked in (("t0", "t1", "True"), ("t1", "t2", "False"),
+                                         ("t2", "t3", "True")):
+            with c.block(f"for {var} in range({lo_name}, {hi_name}, {block}):"):
+                call(c, masked)
+        c("prev_end = t3")
+    pr.helpers |= scalar.helpers
+
+
+def _emit_block_lists(c: CodeBuilder, k: AttentionKernel, nm: KernelNames) -> None:
+    """Key blocks from the block mask of this (b, h, query block): the partial blocks with the
+    mask, then the full blocks without it. A query tile lies inside one query block (BLOCK_M
+    divides SPARSE_Q); each key block is walked in BLOCK_N tiles, stopping at N, and only
+    inside the program's key split (a multiple of SPARSE_KV, so no block straddles two)."""
+    c("qb = m_lo // SPARSE_Q")
+    for num, idx, masked in (("KV_NUM", "KV_IDX", True), ("FULL_NUM", "FULL_IDX", False)):
+        ns, xs = (next(short for name, short, _ in BLOCK_LISTS if name == x) for x in (num, idx))
+        c(f"count = tl.load({num} + b * {ns}_sb + h * {ns}_sh + qb * {ns}_sq)")
+        c(f"blocks = {idx} + b * {xs}_sb + h * {xs}_sh + qb * {xs}_sq")
+        with c.block("for j in range(0, count):"):
+            c(f"start = tl.load(blocks + j * {xs}_sk) * SPARSE_KV")
+            c("stop = tl.minimum(tl.minimum(start + SPARSE_KV, N), split_hi)")
+            c("start = tl.maximum(start, split_lo)")
+            with c.block("for start_n in range(start, stop, BLOCK_N):"):
+                if masked:
+                    _step_call(c, k, nm, "True")
+                else:
+                    c("# a full block's last tile may run past N: bounds-check it")
+                    with c.block("if start_n + BLOCK_N <= N:"):
+                        _step_call(c, k, nm, "False")
+                    with c.block("else:"):
+                        _step_call(c, k, nm, "True")
