@@ -14,7 +14,7 @@ scheduled `chunked`: within a chunk, masked attention-like products with decay; 
 the state is passed (for delta rules through the WY/UT form, a unit-triangular solve).
 Anything else (an update that is not linear in its state, reads another state, has a rank-2
 input, ...) stays a sequential recurrence and the schedule records why. The pass only analyses:
-the scan's semantics are untouched, and `interpret_chunked` (backends/linear_torch.py) checks
+the scan's semantics are untouched, and `interpret_chunked` (backends/reference/linear.py) checks
 that the chunked form computes what the recurrence computes.
 """
 
