@@ -68,8 +68,12 @@ def load(name: str, **options):
     from attnc.library import variant_path
     from attnc.library import variants as names
 
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a library variant's name (a str), got "
+                         f"{type(name).__name__}")
     if variant_path(name) is None:
-        raise ValueError(f"no library variant {name!r}; available: {', '.join(names())}")
+        shown = repr(name) if len(name) <= 80 else repr(name[:60]) + f"... ({len(name)} chars)"
+        raise ValueError(f"no library variant {shown}; available: {', '.join(names())}")
     return compile(name, **options)
 
 

@@ -252,7 +252,7 @@ def resolve(memo: dict, kernel_key: str, kind: str, q: torch.Tensor, v: torch.Te
     if q.numel() == 0 or v.numel() == 0:
         run = None
     key = config_key(kernel_key, kind, q, v, fixed)
-    cfg = memo.get(key) or cache.read_config(key)
+    cfg = memo.get(key) or _stored(key, kind, default)
     if run is not None and tuning and (cfg is None or cfg.get("source") != "tuned"):
         cfg = record(tune(run, make_candidates(), q.device, q.dtype), kind, shape)
         cache.write_config(key, cfg)
@@ -260,3 +260,27 @@ def resolve(memo: dict, kernel_key: str, kind: str, q: torch.Tensor, v: torch.Te
         cfg = {**default(), "source": "default", "kind": kind}
     memo[key] = cfg
     return {k: v for k, v in cfg.items() if k not in RECORD_KEYS}
+
+
+def _stored(key: str, kind: str, default) -> dict | None:
+    """The tuned record cached under `key`, or None. A record that does not fit this launch
+    (damaged, or from another version) is ignored with a warning, so the call retunes or runs
+    the default instead of crashing or launching with nonsense."""
+    cfg = cache.read_config(key)
+    if cfg is None or _fits(cfg, kind, default()):
+        return cfg
+    cache.report_damaged(f"launch configuration {key[:16]}",
+                         f"it is not a tuned {kind} record with the launch options "
+                         f"{sorted(default())}", cache.IGNORED)
+    return None
+
+
+def _fits(cfg: dict, kind: str, default: Mapping) -> bool:
+    """Whether a stored record is a tuned one for `kind` with `default`'s launch options, all
+    positive integers, the tile sizes (upper-case) powers of two."""
+    options = {k: v for k, v in cfg.items() if k not in RECORD_KEYS}
+    return (cfg.get("source") == "tuned" and cfg.get("kind") == kind
+            and isinstance(cfg.get("shape"), list) and isinstance(cfg.get("trials"), list)
+            and options.keys() == default.keys()
+            and all(type(v) is int and v > 0 for v in options.values())
+            and all(v & (v - 1) == 0 for k, v in options.items() if k.isupper()))

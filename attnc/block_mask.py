@@ -173,6 +173,31 @@ class BlockMask:
                          self.full_kv_num_blocks.to(device), self.full_kv_indices.to(device),
                          self.BLOCK_SIZE, self.mask_mod, self.seq_lengths, self.derived)
 
+    def check_call(self, who: str, B: int, H: int, M: int, N: int,
+                   device: torch.device) -> None:
+        """Raise ValueError naming `block_mask` unless this mask fits a call with B batches, H
+        query heads, M queries and N keys on `device`. The lengths must be the mask's own
+        (as torch's flex_attention requires: a mask built for other lengths would mask the
+        wrong positions); B and H may be 1 (the mask broadcasts) or the call's."""
+        mb, mh = self.kv_num_blocks.shape[:2]
+        if tuple(self.seq_lengths) != (M, N):
+            raise ValueError(
+                f"{who}: block_mask was built for (Q_LEN, KV_LEN) = {tuple(self.seq_lengths)} "
+                f"(shape {self.shape}), the call has (M, N) = ({M}, {N}); build it for these "
+                "lengths")
+        if mb not in (1, B) or mh not in (1, H):
+            raise ValueError(
+                f"{who}: block_mask has B = {mb}, H = {mh} (shape {self.shape}); expected 1 "
+                f"(broadcast) or the call's B = {B}, H = {H} (query heads)")
+        bq, bkv = self.BLOCK_SIZE
+        qblocks, kblocks = self.kv_indices.shape[-2:]
+        if qblocks < -(-M // bq) or kblocks < -(-N // bkv):
+            raise ValueError(f"{who}: block_mask has {qblocks} x {kblocks} blocks, too few for "
+                             f"lengths ({M}, {N}) with blocks {(bq, bkv)}")
+        if self.device != device:
+            raise ValueError(f"{who}: block_mask is on {self.device}, the query on {device}; "
+                             "use block_mask.to(device)")
+
     # The backward pass runs over key blocks (each accumulates its dK, dV over the query blocks
     # that see it), so it walks these transposed lists rather than the kv ones.
     @functools.cached_property

@@ -36,7 +36,9 @@ def _option(text: str) -> tuple[str, int | float]:
     try:
         return name, int(value)
     except ValueError:
-        pass
+        if value.lstrip("+-").isdigit():  # beyond Python's int digit limit: no option's range
+            raise argparse.ArgumentTypeError(
+                f"option {name}: {value[:20]}... ({len(value)} digits) is out of range") from None
     try:
         return name, float(value)
     except ValueError:
@@ -196,6 +198,9 @@ def _cmd_cache(args) -> int:
         print(f"kernels: {info['kernels']}")
         print(f"configs: {info['configs']}")
         print(f"bytes:   {info['bytes']}")
+        if info["temporary"]:  # only then, so the usual report stays four lines
+            print(f"temporary files: {info['temporary']} (being written, or left by an "
+                  "interrupted writer; `attnc cache clear` removes them)")
     else:
         removed = cache.clear()
         print(f"removed {removed} file{'s' * (removed != 1)} from {cache.cache_dir()}")

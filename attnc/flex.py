@@ -12,7 +12,10 @@ Which keys a query tile visits:
   * a block mask that attnc's create_block_mask derived from an exactly analyzable mask_mod: the
     kernel uses the static mask bounds (finer than the block lists, and no index loads);
   * any other block mask (data-dependent mask_mod, lists chosen from the data, a torch
-    BlockMask): a block-sparse kernel walks the mask's lists; mask_mod runs on partial blocks.
+    BlockMask): a block-sparse kernel walks the mask's lists; mask_mod runs on partial blocks
+    only, full blocks run without it (as FlexAttention's kernels do), wherever mask_mod is.
+Either way the block mask must have been built for the call's lengths, with B and H 1 or the
+call's (BlockMask.check_call).
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from attnc.frontends.flex import Captures, hoist_mask, trace_mask_mod, trace_sco
 from attnc.ir.cascade import QK, AttentionSpec, Normalizer
 from attnc.passes.mask_bounds import analyze
 from attnc.pipeline import Source
-from attnc.runtime import compile_ir
+from attnc.runtime import compile_ir, validate
 from attnc.runtime.base import TRACED
+from attnc.runtime.softmax import Kernel
 
-_KERNELS: dict[str, object] = {}
+_KERNELS: dict[str, Kernel] = {}
+LAYOUT = {"query": "[B, Hq, M, D]", "key": "[B, Hkv, N, D]", "value": "[B, Hkv, N, Dv]"}
 _LOCK = threading.Lock()
 
 
@@ -65,7 +70,7 @@ def trace_spec(score_mod, block_mask: BlockMask | None, sizes: dict
     return spec, captures.tensors()
 
 
-def kernel_for(spec: AttentionSpec):
+def kernel_for(spec: AttentionSpec) -> Kernel:
     """The compiled kernel of a traced spec, memoized by the spec itself."""
     key = cache.digest(sympy.srepr(spec.score), sympy.srepr(spec.mask), repr(spec.decls),
                        str(spec.block_sparse), str(cache.cache_dir()))
@@ -73,6 +78,7 @@ def kernel_for(spec: AttentionSpec):
         if key in _KERNELS:
             return _KERNELS[key]
     kernel = compile_ir(spec, Source(str(spec), TRACED), {}, {})
+    assert isinstance(kernel, Kernel)
     with _LOCK:
         return _KERNELS.setdefault(key, kernel)
 
@@ -91,6 +97,11 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"flex_attention: {name} must be a 4-D tensor [B, H, L, D], got "
                              f"{got}")
+    # dtypes and devices under flex_attention's own argument names (the kernel says q, k, v)
+    validate.operands("flex_attention", LAYOUT, query=query, key=key, value=value)
+    for name, flag in (("enable_gqa", enable_gqa), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"flex_attention: {name} must be True or False, got {flag!r}")
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"flex_attention: query has {query.shape[1]} heads and key "
                          f"{key.shape[1]}; pass enable_gqa=True for grouped-query attention")
@@ -99,9 +110,12 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
             raise ValueError(f"flex_attention: {name} must be callable or None")
     bm = _as_block_mask(block_mask)
     B, H, M, _ = query.shape
+    if bm is not None:  # also when the kernel will not read its lists (static mask bounds)
+        bm.check_call("flex_attention", B, H, M, key.shape[2], query.device)
     sizes = {S.B: B, S.H: H, S.M: M, S.N: key.shape[2]}
     spec, tensors = trace_spec(score_mod, bm, sizes)
     kernel = kernel_for(spec)
-    return kernel(query, key, value, scale=scale, return_lse=return_lse,
-                  block_mask=bm if spec.block_sparse else None,
-                  **{n: t.to(query.device) for n, t in tensors.items()})
+    # the kernel's mask is the block mask's mask_mod, traced: _call need not compare them
+    return kernel._call(query, key, value, scale, return_lse,
+                      bm if spec.block_sparse else None,
+                      {n: t.to(query.device) for n, t in tensors.items()}, own_mask_mod=True)

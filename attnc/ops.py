@@ -53,11 +53,20 @@ def _core(x: torch.Tensor) -> torch.Tensor:
 def _run(spec: str, algorithm: str, q, k, v, inputs: dict, scale, initial_state,
          output_final_state, cu_seqlens, state: str = "S"):
     kernel = attnc.compile(spec)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not torch.is_tensor(x) or x.dim() != 4:
-            raise ValueError(f"{name} must be [B, T, H, D] (fla's layout), got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-    init = initial_state
+    _operands(q=q, k=k, v=v)
+    lead = tuple(q.shape[:3])
+    for name, x in inputs.items():  # gates and betas: [B, T, H] or [B, T, H, K]
+        rank = _RANKS[name][spec]
+        if not torch.is_tensor(x) or x.dim() != rank or tuple(x.shape[:3]) != lead:
+            layout = "[B, T, H]" if rank == 3 else "[B, T, H, K]"
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"{name} must be a {layout} tensor (fla's layout) with q's "
+                             f"B, T, H = {lead}, got {got}")
+    if initial_state is not None and not torch.is_tensor(initial_state):
+        raise ValueError("initial_state must be a [N, H, K, V] tensor or None, got "
+                         f"{type(initial_state).__name__}")
+    _flag("output_final_state", output_final_state)
+    init: torch.Tensor | dict[str, torch.Tensor] | None = initial_state
     if initial_state is not None and len(kernel.states) > 1:
         init = {state: initial_state}
     o, final = kernel(_core(q), _core(k), _core(v), scale=scale, initial_state=init,
@@ -68,13 +77,33 @@ def _run(spec: str, algorithm: str, q, k, v, inputs: dict, scale, initial_state,
     return _core(o), (final if output_final_state else None)
 
 
+# Dimensions of each gate or beta argument, by spec: a vector gate for gla, scalars otherwise.
+_RANKS = {"g": {"simple_gla": 3, "gla": 4, "gated_delta_net": 3},
+          "beta": {"delta_net": 3, "gated_delta_net": 3}}
+
+
+def _operands(**tensors) -> None:
+    for name, x in tensors.items():
+        if not torch.is_tensor(x) or x.dim() != 4:
+            raise ValueError(f"{name} must be [B, T, H, D] (fla's layout), got "
+                             f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+
+
+def _flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def _l2(q, k, on: bool):
+    _flag("use_qk_l2norm_in_kernel", on)
+    _operands(q=q, k=k)  # before normalizing them
     return (F.normalize(q, dim=-1), F.normalize(k, dim=-1)) if on else (q, k)
 
 
 def _linear_attn(algorithm):
     def run(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True,
             cu_seqlens=None):
+        _flag("normalize", normalize)
         spec = _LINEAR_NORMALIZED if normalize else _LINEAR
         return _run(spec, algorithm, q, k, v, {}, scale, initial_state, output_final_state,
                     cu_seqlens)

@@ -23,14 +23,15 @@ from pathlib import Path
 
 import lark
 
-from attnc.errors import SpecError
+from attnc.errors import CompileError, SpecError
+from attnc.frontends import source as spec_source
 from attnc.frontends.lower import lower
 from attnc.frontends.parser import parse
-from attnc.ir.cascade import AttentionSpec, Cascade, format_cascade, verify
+from attnc.ir.cascade import AttentionSpec, Cascade, format_cascade, origin_of, verify
 from attnc.ir.kernel import AttentionKernel, format_kernel, verify_kernel
 from attnc.ir.linear import LinearScan, format_scan, verify_scan
 from attnc.ir.linear_kernel import ScanPlan, format_plan, verify_plan
-from attnc.library import variant_path
+from attnc.library import check_options, variant_path
 from attnc.passes import (Pass, PassKind, autodiff, chunk_scan, desugar, fuse, mask_bounds,
                           online_softmax, pass_count, tile, tile_scan)
 
@@ -62,22 +63,44 @@ def read_spec(spec: str | os.PathLike) -> Source:
     `linear` (so a spec missing its brace still gets a located parse error); any other string
     names a file, else a library variant."""
     if isinstance(spec, str) and _TEXT.search(spec):
-        return Source(spec, "<spec>")
-    if not isinstance(spec, (str, os.PathLike)):
-        raise ValueError(f"a spec is DSL text, a path or a library name, got "
-                         f"{type(spec).__name__}")
-    path = Path(spec)
-    if path.is_file():
-        return Source(path.read_text(), str(path))
-    lib = variant_path(str(spec))
+        return Source(spec_source.check_text(spec, "<spec>"), "<spec>")
+    name = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else None
+    if not isinstance(name, str):
+        raise ValueError(f"spec must be DSL text, a path or a library name (a str or an "
+                         f"os.PathLike of str), got {type(spec).__name__}")
+    # a file name may hold bytes that are no UTF-8 (lone surrogates here): opened as given,
+    # shown with U+FFFD, which the cache can hash and a terminal print
+    shown = spec_source.printable(name)
+    path = Path(name)
+    if _is_file(path):
+        try:
+            return Source(spec_source.read_file(path, shown), shown)
+        except OSError as err:
+            raise SpecError(f"cannot read the spec file: {err.strerror or err}",
+                            filename=shown) from None
+    lib = variant_path(name)
     if lib is not None:
         return Source(lib.read_text(), f"variants/{lib.name}")
-    raise SpecError(f"no spec file or library variant named {str(spec)!r}", filename=str(spec),
+    if len(shown) > 80:
+        shown = shown[:60] + f"... ({len(shown)} characters)"
+    raise SpecError(f"no spec file or library variant named {shown!r}", filename=shown,
                     hint="`attnc list` shows the library; spec text starts with `attention`, "
                          "`cascade` or `linear`")
 
 
+def _is_file(path: Path) -> bool:
+    """Whether `path` names a regular file; a name the system refuses to look up (too long, a
+    NUL byte) names none."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def frontend(src: Source, options: dict | None = None) -> tuple[lark.Tree, FrontendIR]:
+    # a library variant's options must lie in its domain (attnc.library.ENTRIES); checked
+    # before lowering, which would otherwise report a dilation of 0 as a division by zero
+    check_options(src.filename, src.text, options or {})
     tree = parse(src.text, src.filename)
     return tree, lower(tree, src.text, src.filename, options)
 
@@ -99,12 +122,20 @@ def passes_for(ir: FrontendIR) -> tuple[Pass, ...]:
     return LINEAR_PASSES if isinstance(ir, LinearScan) else PASSES
 
 
-def run_passes(ir: FrontendIR, upto: str | None = None) -> list[tuple[str, IR]]:
-    """Run the pipeline, returning (pass name, IR after it) for each pass run."""
+def run_passes(ir: FrontendIR, upto: str | None = None,
+               src: Source | None = None) -> list[tuple[str, IR]]:
+    """Run the pipeline, returning (pass name, IR after it) for each pass run. A pass's
+    CompileError is re-raised at the spec statement it names, when `src` is the spec's text."""
     trail: list[tuple[str, IR]] = []
     current: IR = ir
     for p in passes_for(ir):
-        out = p.run(current)
+        try:
+            out = p.run(current)
+        except CompileError as err:
+            where = origin_of(getattr(current, "origins", ()), err.tensor)
+            if src is None or where is None or err.line:
+                raise
+            raise err.located(src.text, src.filename, where.line, where.column) from None
         if p.kind is PassKind.ANALYSIS and out is not current:
             raise AssertionError(f"the analysis {p.name} changed the IR")
         verify_ir(out)
@@ -165,6 +196,6 @@ def show(src: Source, stage: str, options: dict | None = None) -> str:
                          + ", ".join(stages))
     if stage == "triton":
         from attnc.backends.triton import codegen
-        return codegen.generate(run_passes(ir)[-1][1]).source  # type: ignore[arg-type]
-    trail = run_passes(ir, upto=None if stage == "kernel" else stage)
+        return codegen.generate(run_passes(ir, src=src)[-1][1]).source  # type: ignore[arg-type]
+    trail = run_passes(ir, upto=None if stage == "kernel" else stage, src=src)
     return stage_text(trail, ir, stage)

@@ -25,9 +25,10 @@ from types import FrameType
 import sympy
 import torch
 
+from attnc.backends.eager.evaluate import Evaluator
 from attnc.errors import SpecError
 from attnc.expr import symbols as S
-from attnc.expr.functions import BY_FLEX
+from attnc.expr.functions import BY_FLEX, clamp
 from attnc.ir.cascade import QK, TensorDecl, TensorKind
 
 INT, FLOAT, BOOL = "int", "float", "bool"
@@ -82,6 +83,7 @@ class Captures:
 
     def __init__(self):
         self.by_id: dict[int, Captured] = {}
+        self.derived: dict[tuple, Captured] = {}
 
     def register(self, tensor: torch.Tensor, frame) -> Captured:
         got = self.by_id.get(id(tensor))
@@ -97,6 +99,23 @@ class Captures:
         got = Captured(name, tensor)
         self.by_id[id(tensor)] = got
         return got
+
+    def derive(self, key: tuple, base: str, tensor: torch.Tensor) -> Captured:
+        """A tensor computed from captured ones during tracing (a gather, see `_gather`), named
+        from `base`; `key` says what it was computed from, so one trace computes it once."""
+        got = self.derived.get(key)
+        if got is not None:
+            return got
+        taken = {c.name for c in self.by_id.values()} | RESERVED
+        name, i = base, 0
+        while name in taken:
+            i += 1
+            name = f"{base}{i}"
+        got = self.derived[key] = self.by_id[id(tensor)] = Captured(name, tensor)
+        return got
+
+    def named(self, name: str) -> Captured:
+        return next(c for c in self.by_id.values() if c.name == name)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {c.name: c.tensor for c in self.by_id.values()}
@@ -412,13 +431,10 @@ def _where(tracer, cond, a, b):
 
 def _clamp(tracer, x, min=None, max=None):
     x = tracer.wrap(x, "clamp's input")
-    out, kind = _as_number(x), x.kind
-    for bound, fn in ((min, sympy.Max), (max, sympy.Min)):
-        if bound is not None:
-            bnd = tracer.wrap(bound, "a clamp bound")
-            out = fn(out, _as_number(bnd))
-            kind = _promote(x, bnd)
-    return Traced(out, kind, tracer)
+    bounds = [None if b is None else tracer.wrap(b, "a clamp bound") for b in (min, max)]
+    lo, hi = (None if b is None else _as_number(b) for b in bounds)
+    kind = _promote(x, *(b for b in bounds if b is not None))
+    return Traced(clamp(_as_number(x), lo, hi), kind, tracer)
 
 
 def _extreme(fn):
@@ -556,13 +572,73 @@ def _index_captured(tracer: Tracer, tensor, index) -> Traced:
             expr = expr + tensor.shape[axis]
         idx.append(expr)
     # name it from the frame that indexed it, which may be a mod defined inside attnc itself
-    captured = tracer.captures.register(
-        tensor, _user_frame(_package_dirs()[:1] + _package_dirs()[-1:]))
+    frame = _user_frame(_package_dirs()[:1] + _package_dirs()[-1:])
+    if any(e.has(sympy.Indexed) for e in idx):
+        captured, idx = _gather(tracer, tensor, idx, frame)
+    else:
+        captured = tracer.captures.register(tensor, frame)
     captured.accesses.append(tuple(idx))
     acc = S.access(captured.name, *idx)
     if tensor.dtype == torch.bool:
         return Traced(sympy.Ne(acc, 0), BOOL, tracer)
     return Traced(acc, FLOAT if tensor.is_floating_point() else INT, tracer)
+
+
+_VALUE = sympy.Symbol("value", integer=True)  # stands for a captured read inside an index
+
+
+def _gather(tracer: Tracer, tensor: torch.Tensor, idx: list, frame
+            ) -> tuple[Captured, list]:
+    """`tensor` indexed by the value of a captured read, per[lut[kv_idx]]: the composition
+    D = per[g(lut)] is gathered here, with torch, and the kernel reads D[kv_idx] like any
+    captured tensor. D has one dim per dim of `tensor` indexed without captured values (passed
+    through: per[h, lut[kv_idx]] gives D[h, kv_idx] over [per.shape[0], *lut.shape]), then
+    lut's dims. It is gathered again at every call (every call traces), and torch autograd
+    carries D's gradient on to per. A kernel gathering per[lut[...]] itself would also need
+    range checks and scattered gradients at loaded indices; D costs one tensor of lut's size."""
+    inner = {a for e in idx for a in e.atoms(sympy.Indexed)}
+    if len(inner) > 1:
+        raise tracer.error(
+            "a captured tensor is indexed by the values of more than one captured read "
+            f"({', '.join(sorted(map(str, inner)))})",
+            hint="index by one captured read (per[lut[kv_idx]]), or combine the tables "
+                 "outside the mod")
+    read = inner.pop()
+    source = tracer.captures.named(str(read.base))
+    passed = [axis for axis, e in enumerate(idx) if not e.has(read)]
+    lead = len(passed)
+    index: list = [None] * tensor.dim()
+    for pos, axis in enumerate(passed):
+        shape = [1] * (lead + source.tensor.dim())
+        shape[pos] = tensor.shape[axis]
+        index[axis] = torch.arange(tensor.shape[axis], device=tensor.device).view(shape)
+    values = source.tensor.detach().long()
+    templates = []
+    for axis, e in enumerate(idx):
+        if axis in passed:
+            continue
+        g = e.xreplace({read: _VALUE})
+        templates.append(sympy.srepr(g))
+        if g.free_symbols - {_VALUE}:
+            raise tracer.error(
+                f"index {axis} of a captured tensor mixes the value {read} with the mod's "
+                "arguments",
+                hint=f"index by a function of {read} alone (per[lut[kv_idx] + 1]), or fold "
+                     "the arguments into the table outside the mod")
+        at = torch.as_tensor(Evaluator({_VALUE: values}, values)(g), device=values.device)
+        at = (at.round() if at.is_floating_point() else at).long().expand(values.shape)
+        size = tensor.shape[axis]
+        if at.numel() and (int(at.min()) < 0 or int(at.max()) >= size):
+            raise ValueError(
+                f"{tracer.label}: index {axis} ({e}) of a captured tensor of shape "
+                f"{tuple(tensor.shape)} takes the values [{int(at.min())}, {int(at.max())}] "
+                f"over {source.name}, but the dimension has size {size}; clamp the index in "
+                "the mod")
+        index[axis] = at.to(tensor.device).view([1] * lead + list(values.shape))
+    name = _variable_name(tensor, frame) or "buf"
+    key = (id(tensor), source.name, tuple(passed), tuple(templates))
+    derived = tracer.captures.derive(key, f"{name}_{source.name}", tensor[tuple(index)])
+    return derived, [idx[axis] for axis in passed] + list(read.indices)
 
 
 # --- entry points ---------------------------------------------------------------------------

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 import lark
 import sympy
 
-from attnc.errors import SpecError
+from attnc.errors import CompileError, SpecError
 from attnc.expr import symbols as S
 from attnc.expr.functions import BY_NAME, ArgKind
+from attnc.frontends import limits
 from attnc.ir.cascade import (OPERAND_DECLS, QK, AttentionSpec, BlockKind, Cascade, Einsum,
-                              Normalizer, Reduce, TensorDecl, TensorKind)
+                              Normalizer, Origin, Reduce, TensorDecl, TensorKind, reads)
 
 NUM, BOOL = ArgKind.NUMBER.value, ArgKind.CONDITION.value
 NORMALIZERS = tuple(nz.value for nz in Normalizer)
@@ -36,6 +37,8 @@ class _Scope:
     cascade_tensors: dict[str, tuple[str, ...]] = field(default_factory=dict)
     allow_dot: bool = False
     in_cascade: bool = False
+    declared: dict[str, lark.Token] = field(default_factory=dict)  # option/tensor/let names
+    used: set[str] = field(default_factory=set)  # the declared names an expression read
 
 
 class _Lowerer:
@@ -45,6 +48,7 @@ class _Lowerer:
         self.source = source
         self.filename = filename
         self.overrides = dict(overrides)
+        self.guard = limits.ExprGuard()  # the bounds of frontends/limits.py, per node
 
     # --- errors -----------------------------------------------------------------------------
     def error(self, node, message: str, hint: str = "") -> SpecError:
@@ -71,10 +75,12 @@ class _Lowerer:
             if st.data == "option":
                 for od in st.children:
                     self._option(od, scope)
+                    scope.declared[str(od.children[0])] = od.children[0]
             elif st.data in ("param", "input"):
                 for td in st.children:
                     decl = self._tensor_decl(td, str(st.data), scope)
                     scope.tensors[decl.name] = decl
+                    scope.declared[decl.name] = td.children[0]
             else:
                 rest.append(st)
         unknown = set(self.overrides) - set(scope.options)
@@ -98,6 +104,7 @@ class _Lowerer:
                     raise self.error(tok, f"'{tok}' is already defined")
                 scope.allow_dot = True
                 scope.lets[str(tok)] = self.expr(body, scope)
+                scope.declared[str(tok)] = tok
                 scope.allow_dot = False
                 continue
             if kind in seen:
@@ -122,23 +129,49 @@ class _Lowerer:
             score = S.access(QK, S.m, S.n) * S.scale
         if mask is sympy.true:
             mask = None
+        self._check_declarations_used(scope)
+        origins = (_origin("", blk),) + tuple(_origin(kind, seen[kind])
+                                             for kind in ("score", "mask") if kind in seen)
         return AttentionSpec(name=name, decls=tuple(scope.tensors.values()), score=score,
                              mask=mask, normalize=normalize or Normalizer.SOFTMAX,
-                             options=tuple(scope.options.items()))
+                             options=tuple(scope.options.items()), origins=origins)
 
     def cascade(self, blk: lark.Tree) -> Cascade:
         name = str(blk.children[0])
         scope = _Scope(in_cascade=True, cascade_tensors=dict(S.OPERANDS))
         stmts = self._declarations(blk.children[1:], scope)
-        nodes = []
+        nodes, origins = [], [_origin("", blk)]
         for st in stmts:
             nodes.append(self._einsum(st, scope))
+            origins.append(_origin(nodes[-1].name, st))
         if not nodes:
             raise self.error(blk, f"cascade {name} defines no einsum")
-        last = nodes[-1]
+        self._check_all_used(nodes, stmts)
+        self._check_declarations_used(scope)
         return Cascade(name=name, decls=OPERAND_DECLS + tuple(scope.tensors.values()),
-                       nodes=tuple(nodes), outputs=(("out", last.name),),
-                       options=tuple(scope.options.items()), source_kind=BlockKind.CASCADE)
+                       nodes=tuple(nodes), outputs=(("out", nodes[-1].name),),
+                       options=tuple(scope.options.items()), source_kind=BlockKind.CASCADE,
+                       origins=tuple(origins))
+
+    def _check_declarations_used(self, scope: _Scope) -> None:
+        """An option, tensor or `let` nothing reads would be a statement without effect (a param
+        whose gradient is always zero, an option whose override changes nothing): refused."""
+        for name, tok in scope.declared.items():
+            if name not in scope.used:
+                what = ("option" if name in scope.options else "let" if name in scope.lets
+                        else scope.tensors[name].kind.value)
+                raise self.error(tok, f"{what} {name} is declared but never used",
+                                 hint=f"remove it, or read {name} in the score, mask or an einsum")
+
+    def _check_all_used(self, nodes: list[Einsum], stmts) -> None:
+        """The last einsum is the output; every other must feed a later one. A statement whose
+        value reaches nothing would compile to a kernel that silently ignores it."""
+        read = set().union(*(reads(nd) for nd in nodes))
+        for nd, st in zip(nodes[:-1], stmts):
+            if nd.name not in read:
+                raise self.error(st, f"{nd.name} is computed but never used",
+                                 hint=f"the cascade's output is its last einsum, "
+                                 f"{nodes[-1].name}; remove {nd.name} or use it")
 
     # --- statements -------------------------------------------------------------------------
     def _option(self, od: lark.Tree, scope: _Scope) -> None:
@@ -147,19 +180,16 @@ class _Lowerer:
         if name in self.reserved or name in scope.options:
             raise self.error(tok, f"option name '{name}' is "
                              + ("reserved" if name in self.reserved else "declared twice"))
-        value = _number(num.children[0])
+        value = self._literal(num.children[0])
         if num.data == "neg_number":
             value = -value
         if name in self.overrides:
-            new = self.overrides[name]
-            if isinstance(new, bool) or not isinstance(new, (int, float)):
-                raise SpecError(f"option {name} must be a number, got {new!r}",
-                                filename=self.filename)
-            if isinstance(value, sympy.Integer) and not float(new).is_integer():
-                raise SpecError(f"option {name} is an integer option, got {new!r}",
-                                filename=self.filename)
-            value = (sympy.Integer(int(new)) if isinstance(value, sympy.Integer)
-                     else sympy.Float(new))
+            # the caller's value has no place in the spec: its errors name the option instead
+            try:
+                value = limits.check_option_override(name, self.overrides[name],
+                                                     integer=isinstance(value, sympy.Integer))
+            except limits.Refused as err:
+                raise SpecError(err.message, filename=self.filename) from None
         scope.options[name] = value
 
     def _tensor_decl(self, td: lark.Tree, kind: str, scope: _Scope) -> TensorDecl:
@@ -168,13 +198,24 @@ class _Lowerer:
         if name in self.reserved or name in scope.tensors or name in scope.options:
             raise self.error(tok, f"tensor name '{name}' is "
                              + ("reserved" if name in self.reserved else "already declared"))
-        sizes = []
+        sizes: list[sympy.Expr] = []
         for d in dims:
             val = self.expect(d, scope, NUM, "dimension", decl=True)
             if not val.is_integer:
                 raise self.error(d, "a dimension must be an integer expression")
+            if val.is_positive is False:
+                raise self.error(d, f"dimension {len(sizes) + 1} of {name} is {val}, not "
+                                    f"positive{self._overridden_in(d)}")
             sizes.append(val)
         return TensorDecl(name, TensorKind(kind), tuple(sizes))
+
+    def _overridden_in(self, node) -> str:
+        """` (with window = 3 given by the caller)` for the caller's options `node` reads: a
+        value outside the spec is named where the error shows the spec."""
+        names = sorted({str(t) for t in node.scan_values(lambda v: isinstance(v, lark.Token))
+                        if str(t) in self.overrides})
+        given = ", ".join(f"{n} = {self.overrides[n]!r}" for n in names)
+        return f" (with {given} given by the caller)" if given else ""
 
     def _einsum(self, st: lark.Tree, scope: _Scope) -> Einsum:
         kids = list(st.children)
@@ -221,12 +262,38 @@ class _Lowerer:
         return val
 
     def expr(self, node, scope: _Scope, decl: bool = False):
+        """Lower an expression node to (sympy value, kind), within frontends/limits.py's
+        bounds: each node is checked as it is built, so an error points at the smallest
+        expression that crosses one."""
+        try:
+            value, kind = self._lower(node, scope, decl)
+        except SpecError:
+            raise
+        except (TypeError, ValueError, ArithmeticError) as err:
+            # sympy failing to build a well-formed expression (its simplification of a
+            # Piecewise may evaluate a subexpression at a point where it is undefined)
+            line, column = _position(node)
+            raise CompileError(f"sympy cannot build this expression ({type(err).__name__}: "
+                               f"{err})", source=self.source, filename=self.filename,
+                               line=line, column=column) from None
+        try:
+            return self.guard.admit(value), kind
+        except limits.Refused as err:
+            raise self.error(node, err.message, err.hint) from None
+
+    def _literal(self, tok):
+        try:
+            return limits.literal(str(tok))
+        except limits.Refused as err:
+            raise self.error(tok, err.message, err.hint) from None
+
+    def _lower(self, node, scope: _Scope, decl: bool):
         if isinstance(node, lark.Token):  # pragma: no cover - the grammar wraps tokens
             raise self.error(node, f"unexpected token {node}")
         rule = node.data
         kids = node.children
         if rule == "number":
-            return _number(kids[0]), NUM
+            return self._literal(kids[0]), NUM
         if rule == "name":
             return self._name(kids[0], scope, decl)
         if rule == "neg":
@@ -235,12 +302,18 @@ class _Lowerer:
             return self.expect(kids[0], scope, NUM, "operand of '+'", decl), NUM
         if rule == "pow":
             base = self.expect(kids[0], scope, NUM, "base", decl)
-            return base ** self.expect(kids[1], scope, NUM, "exponent", decl), NUM
+            exp = self.expect(kids[1], scope, NUM, "exponent", decl)
+            try:
+                limits.check_power(base, exp)  # before sympy computes 2 ** 2 ** 65536 exactly
+            except limits.Refused as err:
+                raise self.error(node, err.message, err.hint) from None
+            return base ** exp, NUM
         if rule == "binop":
             a = self.expect(kids[0], scope, NUM, f"left operand of '{kids[1]}'", decl)
             c = self.expect(kids[2], scope, NUM, f"right operand of '{kids[1]}'", decl)
             op = str(kids[1])
-            if op in ("/", "//", "%") and c == 0:
+            # is_zero, not == 0: sympy's Float 0.0 does not equal its Integer 0
+            if op in ("/", "//", "%") and c.is_zero:
                 raise self.error(kids[1], "division by zero")
             return {"+": lambda: a + c, "-": lambda: a - c, "*": lambda: a * c,
                     "/": lambda: a / c, "//": lambda: sympy.floor(a / c),
@@ -269,10 +342,9 @@ class _Lowerer:
 
     def _name(self, tok, scope: _Scope, decl: bool):
         name = str(tok)
-        if name in scope.options:
-            return scope.options[name], NUM
-        if name in scope.lets:
-            return scope.lets[name]
+        if name in scope.options or name in scope.lets:
+            scope.used.add(name)
+            return (scope.options[name], NUM) if name in scope.options else scope.lets[name]
         if decl:
             if name in S.INDEX:
                 return S.SIZE_OF[S.INDEX[name]], NUM
@@ -309,6 +381,9 @@ class _Lowerer:
                     for a in args] != ["q", "k"]:
                 raise self.error(node, "dot takes exactly (q, k)")
             return S.access(QK, S.m, S.n), NUM
+        if len(args) > limits.MAX_CALL_ARGS:
+            raise self.error(node, f"{fn} takes at most {limits.MAX_CALL_ARGS} arguments here, "
+                                   f"got {len(args)}", hint="nest the calls: max(max(...), ...)")
         entry = BY_NAME.get(fn)
         if entry is None:
             raise self.error(tok, f"unknown function '{fn}'",
@@ -341,6 +416,7 @@ class _Lowerer:
         if name not in scope.tensors:
             raise self.error(tok, f"unknown tensor '{name}'",
                              hint="declare it with `param` or `input`")
+        scope.used.add(name)
         dims = scope.tensors[name].dims
         if len(idx) != len(dims):
             raise self.error(node, f"{name} has {len(dims)} dimension{'s' * (len(dims) != 1)}, "
@@ -361,11 +437,8 @@ def _argument(fn: str, i: int) -> str:
     return f"argument of {fn}"
 
 
-def _number(tok) -> sympy.Expr:
-    text = str(tok)
-    if any(c in text for c in ".eE"):
-        return sympy.Float(text)
-    return sympy.Integer(int(text))
+def _origin(tensor: str, node) -> Origin:
+    return Origin(tensor, *_position(node))
 
 
 def _position(node) -> tuple[int, int]:

@@ -1,7 +1,10 @@
 """Parse spec text with the LALR grammar in grammar.lark, turning lark's errors into SpecErrors.
 
 Statements end at newlines; a post-lexer drops newlines inside (...) and [...] so long
-expressions may span lines.
+expressions may span lines. A spec longer than limits.MAX_SPEC_CHARS is refused before parsing,
+and a parse tree nested deeper than limits.MAX_NESTING after it (lark parses iteratively, but
+everything after it recurses over the tree), both at the line and column where the limit is
+crossed.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from importlib import resources
 import lark
 
 from attnc.errors import SpecError
+from attnc.frontends import limits
 
 _OPEN = {"LPAR", "LSQB"}
 _CLOSE = {"RPAR", "RSQB"}
@@ -65,13 +69,53 @@ def _describe(parser: lark.Lark, names) -> str:
 
 def parse(source: str, filename: str = "<spec>") -> lark.Tree:
     """Parse a spec; raise SpecError with file:line:col on malformed input."""
+    _check_size(source, filename)
+    tree = _parse(source, filename)
+    deep = limits.too_deep(tree)
+    if deep is not None:
+        line, column = _start(deep)
+        raise SpecError(f"the expression nests more than {limits.MAX_NESTING} levels deep",
+                        source=source, filename=filename, line=line, column=column,
+                        hint="every operator and call is a level (`a + b + c` is two); name "
+                             "parts with `let`")
+    return tree
+
+
+def _check_size(source: str, filename: str) -> None:
+    offset = limits.oversize_offset(source)
+    if offset is None:
+        return
+    line = source.count("\n", 0, offset) + 1
+    column = offset - (source.rfind("\n", 0, offset) + 1) + 1
+    raise SpecError(f"the spec is longer than {limits.MAX_SPEC_CHARS} characters",
+                    source=source, filename=filename, line=line, column=column)
+
+
+def _start(tree: lark.Tree) -> tuple[int, int]:
+    """Where a subtree starts: its own position, or its first token's (iteratively: the
+    subtree may be deep)."""
+    stack: list = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, lark.Token):
+            return node.line or 0, node.column or 0
+        if not node.meta.empty:
+            return node.meta.line, node.meta.column
+        stack.extend(reversed(node.children))
+    return 0, 0
+
+
+def _parse(source: str, filename: str) -> lark.Tree:
     parser = _parser()
     text = source if source.endswith("\n") else source + "\n"
     try:
         return parser.parse(text)
     except lark.exceptions.UnexpectedCharacters as err:
-        raise SpecError(f"unexpected character {text[err.pos_in_stream or 0]!r}", source=source,
-                        filename=filename, line=err.line, column=err.column) from None
+        char = text[err.pos_in_stream or 0]
+        raise SpecError(f"unexpected character {char!r}", source=source, filename=filename,
+                        line=err.line, column=err.column,
+                        hint="" if char.isascii() else "outside comments a spec is ASCII: "
+                        "names are letters, digits and _") from None
     except lark.exceptions.UnexpectedToken as err:
         tok = err.token
         expected = _describe(parser, err.expected)

@@ -30,7 +30,7 @@ from attnc.errors import CompileError
 from attnc.expr import symbols as S
 from attnc.expr.derivatives import derivative
 from attnc.ir.cascade import (Backward, Cascade, Einsum, OnlineSoftmax, Reduce, Saved, ScatterSum,
-                              TensorDecl, TensorKind, fresh_name, qk_products)
+                              TensorDecl, TensorKind, exprs_of, fresh_name, qk_products)
 from attnc.passes import Pass, PassKind
 
 
@@ -95,9 +95,17 @@ def run(c: Cascade) -> Cascade:
     if c.bounds is None or not any(isinstance(nd, OnlineSoftmax) for nd in c.nodes):
         return c
     try:
-        return replace(c, backward=backward_cascade(c))
+        bwd = backward_cascade(c)
     except (ValueError, CompileError) as err:
         return replace(c, no_backward=str(err))
+    undefined = [nd.name for nd in bwd.cascade.nodes
+                 if any(ex.has(sympy.zoo, sympy.nan) for ex in exprs_of(nd))]
+    if undefined:
+        # e.g. log(relu(s)): the derivative divides by zero where the score is -inf; the
+        # forward still runs, the backward raises with this reason
+        return replace(c, no_backward=f"the derivative {undefined[0]} of the score is infinite "
+                       "or undefined at some points (a division by zero, or log of 0)")
+    return replace(c, backward=bwd)
 
 
 PASS = Pass("autodiff", PassKind.REWRITE, run,

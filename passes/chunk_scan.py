@@ -128,9 +128,18 @@ def _outer(inputs: sympy.Expr, state: str):
 
 
 def _log(a: sympy.Expr, state: str) -> sympy.Expr:
-    if a.is_positive is False or a.is_zero:
+    if a.is_positive is False or a.is_zero or _may_vanish(a):
         raise _Sequential(f"the decay of {state} is not positive: {a}")
     return sympy.expand_log(sympy.log(a), force=True)
+
+
+def _may_vanish(a: sympy.Expr) -> bool:
+    """A decay with a branch that is zero or negative on some steps (a reset such as
+    where(t % 4 == 0, 0, 1)): the chunked form sums log decays, and log 0 = -inf turns the
+    decay between two steps into -inf - -inf = NaN."""
+    folded = sympy.piecewise_fold(a)
+    return isinstance(folded, sympy.Piecewise) and any(
+        value.is_zero or value.is_positive is False for value, _ in folded.args)
 
 
 def _readouts(scan: LinearScan):

@@ -18,6 +18,8 @@ as the access QK[m, n]; it is renamed to the q.k einsum. The masking einsum is r
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sympy
 
 from attnc.expr import symbols as S
@@ -59,6 +61,7 @@ def run(spec: AttentionSpec | Cascade) -> Cascade:
     if score != S.access(qk, m, n):
         current = fresh_name("S", names)
         nodes.append(Einsum(current, ("m", "n"), score))
+    score_node = current
     mask_node = None
     if spec.mask is not None:
         mask_node = fresh_name("SM", names)
@@ -66,10 +69,14 @@ def run(spec: AttentionSpec | Cascade) -> Cascade:
             (S.access(current, m, n), spec.mask), (-sympy.oo, True))))
         current = mask_node
     softmax, out, lse = softmax_cascade(S.access(current, m, n), names)
+    # the score and mask statements' positions move to the nodes that now compute them
+    renamed = {"score": score_node, "mask": mask_node}
+    origins = tuple(replace(o, tensor=renamed.get(o.tensor) or o.tensor) for o in spec.origins
+                    if o.tensor == "" or renamed.get(o.tensor))
     return Cascade(name=spec.name, decls=OPERAND_DECLS + spec.decls, nodes=tuple(nodes + softmax),
                    outputs=(("out", out), ("lse", lse)), options=spec.options,
                    source_kind=BlockKind.ATTENTION, block_sparse=spec.block_sparse,
-                   mask_node=mask_node)
+                   mask_node=mask_node, origins=origins)
 
 
 PASS = Pass("desugar", PassKind.REWRITE, run,

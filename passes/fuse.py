@@ -33,7 +33,8 @@ def _extract_loads(c: Cascade, exprs, loads: dict[sympy.Indexed, Load]):
             name = str(acc.base)
             if name not in external:
                 raise CompileError(f"{c.name}: the score reads {name}, which would have to be "
-                                   "materialized; only q.k, params and inputs can be fused")
+                                   "materialized; only q.k, params and inputs can be fused",
+                                   tensor=name)
             if acc not in loads:
                 ordinal = sum(ld.tensor == name for ld in loads.values())
                 loads[acc] = Load(name, ordinal, tuple(acc.indices), LoadLevel.of(acc.indices))
@@ -53,10 +54,25 @@ def _gradient(c: Cascade, bwd: Backward, qk_subs: dict, loads: dict) -> Gradient
     return Gradient(dqk=dqk, dloads=tuple(dloads), rows=c.bounds.rows)
 
 
+def _check_outputs(c: Cascade, scan: OnlineSoftmax) -> None:
+    """The kernel writes the softmax's weighted sum and its lse, nothing else: a cascade whose
+    output is computed from them (an epilogue) is refused at that statement, never dropped."""
+    for role, produced in (("out", scan.name), ("lse", scan.lse)):
+        wanted = c.output(role)
+        if wanted not in (None, produced):
+            raise CompileError(
+                f"{c.name}: the output {wanted} is computed from the softmax's result "
+                f"{produced}; attnc fuses a cascade whose output is that weighted sum itself, not "
+                "an epilogue of it (yet)", tensor=wanted,
+                hint=f"end the cascade at {produced} and apply the rest in torch")
+
+
 def run(c: Cascade) -> AttentionKernel:
     scan = next(nd for nd in c.nodes if isinstance(nd, OnlineSoftmax))
+    _check_outputs(c, scan)
     if scan.value != S.access("V", S.n, S.f):
-        raise CompileError(f"{c.name}: the softmax must weight V[n, f] directly, got {scan.value}")
+        raise CompileError(f"{c.name}: the softmax must weight V[n, f] directly, got {scan.value}",
+                           tensor=scan.name)
     bounds, schedule = c.bounds, c.schedule
     assert bounds is not None and bounds.score is not None and schedule is not None
     reads = bounds.score if bounds.mask is None else sympy.Tuple(bounds.score, bounds.mask)
@@ -66,7 +82,8 @@ def run(c: Cascade) -> AttentionKernel:
     loads: dict[sympy.Indexed, Load] = {}
     score, mask = _extract_loads(c, [score, mask], loads)
     if mask is not None and mask.has(S.qk):
-        raise CompileError(f"{c.name}: a mask may not depend on q.k (use the score instead)")
+        raise CompileError(f"{c.name}: a mask may not depend on q.k (use the score instead)",
+                           tensor=c.mask_node)
     grad = _gradient(c, c.backward, qk_subs, loads) if c.backward is not None else None
     return AttentionKernel(name=c.name, inputs=c.extra_inputs, loads=tuple(loads.values()),
                            score=score, mask=mask, segments=bounds.segments,

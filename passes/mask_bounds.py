@@ -288,7 +288,10 @@ def _split(c: Cascade, scores: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr | Non
         return split_mask(inline(c, scores))
     if (c.source_kind is BlockKind.ATTENTION and c.mask_node is not None
             and scores == S.access(c.mask_node, S.m, S.n)):
-        (inner, cond), _ = c.einsum(c.mask_node).expr.args
+        masked = c.einsum(c.mask_node).expr
+        if masked == -sympy.oo:  # the mask simplified to False: no key is visible anywhere
+            return masked, sympy.false
+        (inner, cond), _ = masked.args
         return inline(c, inner), inline(c, cond)
     return inline(c, scores), None
 

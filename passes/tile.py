@@ -16,14 +16,17 @@ from attnc.passes import Pass, PassKind, pass_count
 def run(c: Cascade) -> Cascade:
     passes = pass_count.count(c)
     if passes > 1:
+        pass_of = pass_count.passes_of(c)
+        second = next(nd.name for nd in c.nodes if pass_of[nd.name] > 1)
         raise CompileError(
-            f"{c.name}: the cascade needs {passes} passes over n after rewriting; attnc fuses "
-            "one-pass cascades only. A softmax written as max / exp / sum / divide over a score "
-            "tensor is rewritten to one pass; other multi-pass forms are not supported yet")
+            f"{c.name}: the cascade needs {passes} passes over n after rewriting ({second} "
+            "starts pass 2); attnc fuses one-pass cascades only. A softmax written as max / exp "
+            "/ sum / divide over a score tensor is rewritten to one pass; other multi-pass forms "
+            "are not supported yet", tensor=second)
     if not any(isinstance(nd, OnlineSoftmax) for nd in c.nodes):
         raise CompileError(f"{c.name}: no softmax over n found; attnc compiles softmax attention "
                            "(GM = max(n) x, SN = exp(x - GM), SD = sum(n) SN, A = SN/SD, "
-                           "AV = sum(n) A*V)")
+                           "AV = sum(n) A*V)", tensor=c.output("out"))
     keys = KeySource.BLOCK_MASK if c.block_sparse else KeySource.SEGMENTS
     return replace(c, schedule=TileSchedule(keys=keys))
 

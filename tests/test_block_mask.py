@@ -241,3 +241,105 @@ def test_block_sparse_kernels_check_their_block_mask():
         kern(q, k, v, block_mask=odd)
     with pytest.raises(ValueError, match="block_sparse must be"):
         attnc.compile(CAUSAL_SPEC, block_sparse="yes")
+
+
+# --- full blocks skip the mask; a block mask's own mask_mod -----------------------------------
+
+def _lists_with_full_blocks_over_a_false_mask():
+    """M = 64, N = 80, blocks of 32 (the last key block is 16 keys long): query block 0 lists
+    key block 0 as partial and 1, 2 as full; query block 1 lists 1 as partial and 2 as full.
+    Under a causal mask every full block here lies where the mask is False."""
+    num = torch.tensor([[[1, 1]]], dtype=torch.int32)
+    idx = torch.tensor([[[[0, 1, 2], [1, 0, 2]]]], dtype=torch.int32)
+    full_num = torch.tensor([[[2, 1]]], dtype=torch.int32)
+    full_idx = torch.tensor([[[[1, 2, 0], [2, 0, 1]]]], dtype=torch.int32)
+    return num, idx, full_num, full_idx
+
+
+def _visible_by_the_rule(num, idx, full_num, full_idx, mask, M, N, block):
+    """FlexAttention's rule, materialized: a full block's keys are all visible, a partial
+    block's keys where the mask is, unlisted blocks' none."""
+    visible = torch.zeros(M, N, dtype=torch.bool)
+    for qb in range(num.shape[-1]):
+        rows = slice(qb * block, (qb + 1) * block)
+        for j in range(int(full_num[0, 0, qb])):
+            kb = int(full_idx[0, 0, qb, j])
+            visible[rows, kb * block:(kb + 1) * block] = True
+        for j in range(int(num[0, 0, qb])):
+            kb = int(idx[0, 0, qb, j])
+            keys = slice(kb * block, (kb + 1) * block)
+            visible[rows, keys] = mask[rows, keys]
+    return visible
+
+
+@pytest.mark.parametrize("route", ["flex_attention", "block_sparse_spec"])
+def test_full_blocks_skip_the_mask_forward_and_backward(route):
+    """A full block runs without the mask even where the mask is False (the last tile of the
+    last key block, which reaches past N, applied the mask before). Gradients likewise."""
+    from tests.sparse_reference import masked_attention
+    M, N = 64, 80
+    lists = _lists_with_full_blocks_over_a_false_mask()
+    causal_mask = torch.arange(N)[None, :] <= torch.arange(M)[:, None]
+    visible = _visible_by_the_rule(*lists, causal_mask, M, N, 32)
+    assert (visible & ~causal_mask).any()  # the full blocks do open masked positions
+    q, k, v = (t.requires_grad_() for t in _qkv(B=1, H=2, Hkv=1, M=M, N=N, D=16, seed=4))
+    if route == "flex_attention":
+        bm = attnc.BlockMask.from_kv_blocks(*lists, BLOCK_SIZE=32, mask_mod=causal,
+                                            seq_lengths=(M, N))
+        out, lse = attnc.flex_attention(q, k, v, block_mask=bm, enable_gqa=True,
+                                        return_lse=True)
+    else:
+        bm = attnc.BlockMask.from_kv_blocks(*lists, BLOCK_SIZE=32, seq_lengths=(M, N))
+        out, lse = attnc.compile(CAUSAL_SPEC, block_sparse=True)(q, k, v, block_mask=bm,
+                                                                  return_lse=True)
+    ref, ref_lse = masked_attention(q, k, v, visible.expand(1, 2, M, N), return_lse=True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=1e-5)
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    got = torch.autograd.grad(out, (q, k, v), d_out)
+    want = torch.autograd.grad(ref, (q, k, v), d_out.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-4)
+
+
+def _ignored_warnings(record) -> list:
+    return [w for w in record if "is ignored" in str(w.message)]
+
+
+def test_a_block_masks_own_mask_mod_is_warned_about_once():
+    """A block-sparse kernel compiled from a spec masks partial blocks with the spec's mask; a
+    BlockMask bringing another mask_mod had it dropped silently."""
+    q, k, v = _qkv(B=1, H=2, Hkv=2, M=64, N=64)
+    kern = attnc.compile(CAUSAL_SPEC, block_sparse=True)
+    other = attnc.create_block_mask(window(20), 1, 1, 64, 64, device="cpu", BLOCK_SIZE=32)
+    with pytest.warns(UserWarning, match=r"mask_mod '<lambda>' is ignored.*n <= m"):
+        kern(q, k, v, block_mask=other)
+    import warnings
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        kern(q, k, v, block_mask=other)  # once per kernel
+        kern(q, k, v, block_mask=other.to_torch())
+    assert not _ignored_warnings(record)
+
+
+def test_no_warning_when_nothing_of_the_mask_mod_is_ignored():
+    import warnings
+    q, k, v = _qkv(B=1, H=2, Hkv=2, M=64, N=64)
+    kern = attnc.compile(CAUSAL_SPEC + "\n", block_sparse=True)  # a kernel of its own
+    same = attnc.create_block_mask(causal, 1, 1, 64, 64, device="cpu", BLOCK_SIZE=32)
+    plain = attnc.BlockMask.from_kv_blocks(same.kv_num_blocks, same.kv_indices,
+                                           BLOCK_SIZE=32, seq_lengths=(64, 64))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        kern(q, k, v, block_mask=same)                   # the spec's mask, traced
+        kern(q, k, v, block_mask=same.to_torch())        # the same, as torch's
+        kern(q, k, v, block_mask=plain)                  # no mask_mod (noop)
+        kern(q, k, v, block_mask=plain.to_torch())       # torch's noop_mask
+        attnc.flex_attention(q, k, v, block_mask=other_doc_mask())  # flex applies its mod
+    assert not _ignored_warnings(record)
+
+
+def other_doc_mask():
+    doc = torch.tensor([[0] * 20 + [1] * 44])
+    return attnc.create_block_mask(lambda b, h, q_idx, kv_idx: doc[b, q_idx] == doc[b, kv_idx],
+                                   1, 1, 64, 64, device="cpu", BLOCK_SIZE=32)

@@ -84,7 +84,7 @@ def test_key_depends_on_tool_versions(monkeypatch, tmp_path):
     from attnc.runtime import compile_spec
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
     base = cache.versions()
-    assert set(base) == {"attnc", "codegen", "triton", "torch"}
+    assert set(base) == {"attnc", "codegen", "triton", "torch", "cache format"}
     a = compile_spec(read_spec(SPEC), {})
     monkeypatch.setattr(cache, "versions", lambda: {**base, "triton": "0.0"})
     b = compile_spec(read_spec(SPEC), {})

@@ -297,11 +297,12 @@ def test_compile_bad_launch_option_exits_2(capsys, spec_file):
     assert "block_m must be a power of two >= 16, got 20" in err and "Traceback" not in err
 
 
-def test_compile_error_exits_2(capsys):
+def test_compile_error_exits_2_at_the_refused_statement(capsys):
     rc, out, err = run(capsys, "compile", LINEAR)
     assert rc == 2 and out == ""
-    assert err.startswith("attnc: error: linear: ")
-    assert "softmax" in err and "Traceback" not in err
+    assert err.startswith("<spec>:3:3: linear: no softmax over n found")
+    assert "\n      AV[m, f] = sum(n) QK[m, n] * V[n, f]\n      ^" in err
+    assert "Traceback" not in err
 
 
 def test_compile_unwritable_output_exits_2(capsys, spec_file, tmp_path):

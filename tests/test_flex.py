@@ -308,3 +308,56 @@ def test_mask_mod_gradients(case):
     for ours, theirs, _ in _grad_errors(q, k, v, torch.float32, score_mod=score_mod,
                                         mask_mod=mask_mod, mask_b=mask_b):
         assert ours <= FUDGE[torch.float32] * theirs + 1e-7, (ours, theirs)
+
+
+# --- argument checks --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mask_b, mask_h, lengths, message", [
+    (1, 1, (M + 32, N), r"block_mask was built for \(Q_LEN, KV_LEN\) = \(109, 93\).*"
+                        r"\(M, N\) = \(77, 93\)"),
+    (1, 1, (M, N - 1), r"block_mask was built for .*\(77, 92\)"),
+    (3, 1, (M, N), r"block_mask has B = 3, H = 1.*expected 1 \(broadcast\) or the call's B = 2"),
+    (1, 2, (M, N), r"block_mask has B = 1, H = 2.*H = 4 \(query heads\)"),
+])
+def test_a_static_block_mask_must_fit_the_call(mask_b, mask_h, lengths, message):
+    """The static kernel never reads the mask's lists, so a mask built for other lengths or
+    batches ran silently; torch raises for the lengths, attnc's block-sparse path for both."""
+    q, k, v = _qkv(torch.float32, seed=10)
+    bm = attnc.create_block_mask(_causal_mask, mask_b, mask_h, *lengths, device="cpu",
+                                 BLOCK_SIZE=32)
+    assert bm.derived  # the static path
+    with pytest.raises(ValueError, match=message):
+        attnc.flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+    with pytest.raises(ValueError, match=message):  # the block-sparse path says the same
+        attnc.flex_attention(q, k, v, block_mask=bm.to_torch(), enable_gqa=True)
+
+
+def test_a_block_mask_broadcasts_from_one_batch_and_head():
+    q, k, v = _qkv(torch.float32, seed=11)
+    for b, h in ((1, 1), (B, 1), (1, HQ), (B, HQ)):
+        bm = attnc.create_block_mask(_causal_mask, b, h, M, N, device="cpu", BLOCK_SIZE=32)
+        out = attnc.flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+        ref = torch_flex(q.double(), k.double(), v.double(), block_mask=bm.to_torch(),
+                         enable_gqa=True)
+        assert rel_error(out, ref) < 1e-5, (b, h)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda q, k, v: attnc.flex_attention(None, k, v), "query must be a 4-D tensor"),
+    (lambda q, k, v: attnc.flex_attention(q.int(), k.int(), v.int(), enable_gqa=True),
+     "flex_attention: query has dtype torch.int32"),
+    (lambda q, k, v: attnc.flex_attention(q, k.double(), v, enable_gqa=True),
+     "flex_attention: key has dtype torch.float64"),
+    (lambda q, k, v: attnc.flex_attention(q, k, v, enable_gqa="yes"), "enable_gqa must be"),
+    (lambda q, k, v: attnc.flex_attention(q, k, v, enable_gqa=True, return_lse=None),
+     "return_lse must be"),
+    (lambda q, k, v: attnc.flex_attention(q, k, v, enable_gqa=True, scale="x"),
+     "scale must be a Python number"),
+    (lambda q, k, v: attnc.flex_attention(q, k, v, enable_gqa=True, block_mask=3),
+     "block_mask must be"),
+    (lambda q, k, v: attnc.flex_attention(q.to("meta"), k.to("meta"), v.to("meta"),
+                                          enable_gqa=True), "device meta is not supported"),
+])
+def test_bad_arguments_name_flex_attentions_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(*_qkv(torch.float32, seed=12))

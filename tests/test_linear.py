@@ -442,3 +442,37 @@ linear rot {
     for a, b in zip(torch.autograd.grad(out.square().sum(), leaves),
                     torch.autograd.grad(want.square().sum(), ref)):
         assert _rel(a, b) < 1e-4
+
+
+def test_gates_beyond_the_chunked_form_are_told_apart():
+    """The check behind the recurrent fallback: a chunk's summed |log gate| over 80 (diagonal
+    decay), or any non-finite gate, leaves the chunked form; ordinary gates keep it. With
+    packed sequences a chunk starts at its sequence's start, so the check bounds chunks that
+    straddle two aligned ones."""
+    gla = attnc.load("gla")                   # chunks of 16 steps
+    gen = torch.Generator().manual_seed(6)
+    q, k = (torch.randn(1, 2, 58, DK, generator=gen) for _ in range(2))
+    v = torch.randn(1, 2, 58, DV, generator=gen)
+    ordinary = F.logsigmoid(torch.randn(1, 2, 58, DK, generator=gen))
+    assert gla.gates_fit(q, k, v, {"g": ordinary}, 0.25)
+    for strong in (-90.0, float("-inf"), float("nan")):
+        g = ordinary.clone()
+        g[0, 1, 40, 3] = strong
+        assert not gla.gates_fit(q, k, v, {"g": g}, 0.25), strong
+    # -6 per step over steps 10..25: 60 in the aligned chunk [16, 32), 36 in [0, 16), but 96 in
+    # the packed second sequence's first chunk (steps 10..25)
+    g = torch.zeros(1, 2, 58, DK)
+    g[0, 0, 10:26, 0] = -6.0
+    assert gla.gates_fit(q, k, v, {"g": g}, 0.25)
+    cu = torch.tensor([0, 10, 58])
+    assert not gla.gates_fit(q, k, v, {"g": g}, 0.25, cu)
+    out = gla(q, k, v, g=g, cu_seqlens=cu, algorithm="chunked")
+    for a, b in ((0, 10), (10, 58)):
+        want, _ = R.gla(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], g[:, :, a:b])
+        torch.testing.assert_close(out[:, :, a:b].double(), want, rtol=1e-4, atol=1e-5)
+    # a scalar decay only fails on non-finite gates: exp(G_t - G_s) is formed directly
+    simple = attnc.load("simple_gla")
+    g1 = torch.full((1, 2, 58), -90.0)
+    assert simple.gates_fit(q, k, v, {"g": g1}, 0.25)
+    g1[0, 0, 7] = float("-inf")
+    assert not simple.gates_fit(q, k, v, {"g": g1}, 0.25)

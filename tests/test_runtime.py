@@ -113,6 +113,15 @@ def test_kernel_exposes_source_and_ir_per_stage():
     (lambda k, q, kk, v: k(q, kk, v, slopes=[1.0, 2.0]), "must be a torch.Tensor"),
     (lambda k, q, kk, v: k(q, kk, v, slopes=torch.rand(2), scale="x"), "scale must be"),
     (lambda k, q, kk, v: k(q, kk, v[..., :0], slopes=torch.rand(2)), "supported 1..256"),
+    (lambda k, q, kk, v: k(None, kk, v, slopes=torch.rand(2)), "q must be a torch.Tensor"),
+    (lambda k, q, kk, v: k(q, kk, None, slopes=torch.rand(2)), "v must be a torch.Tensor"),
+    (lambda k, q, kk, v: k(q, kk, v, slopes=None), "slopes must be a torch.Tensor"),
+    (lambda k, q, kk, v: k(q, kk, v, slopes=torch.rand(2), return_lse="yes"),
+     "return_lse must be True or False"),
+    (lambda k, q, kk, v: k(q.int(), kk.int(), v.int(), slopes=torch.rand(2)),
+     "q has dtype torch.int32"),
+    (lambda k, q, kk, v: k(q.to("meta"), kk.to("meta"), v.to("meta"), slopes=torch.rand(2)),
+     "device meta is not supported"),
 ])
 def test_bad_arguments_name_the_argument(call, message):
     q, k, v = _qkv()
@@ -196,3 +205,45 @@ def test_torch_compile_fullgraph(backend):
     compiled = torch.compile(layer, fullgraph=True, backend=backend)
     q, k, v = _qkv()
     torch.testing.assert_close(compiled(q, k, v), layer(q, k, v))
+
+
+def test_meta_and_fake_tensors():
+    """Meta tensors are refused with a ValueError; fake tensors (shape propagation, as
+    torch.compile runs it) give outputs of the right shapes and dtypes without running."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    kern = attnc.compile(ALIBI)
+    with FakeTensorMode():
+        q, k, v = _qkv(H=4, Hkv=2, M=20, N=24, Dv=8)
+        out, lse = kern(q, k, v, slopes=torch.rand(4), return_lse=True)
+    assert out.shape == (1, 4, 20, 8) and out.dtype == torch.float32
+    assert lse.shape == (1, 4, 20) and lse.dtype == torch.float32
+
+
+def _inf_key(q, k):
+    """k with one element +inf: the rows whose query has a positive entry there get a +inf
+    score, those with a negative entry a -inf one."""
+    k = k.clone()
+    k[0, 0, 5, 3] = math.inf
+    assert (q[0, :, :, 3] > 0).any() and (q[0, :, :, 3] < 0).any()
+    return k
+
+
+@pytest.mark.parametrize("options", [{}, {"kv_splits": 2}])
+def test_a_plus_inf_score_gives_lse_plus_inf_as_torch(options):
+    """logsumexp of a row with a +inf score is +inf (it was NaN: inf - inf in the online
+    softmax); the row's output is NaN, as torch's softmax gives. Rows where the key's score is
+    -inf are ordinary. Also through the key-split merge."""
+    q, k, v = _qkv(H=2, Hkv=2, M=20, N=64)
+    k = _inf_key(q, k)
+    out, lse = attnc.load("full", **options)(q, k, v, return_lse=True)
+    s = (q.double() @ k.double().transpose(-1, -2)) / 4
+    ref_lse = torch.logsumexp(s, -1)
+    ref = torch.softmax(s, -1) @ v.double()
+    hot = torch.isposinf(ref_lse)
+    assert hot.any() and (~hot).any()
+    assert torch.equal(torch.isposinf(lse), hot) and not lse.isnan().any()
+    assert torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(lse[~hot].double(), ref_lse[~hot], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[~hot].double(), ref[~hot], rtol=1e-4, atol=1e-5)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out.isnan(), sdpa.isnan())

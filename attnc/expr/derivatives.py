@@ -4,6 +4,12 @@
 expressions (Heaviside and sign never reach a backend), and an expression sympy cannot
 differentiate in closed form raises `NotDifferentiable`. The functions with heads of their own
 get their derivatives from the op table (attnc.expr.functions).
+
+At a kink the value chosen is torch autograd's, so kernels and eager references agree on exact
+ties: min and max split the gradient evenly among the arguments that attain the extremum
+(torch.maximum gives 1/2 to each of two equal arguments, amax divides evenly), |u| has
+derivative sign(u) u' (0 at 0, and real also where sympy cannot prove u real). relu and clamp
+carry their own conventions in the Piecewise forms the op table builds for them.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ class NotDifferentiable(ValueError):
     """sympy leaves a derivative unevaluated, or it reads floor or modulo."""
 
 
-def _step(x):
-    return sympy.Piecewise((1, x > 0), (0, True))
+def _step(x, at_zero=sympy.S.Half):
+    return sympy.Piecewise((1, x > 0), (at_zero, sympy.Eq(x, 0)), (0, True))
 
 
 def _sign(x):
@@ -24,23 +30,83 @@ def _sign(x):
 
 
 def closed_form(d: sympy.Expr) -> sympy.Expr:
-    """Heaviside and sign as Piecewise, so backends need no new functions."""
-    return d.replace(sympy.Heaviside, lambda arg, *_: _step(arg)).replace(sympy.sign, _sign)
+    """Heaviside and sign as Piecewise, so backends need no new functions. Heaviside keeps its
+    value at 0 (sympy's default 1/2)."""
+    return d.replace(sympy.Heaviside, _step).replace(sympy.sign, _sign)
+
+
+class _Extremum(sympy.Function):
+    """min or max while it is differentiated: sympy's own Min/Max derivative is a Heaviside of
+    the difference to the others, which counts a three-way tie three times; here the gradient
+    is shared evenly by the arguments that attain the extremum."""
+
+    largest: bool = True
+    plain: type = sympy.Max
+
+    def fdiff(self, argindex=1):
+        args = [_plain(a) for a in self.args]
+        a = args[argindex - 1]
+        if len(args) == 2:
+            b = args[2 - argindex]
+            wins = a > b if self.largest else a < b
+            return sympy.Piecewise((1, wins), (sympy.S.Half, sympy.Eq(a, b)), (0, True))
+        top = self.plain(*args)
+        ties = sympy.Add(*(sympy.Piecewise((1, sympy.Eq(x, top)), (0, True)) for x in args))
+        return sympy.Piecewise((1 / ties, sympy.Eq(a, top)), (0, True))
+
+
+class _Largest(_Extremum):
+    largest, plain = True, sympy.Max
+
+
+class _Smallest(_Extremum):
+    largest, plain = False, sympy.Min
+
+
+class _Magnitude(sympy.Function):
+    """|u| while it is differentiated, with torch's derivative sign(u) u'. sympy's own treats
+    an argument it cannot prove real (sqrt(x), log(x) of a real x) as complex and answers with
+    re, im and atan2; every value a kernel computes is real (NaN where torch's is)."""
+
+    def fdiff(self, argindex=1):
+        return _sign(_plain(self.args[0]))
+
+
+def _plain(ex: sympy.Expr) -> sympy.Expr:
+    """The stand-ins back to sympy's Min, Max and Abs."""
+    return ex.replace(_Largest, sympy.Max).replace(_Smallest, sympy.Min).replace(
+        _Magnitude, sympy.Abs)
+
+
+def _stand_ins(ex: sympy.Expr, wrt: sympy.Expr) -> sympy.Expr:
+    """Every Min, Max and Abs that reads `wrt` as its stand-in with torch's derivative."""
+    def swap(e):
+        if isinstance(e, sympy.Abs):
+            return _Magnitude(e.args[0])
+        return (_Largest if isinstance(e, sympy.Max) else _Smallest)(*e.args)
+    return ex.replace(lambda e: isinstance(e, (sympy.Min, sympy.Max, sympy.Abs)) and e.has(wrt),
+                      swap)
+
+
+def diff(ex: sympy.Expr, wrt: sympy.Expr) -> sympy.Expr:
+    """sympy.diff with torch's values at kinks, in closed form (`wrt` a symbol)."""
+    return closed_form(_plain(sympy.diff(_stand_ins(ex, wrt), wrt)))
 
 
 def derivative(ex: sympy.Expr, wrt: sympy.Expr) -> sympy.Expr:
     """d ex / d wrt for an access (or symbol) `wrt`, in closed form. Raises NotDifferentiable
     if sympy leaves a Derivative behind."""
     x = sympy.Dummy("x", real=True)
-    d = closed_form(sympy.diff(ex.xreplace({wrt: x}), x).xreplace({x: wrt}))
+    d = diff(ex.xreplace({wrt: x}), x).xreplace({x: wrt})
     if d.has(sympy.Derivative, sympy.Subs, sympy.DiracDelta):
         raise NotDifferentiable(f"sympy leaves d({ex})/d({wrt}) unevaluated")
     return d
 
 
 def _vjp_clean(d: sympy.Expr) -> sympy.Expr:
-    d = closed_form(d)
-    if d.has(sympy.Derivative, sympy.Subs, sympy.DiracDelta) or d.has(sympy.floor, sympy.Mod):
+    # floor and modulo of a differentiated value stay behind as Derivative; of positions
+    # (t % 4 == 0) they are constants, and the kernels print them on integers
+    if d.has(sympy.Derivative, sympy.Subs, sympy.DiracDelta):
         raise NotDifferentiable(f"cannot differentiate through {d}")
     return d
 
@@ -71,7 +137,8 @@ def vjp_parts(expr: sympy.Expr, atoms: set, tag: int, taken: set[str] | None = N
     for every atom of the result (one of `atoms`: an access or a per-step symbol, or a
     placeholder) returns (atom, d expr / d atom, the placeholder's Sum or None), sorted. The
     derivative may read placeholders again: they are printed as their sums. Raises
-    NotDifferentiable for floor, modulo and derivatives sympy leaves unevaluated."""
+    NotDifferentiable for floor or modulo of a differentiated value and for derivatives sympy
+    leaves unevaluated."""
     sums: dict[sympy.Symbol, sympy.Sum] = {}
     taken = symbol_names(expr) if taken is None else taken
 
@@ -91,7 +158,7 @@ def vjp_parts(expr: sympy.Expr, atoms: set, tag: int, taken: set[str] | None = N
     back = {v: k for k, v in stand.items()}
     parts = []
     for atom in sorted(found, key=sympy.default_sort_key):
-        d = _vjp_clean(sympy.diff(plain, stand[atom]).xreplace(back).xreplace(sums))
+        d = _vjp_clean(diff(plain, stand[atom]).xreplace(back).xreplace(sums))
         parts.append((atom, d, sums.get(atom)))
     return parts
 

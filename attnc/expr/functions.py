@@ -9,9 +9,10 @@ Functions come in two sorts. Those with a sympy head of their own (`head`: exp, 
 ...) are evaluated, printed and differentiated through this table: the eager evaluator
 (backends/eager) maps the head to `torch`, the Triton printer to `triton`, and the custom heads'
 `fdiff` to `derivative` (sympy differentiates its own heads). The others lower to sympy's core
-algebra at parse time (relu is max(x, 0), sqrt is x**(1/2), where is a Piecewise): the core
-algebra's rules in the evaluator and the printer cover them, and `torch` is only their meaning,
-checked against those rules by tests/expr/test_functions.py for every entry and every backend.
+algebra at parse time (relu and clamp are Piecewise forms, or Max and Min of integers; sqrt is
+x**(1/2); where is a Piecewise): the core algebra's rules in the evaluator and the printer cover
+them, and `torch` is only their meaning, checked against those rules by
+tests/expr/test_functions.py for every entry and every backend.
 Adding a function is one entry here.
 """
 
@@ -132,6 +133,30 @@ def _where(c, a, b):
     return sympy.Piecewise((a, c), (b, True))
 
 
+# relu and clamp of integers (positions, indices) stay sympy's Max and Min, which the mask and
+# index analyses understand; nothing differentiates them. Of floats they are Piecewise forms
+# whose derivatives are torch autograd's at the kinks, where a plain Max/Min would share the
+# gradient (as torch.maximum does): relu passes nothing at x == 0, clamp passes the gradient
+# to x when x equals a bound, to lo where x < lo < hi and to hi otherwise outside [lo, hi].
+def relu(x):
+    if x.is_integer:
+        return sympy.Max(x, 0)
+    return sympy.Piecewise((x, x > 0), (0, True))
+
+
+def clamp(x, lo=None, hi=None):
+    """torch.clamp(x, lo, hi) = min(max(x, lo), hi); a missing bound is no bound."""
+    if all(a is None or a.is_integer for a in (x, lo, hi)):
+        out = x if lo is None else sympy.Max(x, lo)
+        return out if hi is None else sympy.Min(out, hi)
+    if hi is None:
+        return sympy.Piecewise((x, x >= lo), (lo, True))
+    if lo is None:
+        return sympy.Piecewise((x, x <= hi), (hi, True))
+    # lo > hi gives hi everywhere, as torch does
+    return sympy.Piecewise((x, (lo <= x) & (x <= hi)), (lo, (x < lo) & (lo < hi)), (hi, True))
+
+
 FUNCTIONS: tuple[Function, ...] = (
     Function("exp", (N,), sympy.exp, torch.exp, head=sympy.exp, triton="tl.exp({x})",
              flex=("exp",)),
@@ -159,10 +184,8 @@ FUNCTIONS: tuple[Function, ...] = (
              helper=_SOFTPLUS, derivative=sigmoid, flex=("softplus",)),
     Function("elu", (N,), elu, F.elu, head=elu, triton="_elu({x})", helper=_ELU,
              derivative=lambda x: sympy.Piecewise((1, x > 0), (sympy.exp(x), True))),
-    Function("relu", (N,), lambda x: sympy.Max(x, 0), torch.relu, flex=("relu",),
-             keeps_kind=True),
-    Function("clamp", (N, N, N), lambda x, lo, hi: sympy.Min(sympy.Max(x, lo), hi),
-             torch.clamp),
+    Function("relu", (N,), relu, torch.relu, flex=("relu",), keeps_kind=True),
+    Function("clamp", (N, N, N), clamp, torch.clamp),
     Function("min", (N, N), sympy.Min, torch.minimum, variadic=True),
     Function("max", (N, N), sympy.Max, torch.maximum, variadic=True),
     Function("where", (C, N, N), _where, torch.where),

@@ -87,6 +87,23 @@ class TensorDecl:
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Where the statement that defines `tensor` starts in the spec (1-based line and column);
+    the tensor "" stands for the block itself. Passes name tensors in their errors, and the
+    pipeline turns a name into this position."""
+
+    tensor: str
+    line: int
+    column: int
+
+
+def origin_of(origins: tuple[Origin, ...], tensor: str | None) -> Origin | None:
+    """The statement of `tensor`, else the block's; None when the IR was not built from text."""
+    by_name = {o.tensor: o for o in origins}
+    return by_name.get(tensor or "") or by_name.get("")
+
+
+@dataclass(frozen=True)
 class Einsum:
     """`name[ranks] = reduce(over) expr`; `reduce` is None for a pure map."""
 
@@ -245,6 +262,7 @@ class Cascade:
     # autodiff's result, or why the score cannot be differentiated
     backward: Backward | None = None
     no_backward: str | None = None
+    origins: tuple[Origin, ...] = ()
 
     def node(self, name: str) -> Node:
         for nd in self.nodes:
@@ -312,6 +330,7 @@ class AttentionSpec:
     normalize: Normalizer = Normalizer.SOFTMAX
     options: tuple[tuple[str, object], ...] = ()
     block_sparse: bool = False
+    origins: tuple[Origin, ...] = ()  # the block, "score" and "mask" statements
 
     def __str__(self) -> str:
         lines = [f"attention {self.name}" + ("  # block-sparse" if self.block_sparse else "")]
@@ -433,7 +452,8 @@ def qk_factor(c: Cascade, einsum: Einsum) -> sympy.Expr:
     if (einsum.reduce is not Reduce.SUM or einsum.over != ("e",) or factor.has(S.e)
             or factor.atoms(sympy.Indexed)):
         raise CompileError(f"{c.name}: {einsum.name} must be the q.k product "
-                           "sum(e) Q[m, e]*K[n, e] (times a factor free of e)")
+                           "sum(e) Q[m, e]*K[n, e] (times a factor free of e)",
+                           tensor=einsum.name)
     return factor
 
 

@@ -42,7 +42,7 @@ def compile_spec(src: Source, options: dict) -> Kernel | LinearKernel:
 def compile_ir(ir: FrontendIR, src: Source, options: dict, launch_overrides: dict,
                tune: bool | None = None) -> Kernel | LinearKernel:
     """Run the passes on frontend IR and build the family's kernel."""
-    trail = run_passes(ir)
+    trail = run_passes(ir, src=src)
     if isinstance(ir, LinearScan):
         return LinearKernel(src, options, ir, trail, tune)
     return Kernel(src, options, ir, trail, launch_overrides, tune)

@@ -18,22 +18,24 @@ checkpointed. Gradients reach q, k, v, every per-step input and param, and the i
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from attnc import autotune, cache
-from attnc.backends.eager.linear import (apply_maps, feature_dim, internal_state, public_state,
-                                         recurrence, state_shape)
+from attnc.backends.eager.linear import (apply_maps, environment, feature_dim, internal_state,
+                                         public_state, recurrence, state_shape)
 from attnc.backends.triton.linear import backward as chunked_backward
 from attnc.backends.triton.linear import core
 from attnc.backends.triton.linear.launch import (LinearConfig, chunk_tile, default_config, launch,
                                                  launch_recurrent_backward, tile, value_widths)
 from attnc.expr import symbols as S
 from attnc.expr.symbols import DK, DV, D, T
-from attnc.ir.linear import LinearScan
+from attnc.ir.linear import LinearScan, UpdateClass
 from attnc.ir.linear_kernel import Algorithm, ScanBackward, ScanPlan
+from attnc.library import call_checks
 from attnc.pipeline import IR, FrontendIR, Source
 from attnc.runtime import validate
 from attnc.runtime.base import CompiledKernel
@@ -57,6 +59,9 @@ class LinearKernel(CompiledKernel):
         self.chunk_size = self.plan.chunk_size
         self.states = tuple(s.name for s in self.scan.states)
         self.inputs = tuple(d.name for d in self.scan.decls)
+        # what a library variant requires of the call's sizes (attnc.library.ENTRIES)
+        self._requirements = call_checks(src.filename, src.text, self.scan.options,
+                                         ("B", "H", "T", "DK", "DV"))
 
     def __repr__(self) -> str:
         extra = f", inputs={list(self.inputs)}" if self.inputs else ""
@@ -105,6 +110,9 @@ class LinearKernel(CompiledKernel):
     def __call__(self, q, k, v, *, scale=None, initial_state=None, output_final_state=False,
                  cu_seqlens=None, algorithm=None, **inputs):
         chosen = self._algorithm(algorithm)
+        if not isinstance(output_final_state, bool):
+            raise ValueError(f"{self.name}: output_final_state must be True or False, got "
+                             f"{output_final_state!r}")
         tensors = self._validate(q, k, v, scale, inputs, cu_seqlens)
         if self.scan.maps:  # feature maps run in fp32; the kernel reads any dtype
             q, k = apply_maps(self.scan, q.float(), k.float(), inputs)
@@ -112,13 +120,46 @@ class LinearKernel(CompiledKernel):
         scale = dk ** -0.5 if scale is None else float(scale)
         N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         inits = self._initial(initial_state, N, q.shape[1], dk, dv, q.device)
-        outs = _apply(self, chosen, scale, cu_seqlens, list(tensors), q, k, v,
+        backward = self.plan.backward
+        wants_grad = torch.is_grad_enabled() and any(
+            x.requires_grad for x in (q, k, v, *tensors.values(), *inits))
+        if (chosen is Algorithm.CHUNKED or (backward is ScanBackward.CORE and wants_grad)) \
+                and not _fake(q) and not self.gates_fit(q, k, v, tensors, scale, cu_seqlens):
+            # gates the chunked form cannot hold in fp32: the recurrent kernel forward, and
+            # autograd through the recurrence backward (no chunked core kernels)
+            chosen, backward = Algorithm.RECURRENT, ScanBackward.EAGER
+        outs = _apply(self, chosen, backward, scale, cu_seqlens, list(tensors), q, k, v,
                       *tensors.values(), *inits)
         o, finals = outs[0], outs[1:]
         if not output_final_state:
             return o
         public = {s.name: public_state(s, f) for s, f in zip(self.scan.states, finals)}
         return o, (public[self.states[0]] if len(self.states) == 1 else public)
+
+    def gates_fit(self, q, k, v, tensors: dict, scale: float, cu=None) -> bool:
+        """Whether the chunked form holds these gates in fp32. A diagonal decay's intra-chunk
+        product splits exp(G_t - G_s) as exp(G_t) exp(-G_s), G the log decay summed from the
+        chunk's start: exact only while every chunk's summed |log decay| stays within
+        LOG_DECAY_LIMIT. A scalar decay forms exp(G_t - G_s) directly, but a -inf (or
+        overflowing) sum gives inf - inf. One pass over the log decays and one host sync."""
+        sch = self.scan.schedule
+        plans = [p for p in (sch.states if sch is not None and sch.chunked else ())
+                 if p.log_decay != 0]
+        if not plans:
+            return True
+        Tn = q.shape[2]
+        ev = environment(self.scan, q, k, v, tensors, scale,
+                         positions=chunked_backward.positions(Tn, cu, q.device))
+        bt = chunk_tile(self.plan, q.shape[-1])
+        worst, limits = [], []
+        for p in plans:
+            x = torch.as_tensor(ev(p.log_decay), device=q.device).float()
+            worst.append(_chunk_sum_bound(x, Tn, bt, cu is not None))
+            limits.append(LOG_DECAY_LIMIT if p.kind is UpdateClass.DIAGONAL_DECAY
+                          else math.inf)
+        # isfinite also sends NaN gates to the recurrent kernel
+        return all(math.isfinite(w) and w <= limit
+                   for w, limit in zip(torch.stack(worst).tolist(), limits))
 
     def _algorithm(self, algorithm) -> Algorithm:
         if algorithm is None:
@@ -161,6 +202,11 @@ class LinearKernel(CompiledKernel):
                                  f"{tuple(getattr(x, 'shape', ()))}")
             if x.device != q.device or not x.is_floating_point():
                 raise ValueError(f"{d.name} must be a floating tensor on {q.device}")
+        if self._requirements:
+            call = {"B": B, "H": H, "T": Tn, "DK": feature_dim(self.scan, q, inputs),
+                    "DV": v.shape[-1]}
+            for requirement in self._requirements:
+                requirement.check(self.name, call)
         return {d.name: inputs[d.name] for d in self.scan.step_tensors}
 
     def _initial(self, initial_state, N, H, dk, dv, device) -> list[torch.Tensor]:
@@ -180,11 +226,43 @@ class LinearKernel(CompiledKernel):
             x = given.get(s.name)
             if x is None:
                 x = torch.zeros(shape, device=device)
+            if not torch.is_tensor(x) or not x.is_floating_point():
+                raise ValueError(f"initial_state {s.name} must be a floating tensor "
+                                 f"{tuple(shape)}, got "
+                                 + (str(x.dtype) if torch.is_tensor(x) else type(x).__name__))
             if tuple(x.shape) != tuple(shape) or x.device != device:
                 raise ValueError(f"initial state {s.name} must be {tuple(shape)} on {device}, "
                                  f"got {tuple(x.shape)} on {x.device}")
             out.append(x)
         return out
+
+
+# The largest summed |log decay| over a chunk the diagonal-decay chunked form takes: exp(80)
+# is 5.5e34, below fp32's 3.4e38 with room for the products it multiplies.
+LOG_DECAY_LIMIT = 80.0
+
+
+def _chunk_sum_bound(x: torch.Tensor, Tn: int, bt: int, packed: bool) -> torch.Tensor:
+    """An upper bound of |x| summed over any chunk of bt steps, as a 0-d tensor. `x` is an
+    element-form value [B|1, H|1, T|1, I|1, J|1] (or a number). Chunks start at multiples of bt;
+    with packed sequences (cu_seqlens) they start at each sequence's start instead, so a chunk
+    lies within two aligned ones and their sum bounds it."""
+    mag = x.abs()
+    if mag.numel() == 0:  # no steps
+        return mag.new_zeros(())
+    if mag.dim() != 5 or mag.shape[2] != Tn:  # the same value every step
+        return mag.max() * min(bt, Tn)
+    mag = torch.nn.functional.pad(mag, (0, 0, 0, 0, 0, (-Tn) % bt))
+    sums = mag.unflatten(2, (-1, bt)).sum(3)
+    if packed and sums.shape[2] > 1:
+        sums = sums[:, :, 1:] + sums[:, :, :-1]
+    return sums.max()
+
+
+def _fake(x: torch.Tensor) -> bool:
+    """A FakeTensor (shape propagation under torch.compile, FakeTensorMode): nothing runs."""
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(x)
 
 
 @functools.lru_cache(maxsize=1)
@@ -217,11 +295,15 @@ class _LinearFunction(torch.autograd.Function):
     """Forward: the fused kernel. Backward: as the plan says (ScanBackward)."""
 
     @staticmethod
-    def forward(ctx, kernel: LinearKernel, algorithm: Algorithm, scale, cu, names: list[str],
-                q, k, v, *rest):
+    def forward(ctx, kernel: LinearKernel, algorithm: Algorithm, backward: ScanBackward, scale,
+                cu, names: list[str], q, k, v, *rest):
         tensors, inits = dict(zip(names, rest[:len(names)])), list(rest[len(names):])
-        o, finals = kernel._launch(algorithm, q, k, v, tensors, inits, scale, cu)
+        if _fake(q):  # shapes only, as the softmax kernels' fake implementation gives them
+            o, finals = _empty_outputs(kernel, q, v, cu)
+        else:
+            o, finals = kernel._launch(algorithm, q, k, v, tensors, inits, scale, cu)
         ctx.kernel, ctx.scale, ctx.cu, ctx.names = kernel, scale, cu, names
+        ctx.backward = backward
         ctx.save_for_backward(q, k, v, *rest)
         return (o, *finals)
 
@@ -232,17 +314,28 @@ class _LinearFunction(torch.autograd.Function):
         n = len(ctx.names)
         tensors, inits = dict(zip(ctx.names, rest[:n])), list(rest[n:])
         plan = kernel.plan
-        if plan.backward is ScanBackward.CORE:  # fused chunked core kernels, eager pro/epilogue
+        if _fake(do):
+            got: list = [torch.empty_like(x) for x in (q, k, v, *rest)]
+        elif ctx.backward is ScanBackward.CORE:  # fused chunked core kernels, eager pro/epilogue
             got = chunked_backward.backward(
                 plan, q, k, v, tensors, inits, ctx.scale, ctx.cu, do, list(dfinals),
                 chunk_tile(plan, q.shape[-1]), kernel.configure_core)
-        elif plan.backward is ScanBackward.RECURRENT:  # the generated fused backward
+        elif ctx.backward is ScanBackward.RECURRENT:  # the generated fused backward
             got = launch_recurrent_backward(kernel.module(), plan, q, k, v, tensors, inits,
                                             ctx.scale, ctx.cu, do.contiguous(), list(dfinals))
         else:
             got = _through_recurrence(kernel, q, k, v, tensors, inits, ctx.scale, ctx.cu, do,
                                       dfinals)
-        return (None, None, None, None, None, *got)
+        return (None, None, None, None, None, None, *got)
+
+
+def _empty_outputs(kernel: LinearKernel, q, v, cu) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Uninitialized outputs of the launch's shapes and dtypes: o like v's, fp32 states."""
+    B, H, Tn, dk = q.shape
+    N = B if cu is None else cu.shape[0] - 1
+    o = v.new_empty(B, H, Tn, v.shape[-1])
+    return o, [q.new_empty(state_shape(s, N, H, dk, v.shape[-1]), dtype=torch.float32)
+               for s in kernel.scan.states]
 
 
 def _through_recurrence(kernel: LinearKernel, q, k, v, tensors, inits, scale, cu, do,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import warnings
 
 import sympy
 import torch
@@ -24,6 +25,7 @@ from attnc.block_mask import BlockMask
 from attnc.expr import symbols as S
 from attnc.ir.cascade import TensorKind
 from attnc.ir.kernel import AttentionKernel
+from attnc.library import call_checks
 from attnc.passes.mask_bounds import monotone
 from attnc.pipeline import IR, FrontendIR, Source
 from attnc.runtime import validate
@@ -40,8 +42,9 @@ LAYOUT = {"q": "[B, H, M, D]", "k": "[B, H, N, D]", "v": "[B, H, N, Dv]"}
 class Kernel(CompiledKernel):
     """A compiled attention variant:
     `kernel(q, k, v, *, scale=None, return_lse=False, block_mask=None, **inputs)`; a block-sparse
-    kernel (compiled with block_sparse=True) requires `block_mask`, others refuse it. Outputs
-    are differentiable in q, k, v and every `param` that requires grad."""
+    kernel (compiled with block_sparse=True) requires `block_mask`, others refuse it; it masks
+    partial blocks with the spec's own mask and warns once when the block mask brings another
+    mask_mod. Outputs are differentiable in q, k, v and every `param` that requires grad."""
 
     def __init__(self, src: Source, options: dict, frontend_ir: FrontendIR,
                  trail: list[tuple[str, IR]], launch_overrides: dict,
@@ -55,6 +58,13 @@ class Kernel(CompiledKernel):
         self.packs_heads = packs_heads(self.kernel_ir)  # GQA heads may share programs
         self._op = _make_op(self)
         self._checks = _index_checks(self.kernel_ir)
+        # a block mask's mask_mod that is not this mask is ignored: warned about once
+        self._spec_mask = getattr(frontend_ir, "mask", None)
+        self._mask_mods_seen: dict[int, bool] = {}
+        self._mask_mod_warned = False
+        # what a library variant requires of the call's sizes (attnc.library.ENTRIES)
+        self._requirements = call_checks(src.filename, src.text,
+                                         getattr(frontend_ir, "options", ()), ("B", "H", "M", "N"))
         # Shapes as plain functions of (B, H, M, N): the call path runs no sympy, so dynamo can
         # trace it under torch.compile.
         self._shapes = [sympy.lambdify((S.B, S.H, S.M, S.N), list(d.dims), "math")
@@ -114,13 +124,24 @@ class Kernel(CompiledKernel):
         return Config(**{**cfg, **splits})
 
     def __call__(self, q, k, v, *, scale=None, return_lse=False, block_mask=None, **inputs):
+        return self._call(q, k, v, scale, return_lse, block_mask, inputs)
+
+    def _call(self, q, k, v, scale, return_lse, block_mask, inputs: dict,
+              own_mask_mod: bool = False):
+        """The call, with the keywords as arguments. `own_mask_mod`: the block mask's
+        mask_mod is this kernel's mask by construction (attnc.flex_attention traced it), so
+        there is nothing to warn about."""
+        if not isinstance(return_lse, bool):
+            raise ValueError(f"{self.name}: return_lse must be True or False, got "
+                             f"{return_lse!r}")
         extras = self._validate(q, k, v, scale, inputs)
-        lists, sizes = self._block_lists(q, k, block_mask)
+        lists, sizes = self._block_lists(q, k, block_mask, own_mask_mod)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         out, lse = self._op(q, k, v, extras, lists, sizes, scale)
         return (out, lse) if return_lse else out
 
-    def _block_lists(self, q, k, block_mask) -> tuple[list[torch.Tensor], list[int]]:
+    def _block_lists(self, q, k, block_mask, own_mask_mod: bool = False
+                     ) -> tuple[list[torch.Tensor], list[int]]:
         """The block mask's four lists broadcast to [B, H, ...], and its block sizes."""
         if not self.block_sparse:
             if block_mask is not None:
@@ -134,32 +155,45 @@ class Kernel(CompiledKernel):
                 raise ValueError(f"{self.name}: block_mask must be an attnc.BlockMask or a torch "
                                  f"BlockMask, got {type(block_mask).__name__}")
             block_mask = BlockMask.from_torch(block_mask)
+        if not own_mask_mod:
+            self._check_mask_mod(block_mask.mask_mod)
         B, H, M, _ = q.shape
-        N = k.shape[2]
+        block_mask.check_call(self.name, B, H, M, k.shape[2], q.device)
         bq, bkv = block_mask.BLOCK_SIZE
         for name, size in (("query", bq), ("key", bkv)):
             if size < 16 or size & (size - 1):
-                raise ValueError(f"{self.name}: the block mask's {name} block size is {size}; "
+                raise ValueError(f"{self.name}: block_mask's {name} block size is {size}; "
                                  "kernels need a power of two >= 16")
-        if tuple(block_mask.seq_lengths) != (M, N):
-            raise ValueError(f"{self.name}: the block mask is for lengths "
-                             f"{tuple(block_mask.seq_lengths)}, the call has (M, N) = ({M}, {N})")
-        mb, mh, qblocks, kblocks = block_mask.kv_indices.shape
-        if mb not in (1, B) or mh not in (1, H):
-            raise ValueError(f"{self.name}: the block mask has B={mb}, H={mh}; expected 1 or "
-                             f"the call's B={B}, H={H} (query heads)")
-        if qblocks < -(-M // bq) or kblocks < -(-N // bkv):
-            raise ValueError(f"{self.name}: the block mask has {qblocks} x {kblocks} blocks, too "
-                             f"few for lengths ({M}, {N}) with blocks {(bq, bkv)}")
-        if block_mask.device != q.device:
-            raise ValueError(f"{self.name}: the block mask is on {block_mask.device}, q is on "
-                             f"{q.device}; use block_mask.to(device)")
         # the key lists drive the forward and dq kernels, the query lists the dk/dv kernel
         lists = [t.expand(B, H, *t.shape[2:]) for t in (
             block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
             block_mask.full_kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
             block_mask.full_q_num_blocks, block_mask.full_q_indices)]
         return lists, [bq, bkv]
+
+    def _check_mask_mod(self, mask_mod) -> None:
+        """Warn (once per kernel) when a block mask brings a mask_mod other than this spec's
+        mask: the kernel masks partial blocks with its spec's mask only, so that mask_mod is
+        ignored. A no-op mask_mod, or one that traces to the spec's mask, is not warned about."""
+        # (not while torch.compile traces the call: tracing a mod is Python over sympy)
+        if self._mask_mod_warned or mask_mod is None or torch.compiler.is_compiling():
+            return
+        key = id(mask_mod)
+        if key not in self._mask_mods_seen:
+            if len(self._mask_mods_seen) > 64:  # mods re-created per call: keep this bounded
+                self._mask_mods_seen.clear()
+            self._mask_mods_seen[key] = _traces_to(mask_mod, self._spec_mask)
+        if self._mask_mods_seen[key]:
+            return
+        self._mask_mod_warned = True
+        name = getattr(mask_mod, "__name__", type(mask_mod).__name__)
+        warnings.warn(
+            f"{self.name}: the block mask's mask_mod {name!r} is ignored: a kernel compiled "
+            "with block_sparse=True uses the block mask's lists, and masks partial blocks with "
+            "its spec's own mask (" + (str(self._spec_mask) if self._spec_mask is not None
+                                        else "none") + "). Put the mask in the spec, or call "
+            "attnc.flex_attention to apply a mask_mod. (Warned once per kernel.)",
+            UserWarning, stacklevel=5)
 
     def _validate(self, q, k, v, scale, inputs) -> list[torch.Tensor]:
         validate.operands(self.name, LAYOUT, q=q, k=k, v=v)
@@ -184,6 +218,8 @@ class Kernel(CompiledKernel):
         validate.scale(self.name, scale)
         validate.known(self.name, inputs, self.inputs)
         N = k.shape[2]
+        for requirement in self._requirements:
+            requirement.check(self.name, {"B": B, "H": H, "M": M, "N": N})
         extras = []
         for decl, shape_of in zip(self.kernel_ir.inputs, self._shapes):
             if decl.name not in inputs:
@@ -217,6 +253,17 @@ class Kernel(CompiledKernel):
                     f"[{lo}, {hi}] for these shapes but the dimension has size {size}; clamp the "
                     "index in the spec (e.g. clamp(x, 0, size - 1))")
         return extras
+
+
+def _traces_to(mask_mod, mask) -> bool:
+    """Whether `mask_mod` is a no-op or traces to exactly `mask` (None: no mask). A mod the
+    tracer cannot read is not shown equal."""
+    from attnc.frontends.flex import Captures, trace_mask_mod
+    try:
+        traced = trace_mask_mod(mask_mod, Captures())
+    except Exception:  # any mod the tracer refuses: it cannot be the spec's mask
+        return False
+    return traced is sympy.true or (mask is not None and bool(traced == mask))
 
 
 def _index_checks(k: AttentionKernel):

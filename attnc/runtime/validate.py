@@ -41,6 +41,10 @@ def device(kernel: str, where: torch.device) -> None:
         raise ValueError(f"{kernel}: tensors are on the CPU but this process runs Triton "
                          "natively; use CUDA tensors, or set TRITON_INTERPRET=1 before "
                          "importing attnc to run on the CPU through Triton's interpreter")
+    if where.type == "meta":  # no data to run on; fake tensors carry shapes and a device
+        raise ValueError(f"{kernel}: device meta is not supported (cuda or cpu); for output "
+                         "shapes without running, call it on FakeTensorMode tensors (as "
+                         "torch.compile traces it)")
     if where.type not in ("cpu", "cuda"):
         raise ValueError(f"{kernel}: device {where} is not supported (cuda or cpu)")
 

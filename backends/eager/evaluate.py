@@ -9,11 +9,13 @@ floating), so a scalar branch never changes the dtype of what it is combined wit
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 
 import sympy
 import torch
+from sympy.logic.boolalg import BooleanFunction
 
 from attnc.expr.functions import BY_HEAD
 
@@ -85,8 +87,7 @@ class Evaluator:
         if isinstance(ex, sympy.Mod):
             return torch.remainder(self.tensor(args[0]), self.tensor(args[1]))
         if isinstance(ex, (sympy.Min, sympy.Max)):
-            fn = torch.minimum if isinstance(ex, sympy.Min) else torch.maximum
-            return _fold(lambda a, b: fn(self.tensor(a), self.tensor(b)), args)
+            return self._extremum(isinstance(ex, sympy.Max), args)
         if ex.func in _RELATION:
             return _RELATION[ex.func](self.tensor(args[0]), self.tensor(args[1]))
         if isinstance(ex, sympy.And):
@@ -95,7 +96,23 @@ class Evaluator:
             return _fold(lambda a, b: torch.logical_or(self.tensor(a), self.tensor(b)), args)
         if isinstance(ex, sympy.Not):
             return torch.logical_not(self.tensor(args[0]))
+        if isinstance(ex, sympy.ITE):  # sympy's form of a comparison of a Piecewise
+            cond, yes, no = (self.tensor(a) for a in args)
+            return torch.where(cond, yes, no)
+        if isinstance(ex, BooleanFunction):  # Xor, Implies, Equivalent, Nand, Nor
+            return self(sympy.to_nnf(ex, simplify=False))
         raise NotImplementedError(f"cannot evaluate {ex.func.__name__} in {ex}")
+
+    def _extremum(self, largest: bool, args: list) -> torch.Tensor:
+        """min or max with torch autograd's gradient at ties, which attnc's derivatives follow
+        (attnc.expr.derivatives): torch.maximum gives each of two equal arguments half, and
+        amax over more arguments shares evenly among those equal to the result."""
+        vals = [self.tensor(a) for a in args]
+        if len(vals) == 2:
+            return (torch.maximum if largest else torch.minimum)(*vals)
+        dtype = functools.reduce(torch.promote_types, (v.dtype for v in vals))
+        stacked = torch.stack(torch.broadcast_tensors(*(v.to(dtype) for v in vals)))
+        return stacked.amax(0) if largest else stacked.amin(0)
 
     def _piecewise(self, ex: sympy.Piecewise) -> torch.Tensor:
         result = self.tensor(self(ex.args[-1][0]))

@@ -67,12 +67,13 @@ def environment(scan: LinearScan, q, k, v, inputs: dict, scale: float, step=None
     env[read("k", ("i",))] = seq(k)[..., :, None]
     env[read("v", ("j",))] = seq(v)[..., None, :]
     lead = (1, H) + (() if step is not None else (1,))
-    env[S.h] = torch.arange(H, device=q.device, dtype=q.dtype).view(*lead, 1, 1)
+    # positions stay integers (t % 4 is integer modulo; in bf16, t = 257 would round to 256)
+    env[S.h] = torch.arange(H, device=q.device).view(*lead, 1, 1)
     if step is not None:
-        env[t] = float(step)
+        env[t] = int(step)
     else:
         pos = torch.arange(Tn, device=q.device) if positions is None else positions
-        env[t] = pos.to(q.dtype).view(1, 1, Tn, 1, 1)
+        env[t] = pos.long().view(1, 1, Tn, 1, 1)
     for d in scan.step_tensors:
         if d.name not in inputs:
             continue

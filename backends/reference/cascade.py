@@ -45,6 +45,12 @@ class _Run:
         self.inputs = inputs
         self.scale = scale
 
+    def scores(self, ex) -> torch.Tensor:
+        """Scores over [B, H, m, n], as floats also where the score is an integer expression
+        (score = n - m): the online softmax starts its running max at -inf."""
+        val = self.full(self.evaluator(("m", "n"))(ex), ("m", "n"))
+        return val if val.is_floating_point() else val.to(self.q.dtype)
+
     def evaluator(self, ranks: tuple[str, ...], extra: dict | None = None) -> Evaluator:
         """An Evaluator over [B, H, *ranks]; `extra` adds or overrides symbols."""
         nd = 2 + len(ranks)
@@ -104,7 +110,7 @@ def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict |
                 val = extremum(val, axes, nd.reduce is Reduce.MAX)
             run.env[nd.name] = (val, nd.ranks)
         else:
-            scores = run.full(run.evaluator(("m", "n"))(nd.scores), ("m", "n"))
+            scores = run.scores(nd.scores)
             if c.bounds is not None and tiles is not None:
                 scores = _apply_bounds(c, run, scores, tiles)
             value = run.full(run.evaluator(("n", "f"))(nd.value), ("n", "f"))
@@ -186,7 +192,7 @@ def _apply_bounds(c: Cascade, run: _Run, scores, tiles):
     for i, visits in enumerate(tile_schedule(c.bounds.segments, run.M, run.N, bm, bn)):
         for start, masked in visits:
             plan[i * bm:(i + 1) * bm, start:start + bn] = 2 if masked else 1
-    unmasked = run.full(run.evaluator(("m", "n"))(c.bounds.score), ("m", "n"))
+    unmasked = run.scores(c.bounds.score)
     eff = torch.where(plan == 1, unmasked, scores)
     return torch.where(plan == 0, torch.full_like(eff, -math.inf), eff)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import sympy
+from sympy.logic.boolalg import BooleanFunction
 
 from attnc.expr.functions import BY_HEAD, FUNCTIONS, helper_name
 
@@ -41,9 +42,17 @@ _POW = '''@triton.jit
 def _pow(x, y):
     return tl.exp2(y * tl.log2(x))
 '''
+_IPOW = '''@triton.jit
+def _ipow(x, n):
+    # x ** n for an integer n that is no constant (x ** h): a negative x is fine, as in torch;
+    # the magnitude through exp2, negated for odd n; x ** 0 is 1, also for x == 0
+    r = tl.exp2(n * tl.log2(tl.abs(x)))
+    r = tl.where(n == 0, 1.0, r)
+    return tl.where((x < 0) & (n % 2 != 0), -r, r)
+'''
 # Every helper's source by name, in the order generated modules list them.
 HELPERS = {**_CORE_HELPERS, **{helper_name(f): f.helper for f in FUNCTIONS if f.helper},
-           "_pow": _POW}
+           "_pow": _POW, "_ipow": _IPOW}
 HELPER_DEPS = {"_floor_mod": ("_floor_div",)}
 
 
@@ -124,6 +133,11 @@ class TritonPrinter:
             return self._logic(ex)
         if isinstance(ex, sympy.Not):
             return f"(~{self.p(ex.args[0])})"
+        if isinstance(ex, sympy.ITE):  # sympy's form of a comparison of a Piecewise
+            cond, yes, no = ex.args
+            return f"tl.where({self.p(cond)}, {self.p(yes)}, {self.p(no)})"
+        if isinstance(ex, BooleanFunction):  # Xor, Implies, Equivalent, Nand, Nor
+            return self.p(sympy.to_nnf(ex, simplify=False))
         if ex.func in BY_HEAD:  # the op table's functions (attnc.expr.functions)
             entry = BY_HEAD[ex.func]
             if entry.helper is not None:
@@ -184,9 +198,9 @@ class TritonPrinter:
         if base.is_Number and base.is_positive and not exp.is_Number:
             # c**x = exp2(x * log2(c)), e.g. FlexAttention's ALiBi slopes torch.exp2(...)
             factor = "" if base == 2 else f" * {math.log2(float(base))!r}"
-            return f"tl.exp2({self.p(exp)}{factor})"
+            return f"tl.exp2({self._float(exp)}{factor})"
         if exp == sympy.Rational(1, 2):
-            return f"tl.sqrt({self.p(base)})"
+            return f"tl.sqrt({self._float(base)})"
         if exp == -1:
             return f"(1.0 / {self.p(base)})"
         if exp.is_Integer and 0 < exp <= 4:
@@ -195,4 +209,6 @@ class TritonPrinter:
         if exp.is_Integer and -4 <= exp < 0:
             b = self.p(base)
             return "(1.0 / (" + " * ".join([b] * int(-exp)) + "))"
-        return f"{self.use('_pow')}({self.p(base)}, {self.p(exp)})"
+        if exp.is_integer:
+            return f"{self.use('_ipow')}({self._float(base)}, {self.p(exp)})"
+        return f"{self.use('_pow')}({self._float(base)}, {self._float(exp)})"

@@ -124,3 +124,28 @@ def test_a_broken_kernel_is_reported(tmp_path):
     job["path"] = str(broken)
     proc, results = _run([job], tmp_path)
     assert proc.returncode == 1 and not results[0]["ok"]
+
+
+def test_kinks_nestings_and_integer_positions_compile_for_sm90(tmp_path):
+    """Generated code the interpreter alone would let through: a where under min, whose
+    backward reads sympy's ITE and the 1/2 of a tie (== branches); a power by the head index
+    (_ipow); a block-sparse mask that is False; linear kernels reading t and h as integers
+    (t % 4, h % 2, sqrt(t + 1)), chunked and recurrent, and a generated scan backward through
+    max, relu, abs and clamp."""
+    from tests.test_kinks import KINKED_SCAN, NESTINGS
+    from tests.test_linear_positions import RESET, STEPPED
+
+    def spec(name):
+        score, mask, *_ = NESTINGS[name]
+        return attnc.compile(f"attention {name} {{\n  param p[h]\n  score = {score}\n"
+                             + (f"  mask = {mask}\n" if mask else "") + "}\n")
+
+    jobs = aot_jobs.jobs_for(spec("min_of_where"))[2:]  # preprocess, dq, dk/dv
+    jobs += aot_jobs.jobs_for(spec("power_by_head"), backward=False)[:1]
+    jobs += aot_jobs.jobs_for(attnc.compile("attention never {\n  mask = n < 0\n}\n",
+                                            block_sparse=True), backward=False)[:1]
+    for text in (RESET, STEPPED, KINKED_SCAN):
+        jobs += aot_jobs.linear_jobs_for(attnc.compile(text), dk=64, dv=64)
+    assert sum(j["function"].endswith("_recurrent_bwd") for j in jobs) == 2
+    assert sum(j["function"].endswith("_chunked") for j in jobs) == 1
+    _check(jobs, tmp_path)

@@ -131,6 +131,14 @@ def test_not_differentiable_score_keeps_the_forward():
     assert c.backward is None and "unevaluated" in c.no_backward
 
 
+def test_an_undefined_derivative_keeps_the_forward_and_says_why():
+    """log(relu(s)) divides by zero where s <= 0: no backward, rather than a kernel generator
+    that meets an infinite constant."""
+    spec = "attention logrelu {\n  score = log(relu(dot(q, k)))\n}\n"
+    c = _scheduled(Source(spec, "<test>"))
+    assert c.backward is None and "infinite or undefined" in c.no_backward
+
+
 def test_derivative_writes_steps_as_piecewise():
     x = S.access("QK", S.m, S.n)
     for ex, at_2, at_minus_2 in ((sympy.Max(x, 0), 1, 0), (sympy.Abs(x), 1, -1)):

@@ -72,6 +72,7 @@ def test_class_details():
     ("S[i, j] - beta * k[i] * (sum(i) k[i] * S[i, j]) + beta * k[i] * v[j]", "delta_rule"),
     ("exp(g) * S[i, j] + beta * k[i] * (v[j] - exp(g) * sum(i) k[i] * S[i, j])",
      "gated_delta_rule"),
+    ("where(t % 4 == 0, 0.5, 1) * S[i, j] + k[i] * v[j]", "scalar_decay"),
 ])
 def test_update_classes(update, kind):
     sch = scheduled(spec(update)).schedule
@@ -87,6 +88,9 @@ def test_update_classes(update, kind):
     ("S[i, j] + beta * k[i] * (v[j] - sum(i) q[i] * S[i, j])", None, "not a * beta * w[i]"),
     ("S[i, j] + k[i] * sum(j) S[i, j]", None, "not a (gated) delta rule"),
     ("-S[i, j] + k[i] * v[j]", None, "not positive"),
+    # a reset: log 0 has no place in the chunked form's summed log decays
+    ("where(t % 4 == 0, 0, S[i, j]) + k[i] * v[j]", None, "not positive"),
+    ("where(beta > 0.5, -1, 1) * S[i, j] + k[i] * v[j]", None, "not positive"),
     ("S[i, j] + k[i] * v[j]", "sum(i) q[i] * exp(S[i, j])", "the output reads a state"),
 ])
 def test_perturbed_updates_fall_back_with_a_reason(update, output, reason):

@@ -120,3 +120,19 @@ def test_unsound_bounds_are_caught_by_the_interpreter():
     good = interpret(bounded, q, k, v, tiles=TILES)
     bad = interpret(broken, q, k, v, tiles=TILES)
     assert not torch.allclose(good["out"], bad["out"])
+
+
+def test_an_integer_score_is_interpreted_as_floats():
+    """score = n - m, no mask: the scores are integers, and the online-softmax scan (running
+    max from -inf) runs them as floats, against a dense softmax of the same."""
+    from tests.reference import masked_softmax
+    _, trail = _trail("attention positions {\n  score = n - m\n}\n")
+    q, k, v, _ = _operands(SHAPES[1], seed=6)
+    m, n = torch.arange(q.shape[2]).view(-1, 1), torch.arange(k.shape[2]).view(1, -1)
+    want_out, want_lse = masked_softmax((n - m).double().expand(2, 4, -1, -1),
+                                        torch.ones((), dtype=torch.bool),
+                                        v.repeat_interleave(2, dim=1))
+    for ir in [ir for _, ir in trail if isinstance(ir, Cascade)]:
+        got = interpret(ir, q, k, v, tiles=TILES)
+        torch.testing.assert_close(got["out"], want_out, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got["lse"], want_lse, rtol=1e-9, atol=1e-9)

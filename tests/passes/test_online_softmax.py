@@ -61,7 +61,7 @@ def test_scaled_cascade_matches_the_default_score():
 
 def test_chain_read_elsewhere_is_not_rewritten():
     """If an intermediate (here SD) is also an output of another node, the chain stays."""
-    src = FUSEMAX_3PASS.replace("}\n", "  X[m] = SD[m] * 2\n}\n")
+    src = FUSEMAX_3PASS.replace("}\n", "  X[m, f] = AV[m, f] * SD[m]\n}\n")
     c = _cascade(src)
     assert online_softmax.run(c) == c
 

@@ -162,7 +162,6 @@ def _program_prologue(c: CodeBuilder) -> None:
         c("bos = 0")
         c("seq_len = T")
         c("bb = n")
-    c("hh_f = hh.to(tl.float32)")
     c("offs_i = tl.arange(0, BK)")
     c("offs_j = pv * BV + tl.arange(0, BV)")
     c("mask_i = offs_i < DK")
@@ -217,7 +216,10 @@ def _decl_offset(d, time: str | None, feature: dict, nm: ScanNames) -> str:
 # --- the recurrent kernel ----------------------------------------------------------------------
 def _names(scan: LinearScan, suffix: str, nm: ScanNames) -> dict:
     """Kernel variable names of the per-step values: q_t, x_beta_t, ... (q_c, ... in chunks)."""
-    names = {S.scale: "scale", S.h: "hh_f", S.H: "H", DK: "DK", DV: "DV", t: "t_f"}
+    # t and h are integers, as sympy knows them: t % 4 prints as integer modulo, and the
+    # printer converts them where a float function takes them (t in int64: t * t may pass
+    # 2^31 on long sequences)
+    names = {S.scale: "scale", S.h: "hh", S.H: "H", DK: "DK", DV: "DV", t: "t_i"}
     for x, axis in (("q", "i"), ("k", "i"), ("v", "j")):
         names[read(x, (axis,))] = f"{x}_{suffix}"
     for d in scan.step_tensors:
@@ -243,7 +245,7 @@ def _emit_recurrent(c: CodeBuilder, scan: LinearScan,
                 c(f"x_{nm(d.name)}_t = {_step_load(d, 'bos', nm)}")
         with c.block("for tt in range(0, seq_len):"):
             c("row = bos + tt")
-            c("t_f = tt * 1.0")
+            c("t_i = tt + tl.zeros([1, 1], tl.int64)")
             emit_step_loads(c, scan, used, nm)
             for u in scan.updates:
                 s = scan.state(u.state)
@@ -321,7 +323,7 @@ def _emit_chunked(c: CodeBuilder, scan: LinearScan,
             c("tmask = tpos < seq_len")
             c("tm = tmask[:, None]")
             c("row = bos + tpos")
-            c("t_f = tpos.to(tl.float32)[:, None]")
+            c("t_i = tpos.to(tl.int64)[:, None]")
             emit_step_loads(c, scan, used, nm, chunk=True)
             for plan in sch.states:
                 _emit_state_chunk(c, scan, plan, pr, nm)

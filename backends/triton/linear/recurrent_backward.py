@@ -216,7 +216,7 @@ def emit(c: CodeBuilder, scan: LinearScan, names: dict, printer_cls, nm: ScanNam
             with c.block("for back in range(0, stop - start):"):
                 c("tt = stop - 1 - back")
                 c("row = bos + tt")
-                c("t_f = tt * 1.0")
+                c("t_i = tt + tl.zeros([1, 1], tl.int64)")
                 for n in states:
                     c(f"old_{nm(n)} = tl.load({slot('sc', n, 'tt - start')} + {offs[n]})")
                 emit_step_loads(c, scan, _everything(scan), nm)
@@ -277,7 +277,7 @@ def _forward_step(c: CodeBuilder, scan: LinearScan, pr, nm: ScanNames) -> None:
     for s in scan.states:
         pr.names[read(s.name, s.axes)] = f"st_{nm(s.name)}"
     c("row = bos + tt")
-    c("t_f = tt * 1.0")
+    c("t_i = tt + tl.zeros([1, 1], tl.int64)")
     emit_step_loads(c, scan, _everything(scan), nm)
     for u in scan.updates:
         s = scan.state(u.state)

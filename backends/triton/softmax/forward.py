@@ -163,8 +163,17 @@ def step_header(c: CodeBuilder, name: str, args: list[str], flags: tuple[str, ..
     c.call(f"def {name}(", params + [f"{f}: tl.constexpr" for f in flags], "):")
 
 
+def step_flags(k: AttentionKernel) -> tuple[str, ...]:
+    """The forward step's constexpr flags. MASKED: the tile may reach past N (keys are bounds-
+    checked) and needs the mask. A block-sparse kernel adds MASK_MOD: a full block's last tile
+    may reach past N yet must run without the mask (full blocks skip the mask, as
+    FlexAttention's do), so there MASKED bounds-checks and MASK_MOD says whether to mask."""
+    return ("MASKED", "MASK_MOD", "IEEE", "UPCAST") if k.block_sparse else \
+        ("MASKED", "IEEE", "UPCAST")
+
+
 def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> None:
-    step_header(c, nm.entry("step"), _step_args(k, nm), ("MASKED", "IEEE", "UPCAST"))
+    step_header(c, nm.entry("step"), _step_args(k, nm), step_flags(k))
     with c.indented():
         c('"""One key tile: scores, optional mask, online-softmax update."""')
         c("offs_n = start_n + tl.arange(0, BLOCK_N)")
@@ -186,8 +195,13 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: Kernel
         else:  # a score without q.k still needs the tile's shape
             c(f"s = {pr(k.score)} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32)")
         with c.block("if MASKED:"):
-            visible = S.n < S.N if k.mask is None else sympy.And(S.n < S.N, k.mask)
-            c(f"s = tl.where({pr(visible)}, s, float(\"-inf\"))")
+            if k.block_sparse and k.mask is not None:
+                c(f"s = tl.where({pr(S.n < S.N)}, s, float(\"-inf\"))")
+                with c.block("if MASK_MOD:"):
+                    c(f"s = tl.where({pr(k.mask)}, s, float(\"-inf\"))")
+            else:
+                visible = S.n < S.N if k.mask is None else sympy.And(S.n < S.N, k.mask)
+                c(f"s = tl.where({pr(visible)}, s, float(\"-inf\"))")
         c("m_new = tl.maximum(m_i, tl.max(s, 1))")
         c("# rows that have seen no visible key keep max -inf; shift by 0 there to avoid inf - inf")
         c('m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)')
@@ -288,6 +302,9 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
         c("l_safe = tl.where(empty, 1.0, l_i)")
         c("out = acc / l_safe[:, None]")
         c('lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))')
+        c("# a +inf score makes l_i inf - inf = NaN; its logsumexp is +inf (out stays NaN, as")
+        c("# torch's softmax gives it)")
+        c('lse = tl.where(m_i == float("inf"), m_i, lse)')
         c("split = tl.program_id(2).to(tl.int64)")
         c("o_ptrs = (Out + split * stride_os + b.to(tl.int64) * stride_ob + h * stride_oh")
         c("          + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)")
@@ -297,9 +314,13 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
     return contract
 
 
-def _step_call(c: CodeBuilder, k: AttentionKernel, nm: KernelNames, masked: str) -> None:
-    c.call(f"acc, l_i, m_i = {nm.entry('step')}(", _step_args(k, nm) + [
-        f"MASKED={masked}", "IEEE=IEEE", "UPCAST=UPCAST"])
+def _step_call(c: CodeBuilder, k: AttentionKernel, nm: KernelNames, masked: str,
+               mask_mod: str | None = None) -> None:
+    """A step call; `mask_mod` (block-sparse kernels) defaults to `masked`."""
+    flags = [f"MASKED={masked}"] + ([f"MASK_MOD={mask_mod or masked}"] if k.block_sparse
+                                    else [])
+    c.call(f"acc, l_i, m_i = {nm.entry('step')}(", _step_args(k, nm) + flags + [
+        "IEEE=IEEE", "UPCAST=UPCAST"])
 
 
 def emit_segment_walk(c: CodeBuilder, segments, call, extent: str, block: str, var: str,
@@ -345,8 +366,9 @@ def _emit_block_lists(c: CodeBuilder, k: AttentionKernel, nm: KernelNames) -> No
                 if masked:
                     _step_call(c, k, nm, "True")
                 else:
-                    c("# a full block's last tile may run past N: bounds-check it")
+                    c("# a full block's last tile may run past N: bounds-check it, still "
+                      "without the mask")
                     with c.block("if start_n + BLOCK_N <= N:"):
                         _step_call(c, k, nm, "False")
                     with c.block("else:"):
-                        _step_call(c, k, nm, "True")
+                        _step_call(c, k, nm, "True", mask_mod="False")

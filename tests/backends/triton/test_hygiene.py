@@ -28,7 +28,8 @@ LINEAR_PREFIXES = ("x_", "sx_", "dx_", "acc_", "st_", "init_", "final_", "new_",
 def _declarable(name: str, block: str) -> bool:
     """Whether a spec can declare a tensor called `name` (not a keyword of the language, not
     one of its reserved names)."""
-    text = (f"attention t {{\n  param {name}[h]\n}}\n" if block == "attention" else
+    text = (f"attention t {{\n  param {name}[h]\n  score = dot(q, k) + {name}[h]\n}}\n"
+            if block == "attention" else
             f"linear t {{\n  input {name}[b, h, t]\n  state st[i, j]\n"
             "  st[i, j] = st[i, j] + k[i] * v[j]\n  o[j] = sum(i) q[i] * st[i, j]\n}\n")
     try:
