@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from attnc.frontends.limits import INT_LIMIT
+
 
 def _root() -> Path:
     return Path(str(resources.files("attnc.variant_files")))
@@ -132,8 +134,8 @@ def check_options(filename: str, text: str, options: Mapping[str, object]) -> No
         domain = entry.options.get(option)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if isinstance(value, int) and abs(value) > 2**31:
-            continue  # beyond int32: the frontend refuses it, naming the option
+        if isinstance(value, int) and abs(value) > INT_LIMIT:
+            continue  # beyond int32: the frontend's limits refuse it, naming the option
         if domain is not None and not domain.admits(float(value)):
             shown = int(value) if float(value).is_integer() else float(value)
             raise ValueError(f"{name}: option {option} must be {domain}, got {shown}")
