@@ -10,6 +10,9 @@ FlexAttention's API, on the same compiler:
     block_mask = attnc.create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN)
     attnc.and_masks / attnc.or_masks / attnc.noop_mask / attnc.BlockMask
 
+Any other normalizer or cascade (sigmoid, l1, standardized, Sinkhorn, sinks, gates, scans, ...)
+compiles to an `attnc.CascadeKernel`: its schedule's stage kernels, called the same way.
+
 State-update (linear) attention: `linear` specs compile to an `attnc.LinearKernel`
 (kernel(q, k, v, initial_state=..., output_final_state=True, cu_seqlens=..., **inputs)), and
 `attnc.ops` has flash-linear-attention-style functions (chunk_gla, fused_recurrent_gla, ...), and
@@ -27,13 +30,14 @@ from attnc.errors import CompileError, SpecError
 
 __all__ = ["compile", "load", "variants", "Kernel", "SpecError", "CompileError", "__version__",
            "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks",
-           "noop_mask", "LinearKernel", "ops", "sparse"]
+           "noop_mask", "LinearKernel", "CascadeKernel", "ops", "sparse"]
 
 # Loaded on first use: importing attnc stays cheap (no torch, Triton or sympy until needed).
 _LAZY = {"Kernel": "attnc.runtime.softmax", "flex_attention": "attnc.flex",
          "create_block_mask": "attnc.block_mask", "BlockMask": "attnc.block_mask",
          "and_masks": "attnc.block_mask", "or_masks": "attnc.block_mask",
-         "noop_mask": "attnc.block_mask", "LinearKernel": "attnc.runtime.linear"}
+         "noop_mask": "attnc.block_mask", "LinearKernel": "attnc.runtime.linear",
+         "CascadeKernel": "attnc.runtime.cascade"}
 _MODULES = ("ops", "sparse")
 
 if "torch" in sys.modules:  # pick Triton's mode (interpreter without CUDA) before others import it

@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     from attnc import __version__
 
     # SHOW_STAGES is a constant of the pipeline; listed here so `--help` works without importing it
-    stages = ("parse", "cascade", "desugar", "pass_count", "online_softmax", "mask_bounds",
-              "tile", "autodiff", "fuse", "kernel", "triton", "chunk_scan", "tile_scan")
+    stages = ("parse", "cascade", "desugar", "pass_count", "online_softmax", "online_rescale",
+              "mask_bounds", "tile", "autodiff", "schedule", "fuse", "kernel", "triton",
+              "chunk_scan", "tile_scan")
     parser = argparse.ArgumentParser(
         prog="attnc", description="A compiler for attention variants: specs in, fused Triton "
         "kernels out. SPEC is a .attn file, a library variant name or DSL text.")

@@ -53,21 +53,28 @@ def describe(name: str) -> str:
 @dataclass(frozen=True)
 class Domain:
     """Values an option may take: finite, an integer when `integer`, at least `low` (more than
-    `low` when `strict`)."""
+    `low` when `strict`), at most `high` when given."""
 
     integer: bool
     low: float
     strict: bool = False
+    high: float | None = None
 
     def admits(self, value: float) -> bool:
         if not math.isfinite(value) or (self.integer and not float(value).is_integer()):
+            return False
+        if self.high is not None and value > self.high:
             return False
         return value > self.low if self.strict else value >= self.low
 
     def __str__(self) -> str:
         kind = "an integer" if self.integer else "a finite number"
-        low = int(self.low) if float(self.low).is_integer() else self.low
-        return f"{kind} {'>' if self.strict else '>='} {low}"
+        text = f"{kind} {'>' if self.strict else '>='} {_shown(self.low)}"
+        return text if self.high is None else f"{text} and <= {_shown(self.high)}"
+
+
+def _shown(bound: float) -> int | float:
+    return int(bound) if float(bound).is_integer() else bound
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,8 @@ POSITIONS = Domain(integer=True, low=1)      # a count of positions (window, chu
 COUNT = Domain(integer=True, low=0)          # a count that may be zero (sinks, a prefix)
 POSITIVE = Domain(integer=False, low=0, strict=True)
 EPSILON = Domain(integer=False, low=0)
+# an extra cascade rank (`rank c = groups`) is unrolled into one copy per value: 1 to 16
+EXTRA_RANK = Domain(integer=True, low=1, high=16)
 
 ENTRIES: dict[str, Entry] = {
     "sliding_window": Entry({"window": POSITIONS}),
@@ -109,6 +118,10 @@ ENTRIES: dict[str, Entry] = {
     "hedgehog": Entry({"features": POSITIONS, "eps": EPSILON}),
     "lightning": Entry({"eps": EPSILON}),
     "flowformer": Entry({"eps": EPSILON}),
+    "sinkhorn": Entry({"iters": POSITIONS, "tau": POSITIVE}),    # tau = 0 divides by zero
+    "grouped": Entry({"groups": EXTRA_RANK}, (
+        Requirement("N >= groups", "k",
+                    "every group of keys must hold a key: an empty group's softmax is 0 / 0"),)),
 }
 
 

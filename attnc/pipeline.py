@@ -1,7 +1,8 @@
 """The compiler pipeline, as one visible list per family.
 
-    parse -> cascade (frontend IR) -> desugar -> pass_count -> online_softmax -> mask_bounds
-          -> tile -> autodiff -> fuse (kernel IR) -> kernel (+ the backend's kernels) -> triton
+    parse -> cascade (frontend IR) -> desugar -> pass_count -> online_softmax -> online_rescale
+          -> mask_bounds -> tile -> autodiff -> schedule -> fuse (kernel IR)
+          -> kernel (+ the backend's kernels) -> triton
 
 A `linear` block (a state-update scan) takes its own short pipeline:
 
@@ -31,19 +32,22 @@ from attnc.ir.cascade import AttentionSpec, Cascade, format_cascade, origin_of, 
 from attnc.ir.kernel import AttentionKernel, format_kernel, verify_kernel
 from attnc.ir.linear import LinearScan, format_scan, verify_scan
 from attnc.ir.linear_kernel import ScanPlan, format_plan, verify_plan
+from attnc.ir.stage_kernel import CascadePlan, format_plan as format_stages
+from attnc.ir.stage_kernel import verify_plan as verify_stages
 from attnc.library import check_options, variant_path
 from attnc.passes import (Pass, PassKind, autodiff, chunk_scan, desugar, fuse, mask_bounds,
-                          online_softmax, pass_count, tile, tile_scan)
+                          online_rescale, online_softmax, pass_count, schedule, tile, tile_scan)
 
 PASSES: tuple[Pass, ...] = (desugar.PASS, pass_count.PASS, online_softmax.PASS,
-                            mask_bounds.PASS, tile.PASS, autodiff.PASS, fuse.PASS)
+                            online_rescale.PASS, mask_bounds.PASS, tile.PASS, autodiff.PASS,
+                            schedule.PASS, fuse.PASS)
 LINEAR_PASSES: tuple[Pass, ...] = (chunk_scan.PASS, tile_scan.PASS)
 STAGES = ("parse", "cascade") + tuple(p.name for p in PASSES) + ("kernel", "triton")
 LINEAR_STAGES = ("parse", "cascade") + tuple(p.name for p in LINEAR_PASSES) + ("kernel", "triton")
 SHOW_STAGES = STAGES + tuple(s for s in LINEAR_STAGES if s not in STAGES)
 
 FrontendIR = AttentionSpec | Cascade | LinearScan
-IR = AttentionSpec | Cascade | AttentionKernel | LinearScan | ScanPlan
+IR = AttentionSpec | Cascade | AttentionKernel | CascadePlan | LinearScan | ScanPlan
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,8 @@ def verify_ir(ir: IR) -> None:
         verify(ir)
     elif isinstance(ir, AttentionKernel):
         verify_kernel(ir)
+    elif isinstance(ir, CascadePlan):
+        verify_stages(ir)
     elif isinstance(ir, LinearScan):
         verify_scan(ir)
     elif isinstance(ir, ScanPlan):
@@ -155,10 +161,12 @@ def format_ir(ir: IR) -> str:
         return format_cascade(ir, passes=pass_count.count(ir))
     if isinstance(ir, AttentionKernel):
         return format_kernel(ir)
+    if isinstance(ir, CascadePlan):
+        return format_stages(ir)
     return str(ir)
 
 
-def format_kernels(ir: AttentionKernel | ScanPlan) -> str:
+def format_kernels(ir: AttentionKernel | CascadePlan | ScanPlan) -> str:
     """The `kernel` stage: the kernel IR, then the kernels the backend generates from it."""
     from attnc.backends.triton import codegen  # torch and Triton load only for these stages
     text = format_ir(ir).rstrip("\n")

@@ -25,7 +25,7 @@ from benchmarks import common
 
 SUITES = {"softmax": "benchmarks.softmax", "linear": "benchmarks.linear",
           "decode": "benchmarks.decode", "compile_latency": "benchmarks.compile_latency",
-          "block_mask": "benchmarks.block_mask_setup"}
+          "block_mask": "benchmarks.block_mask_setup", "compiled": "benchmarks.compiled"}
 # block_mask_setup predates the common flags: its sizes for a quick run, and no autotuning
 BLOCK_MASK_QUICK = ["--lengths", "256", "512", "--torch-max", "512", "--repeat", "1",
                     "--block", "64"]
@@ -33,7 +33,8 @@ SHORT = {"softmax": ["--head-dims", "128", "--lengths", "4096", "16384"],
          "linear": ["--head-dims", "128", "--lengths", "4096"],
          "decode": ["--batches", "1", "16", "--cache", "4096", "131072"],
          "compile_latency": ["--specs", "causal", "alibi"],
-         "block_mask": ["--lengths", "8192", "32768", "131072", "--torch-max", "32768"]}
+         "block_mask": ["--lengths", "8192", "32768", "131072", "--torch-max", "32768"],
+         "compiled": []}
 
 
 def suite_argv(name: str, args) -> list[str]:

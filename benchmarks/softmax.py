@@ -1,4 +1,6 @@
-"""Softmax attention, forward and backward: attnc against FlexAttention, SDPA and FlashAttention-2.
+"""Softmax attention, forward and backward: attnc against FlexAttention, SDPA and FlashAttention-2;
+and the library's other normalizers (sigmoid, softplus, relu, standardized, Sinkhorn, a sink
+logit, grouped, stick-breaking), which only attnc runs, at the same sizes.
 
     python -m benchmarks.softmax [--quick] [--device cuda|cpu] [--autotune/--no-autotune]
                                  [--out FILE] [--specs causal alibi ...] [--lengths 1024 4096]
@@ -10,7 +12,10 @@ express it: FlexAttention (score_mod / mask_mod, a torch BlockMask built once, o
 `torch.nn.functional.scaled_dot_product_attention` (causal only, `is_causal=True`, forced onto
 the flash backend on CUDA) and `flash_attn` (causal, sliding window, ALiBi, softcap, and the
 document mask as packed variable-length sequences). A peer that cannot express a spec, is not
-installed or fails shows "-" with the reason in a footnote; the suite carries on.
+installed or fails shows "-" with the reason in a footnote; the suite carries on. The peers all
+compute a softmax, so the normalizer specs (NORMALIZER_SPECS) time attnc alone: their rows sit
+next to the softmax rows of the same shape (causal ones next to `causal`, bidirectional ones
+next to what `causal` costs at twice the visible pairs).
 
 Before timing, attnc's output (and for the backward dq, dk, dv) is compared with an eager fp32
 reference computed on a slice of the batch and heads; a relative error over the dtype's
@@ -34,7 +39,12 @@ import torch
 
 from benchmarks import common
 
-SPECS = ("causal", "sliding_window", "alibi", "softcap", "document", "prefix_lm", "block_sparse")
+SOFTMAX_SPECS = ("causal", "sliding_window", "alibi", "softcap", "document", "prefix_lm",
+                 "block_sparse")
+# library variants whose weights are not a row softmax (issue 15): attnc only
+NORMALIZER_SPECS = ("sigmoid_attn", "softplus_attn", "relu_attn", "standardized", "sinkhorn",
+                    "sink_softmax", "grouped", "stick_breaking")
+SPECS = SOFTMAX_SPECS + NORMALIZER_SPECS
 PEERS = ("flex", "sdpa", "flash")
 MODES = ("fwd", "bwd")
 # relative-error tolerance of attnc against the fp32 reference, by input dtype; fp32 leaves room
@@ -95,10 +105,20 @@ class Case:
     flash: dict | None = None          # flash_attn_func keyword arguments
     flash_varlen: object = None        # (cu_seqlens, max_seqlen) for flash_attn_varlen_func
     no_flash: str = "flash_attn has no form of this mask"
+    # the reference's weights from (scores, visible) for a normalizer spec; None: softmax
+    weights: object = None
 
 
 def causal_mod(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
+
+
+def full_mod(b, h, q_idx, kv_idx):
+    return (q_idx >= 0) & (kv_idx >= 0)
+
+
+def strict_causal_mod(b, h, q_idx, kv_idx):
+    return q_idx > kv_idx
 
 
 def document_ids(B: int, N: int, docs: int, generator, device) -> torch.Tensor:
@@ -177,7 +197,96 @@ def make_case(spec: str, B: int, H: int, N: int, device, opts) -> Case:
         return Case(f"block_sparse(causal, {opts.density:.0%} of blocks, {bs})",
                     attnc.load("causal", block_sparse=True), blocks_mod, block_mask=bm,
                     flex_block_size=bs, no_flash="flash_attn has no block-sparse mask")
+    if spec in NORMALIZER_SPECS:
+        return normalizer_case(spec, H, gen, device)
     raise ValueError(f"unknown spec {spec!r}")
+
+
+# --- the normalizer specs: eager weights from the math (the reference's half of each case) ------
+NO_PEER = "computes a softmax: it has no form of this normalizer"
+
+
+def _sigmoid_weights(s, seen):
+    return torch.sigmoid(s - math.log(s.shape[-1])) * seen
+
+
+def _softplus_weights(s, seen):
+    M, N = s.shape[-2:]
+    keys = (torch.arange(M, device=s.device).view(-1, 1) + 1).clamp(max=N)  # keys row m sees
+    f = torch.nn.functional.softplus(torch.log(keys.float()) * s) * seen
+    return f / f.sum(-1, keepdim=True)  # every causal row sees a key: the sum is positive
+
+
+def _relu_weights(s, seen):
+    return torch.relu(s) * seen / seen.sum(-1, keepdim=True)
+
+
+def _standardized_weights(s, seen):
+    count = seen.sum(-1, keepdim=True)
+    mean = (s * seen).sum(-1, keepdim=True) / count
+    var = ((s - mean) ** 2 * seen).sum(-1, keepdim=True) / count
+    return (s - mean) / torch.sqrt(var + 1e-6) * seen
+
+
+def _sinkhorn_weights(iters):
+    def weights(s, seen):
+        shift = s.masked_fill(~seen, float("-inf")).amax(-1, keepdim=True)
+        K = torch.exp(s - shift) * seen  # the first row normalization divides the shift out
+        for _ in range(iters):
+            K = K / K.sum(-1, keepdim=True)
+            K = K / K.sum(-2, keepdim=True)
+        return K
+    return weights
+
+
+def _sink_weights(sinks):
+    def weights(s, seen):
+        sink = sinks[:s.shape[1]].view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        logits = torch.cat([s.masked_fill(~seen, float("-inf")), sink], dim=-1)
+        return torch.softmax(logits, dim=-1)[..., :-1]
+    return weights
+
+
+def _grouped_weights(w):
+    def weights(s, seen):
+        N, G = s.shape[-1], w.shape[1]
+        group = torch.arange(N, device=s.device) * G // N
+        mix = torch.softmax(w[:s.shape[1]], dim=-1)  # [heads, G]
+        total = 0
+        for c in range(G):
+            p = torch.softmax(s.masked_fill(~(seen & (group == c)), float("-inf")), dim=-1)
+            total = total + mix[:, c].view(1, -1, 1, 1) * p
+        return total
+    return weights
+
+
+def _stick_breaking_weights(s, seen):
+    log_rest = torch.nn.functional.logsigmoid(-s) * seen  # log(1 - beta) on visible keys
+    after = log_rest.flip(-1).cumsum(-1).flip(-1) - log_rest  # keys j > n (visible: j < m)
+    return torch.exp(torch.nn.functional.logsigmoid(s) + after) * seen
+
+
+def normalizer_case(spec: str, H: int, gen, device) -> Case:
+    """A library normalizer variant at its default options; the peers do not apply."""
+    kernel = attnc.load(spec)
+    common_args = {"no_flash": f"flash_attn {NO_PEER}"}
+    if spec == "sinkhorn":
+        return Case("sinkhorn(iters=3)", kernel, full_mod, weights=_sinkhorn_weights(3),
+                    **common_args)
+    if spec == "grouped":
+        w = torch.randn(H, 4, generator=gen).to(device)
+        return Case("grouped(4 groups)", kernel, full_mod, inputs={"w": w},
+                    weights=_grouped_weights(w), **common_args)
+    if spec == "sink_softmax":
+        sinks = torch.randn(H, generator=gen).to(device)
+        return Case(spec, kernel, causal_mod, inputs={"sinks": sinks},
+                    weights=_sink_weights(sinks), **common_args)
+    if spec == "stick_breaking":
+        return Case(spec, kernel, strict_causal_mod, weights=_stick_breaking_weights,
+                    **common_args)
+    weights = {"sigmoid_attn": _sigmoid_weights, "softplus_attn": _softplus_weights,
+               "relu_attn": _relu_weights, "standardized": _standardized_weights}[spec]
+    return Case(spec, kernel, causal_mod, weights=weights, **common_args)
 
 
 # --- the eager reference -------------------------------------------------------------------------
@@ -196,8 +305,11 @@ def reference(case: Case, q, k, v, grad, scale: float):
         s = case.score_mod(s, b, h, m, n)
     seen = torch.broadcast_to(torch.as_tensor(case.mask_mod(b, h, m, n), device=dev), s.shape)
     alive = seen.any(-1, keepdim=True)  # rows that see no key give 0, as the kernels do
-    s = s.masked_fill(~seen, float("-inf")).masked_fill(~alive, 0.0)
-    out = torch.matmul(torch.softmax(s, -1), v) * alive
+    if case.weights is not None:
+        out = torch.matmul(case.weights(s, seen) * alive, v)
+    else:
+        s = s.masked_fill(~seen, float("-inf")).masked_fill(~alive, 0.0)
+        out = torch.matmul(torch.softmax(s, -1), v) * alive
     grads = torch.autograd.grad(out, (q, k, v), grad.float())
     return out.detach(), grads
 
@@ -239,6 +351,8 @@ def attnc_runner(case: Case, q, k, v, opts) -> Runner:
 
 
 def flex_runner(case: Case, q, k, v, opts) -> Runner:
+    if case.weights is not None:
+        raise Skip(f"FlexAttention {NO_PEER}")
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     B, N = q.shape[0], q.shape[2]
     block_mask = create_block_mask(case.mask_mod, B if case.per_batch else None, None, N, N,
@@ -253,6 +367,8 @@ def flex_runner(case: Case, q, k, v, opts) -> Runner:
 
 
 def sdpa_runner(case: Case, q, k, v, opts) -> Runner:
+    if case.weights is not None:
+        raise Skip(f"SDPA {NO_PEER}")
     if not case.sdpa_causal:
         raise Skip("SDPA: no native form of this mask or score (only is_causal)")
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -495,6 +611,11 @@ def describe(args, dtype) -> str:
         f"block_sparse: `attnc.load('causal', block_sparse=True)` with a block mask of "
         f"{args.density:.0%} random {args.block_size}-blocks (diagonal kept) built by "
         "attnc.create_block_mask from a data-dependent mask_mod.",
+        "- normalizer specs (attnc only; library defaults): sigmoid_attn, softplus_attn, "
+        "relu_attn, standardized, sink_softmax (random sink logits) causal; stick_breaking "
+        "strictly causal; sinkhorn (3 iterations) and grouped (4 groups, random mixing "
+        "weights) bidirectional. TFLOP/s count the same 4 * D FLOPs per visible pair as "
+        "softmax, whatever the number of passes.",
     ])
 
 

@@ -8,6 +8,11 @@ at most MAX_EXPR_DEPTH deep and MAX_EXPR_NODES nodes, because sympy's algorithms
 of the later passes recurse over it and their time grows with it; a call takes at most
 MAX_CALL_ARGS arguments (sympy compares every pair of `max`'s arguments).
 
+Unrolling. A cascade's extra rank (`rank c = 4`) has 1 to MAX_RANK_SIZE values and the einsums
+it unrolls into (with the reductions hoisted out of expressions) number at most
+MAX_CASCADE_EINSUMS; `normalize = sinkhorn(k)` takes 1 to MAX_SINKHORN_ITERATIONS iterations
+(each is two passes over the scores).
+
 Constants. Integers lie within +-INT_LIMIT: the kernels index, compare and take options in
 int32. Floats lie within float32's range, which the kernels compute in. Nothing is infinite,
 undefined (`0 ** -1`, `log(0)`) or complex (`sqrt(-1)`). A constant power is refused before
@@ -31,6 +36,9 @@ MAX_NESTING = 100
 MAX_EXPR_DEPTH = 64
 MAX_EXPR_NODES = 10_000
 MAX_CALL_ARGS = 32
+MAX_RANK_SIZE = 16
+MAX_CASCADE_EINSUMS = 256
+MAX_SINKHORN_ITERATIONS = 32
 INT_LIMIT = 2**31 - 1
 FLOAT_LIMIT = 3.4028234663852886e38  # float32's largest finite value
 MAX_POWER_BITS = 1100  # a little past float64's range, so no float that fits is refused

@@ -1,6 +1,8 @@
 """mask_bounds: which keys a query tile must visit, and where the mask need not be evaluated.
 
-The mask (from the OnlineSoftmax scores `where(mask, s, -oo)`, after inlining) is put in negation
+The mask (from the OnlineSoftmax scores `where(mask, s, -oo)`, after inlining; for a general
+cascade, its `mask` statement, which bounds both the key loops and the query loops of its
+stages) is put in negation
 normal form. Each comparison that is affine in n (or in floor(n/C)) with a bound monotone in m
 gives, for a query tile with rows [m_lo, m_hi], a key range [lo, hi) that holds every visible key
 (the hull over the tile's rows) and a range [full_lo, full_hi) visible to every row. `and`
@@ -309,6 +311,10 @@ def query_segments(mask: sympy.Expr | None) -> tuple[KeySegment, ...]:
 
 def run(c: Cascade) -> Cascade:
     scans = [nd for nd in c.nodes if isinstance(nd, OnlineSoftmax)]
+    if not scans:  # a general cascade: its `mask` statement bounds every stage's loop
+        bounds = analyze(c.mask)
+        return replace(c, bounds=replace(bounds, mask=c.mask, score=None,
+                                         rows=query_segments(c.mask)))
     if len(scans) != 1:
         return c
     score, mask = _split(c, scans[0].scores)

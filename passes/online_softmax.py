@@ -4,8 +4,11 @@ Matches, for a score tensor x[m, n]:
     GM[m] = max(n) x;  SN = exp(x - GM);  SD = sum(n) SN
 and then either  A = SN / SD; AV = sum(n) A*v  or  AV = sum(n) SN*v; O = AV / SD,
 optionally followed by desugar's guards (0 / -inf for rows that see no key) and LSE = GM + log(SD).
-The whole chain becomes one OnlineSoftmax node. Intermediates read outside the chain block the
-rewrite (they would need materializing), and the cascade is returned unchanged.
+The whole chain becomes one OnlineSoftmax node, unless an output is computed from it (an
+epilogue); a cascade's `mask` statement moves into its
+scores as where(mask, x, -oo) (a hidden pair is a key of weight 0). Intermediates read outside
+the chain block the rewrite (they would need materializing), and the cascade is returned
+unchanged.
 """
 
 from __future__ import annotations
@@ -102,10 +105,19 @@ def run(c: Cascade) -> Cascade:
         inner = set(found.chain)
         leaks = [t for t in found.chain if t not in (found.out, found.lse)
                  and (any(r not in inner for r in _readers(c, t)) or t in outputs.values())]
-        if leaks:
+        epilogue = outputs.get("out") != found.out or outputs.get("lse") not in (None,
+                                                                                  found.lse)
+        if leaks or epilogue:
+            # an output computed from the softmax's result (a gate, say) is left to the
+            # general path (online_rescale fuses the same single pass, epilogue included)
             continue
         lse = found.lse or fresh_name("LSE", c.names())
-        node = OnlineSoftmax(found.out, lse, found.scores, found.value)
+        scores = found.scores
+        if c.mask is not None:
+            # a cascade's mask hides pairs from the max and the sums: a score of -oo does the
+            # same, and that is the form mask_bounds and the softmax kernel understand
+            scores = sympy.Piecewise((scores, c.mask), (-sympy.oo, True))
+        node = OnlineSoftmax(found.out, lse, scores, found.value)
         nodes: list[Node] = []
         for nd in c.nodes:
             if nd.name == gm.name:
@@ -114,7 +126,7 @@ def run(c: Cascade) -> Cascade:
                 nodes.append(nd)
         new_outputs = dict(outputs)
         new_outputs.setdefault("lse", lse)
-        return c.with_nodes(nodes, outputs=tuple(new_outputs.items()))
+        return c.with_nodes(nodes, outputs=tuple(new_outputs.items()), mask=None)
     return c
 
 

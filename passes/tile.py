@@ -1,7 +1,9 @@
-"""tile: schedule a one-pass cascade as a grid over (b, h, query tiles) with a sequential loop
-over key tiles, taken from the mask bounds or, for a block-sparse cascade, from the block mask
-given at call time. Refuses (CompileError) a cascade that still needs more than one pass over n,
-since its intermediates would have to be materialized between passes.
+"""tile: schedule a one-pass softmax cascade (one with an OnlineSoftmax node) as a grid over
+(b, h, query tiles) with a sequential loop over key tiles, taken from the mask bounds or, for a
+block-sparse cascade, from the block mask given at call time. A general cascade (no
+OnlineSoftmax node) passes through unchanged (`schedule` stays None): `schedule` splits it into
+stages after autodiff. Refuses (CompileError) a softmax cascade that still needs more than one
+pass over n besides its softmax, since one fused kernel cannot hold it.
 """
 
 from __future__ import annotations
@@ -14,22 +16,20 @@ from attnc.passes import Pass, PassKind, pass_count
 
 
 def run(c: Cascade) -> Cascade:
-    passes = pass_count.count(c)
-    if passes > 1:
-        pass_of = pass_count.passes_of(c)
-        second = next(nd.name for nd in c.nodes if pass_of[nd.name] > 1)
-        raise CompileError(
-            f"{c.name}: the cascade needs {passes} passes over n after rewriting ({second} "
-            "starts pass 2); attnc fuses one-pass cascades only. A softmax written as max / exp "
-            "/ sum / divide over a score tensor is rewritten to one pass; other multi-pass forms "
-            "are not supported yet", tensor=second)
     if not any(isinstance(nd, OnlineSoftmax) for nd in c.nodes):
-        raise CompileError(f"{c.name}: no softmax over n found; attnc compiles softmax attention "
-                           "(GM = max(n) x, SN = exp(x - GM), SD = sum(n) SN, A = SN/SD, "
-                           "AV = sum(n) A*V)", tensor=c.output("out"))
+        return c
+    passes = pass_count.count(c)
+    if passes > 1 or pass_count.count(c, "m"):
+        p = pass_count.analyze(c)
+        later = next(t for t in p.walks if p.level[t] > 1 or p.walks[t] != "n")
+        raise CompileError(
+            f"{c.name}: the cascade needs {passes} passes over n and {pass_count.count(c, 'm')} "
+            f"over m after rewriting ({later} starts another pass); the fused softmax kernel "
+            "holds one pass over n", tensor=later)
     keys = KeySource.BLOCK_MASK if c.block_sparse else KeySource.SEGMENTS
     return replace(c, schedule=TileSchedule(keys=keys))
 
 
 PASS = Pass("tile", PassKind.REWRITE, run,
-            "grid over (b, h, query tiles), sequential loop over key tiles")
+            "softmax: grid over (b, h, query tiles), sequential loop over key tiles; "
+            "general cascades pass through")

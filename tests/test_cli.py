@@ -34,11 +34,12 @@ attention capped {
 }
 """
 
-# Well-formed, but not softmax attention: the compiler refuses it with a CompileError.
-LINEAR = """\
+# Well-formed, but no kernel can hold it (a [m, f] sum over n weighs V twice): the compiler
+# refuses it with a CompileError.
+UNSCHEDULABLE = """\
 cascade linear {
   QK[m, n] = Q[m, e] * K[n, e]
-  AV[m, f] = sum(n) QK[m, n] * V[n, f]
+  AV[m, f] = sum(n) QK[m, n] * V[n, f] * V[n, f]
 }
 """
 
@@ -118,9 +119,11 @@ MARKERS = {
     "desugar": "GM[m] = max(n) SM[m, n]",
     "pass_count": "pass_count win: 3 pass(es) over n",
     "online_softmax": "online_softmax(n)",
+    "online_rescale": "# online_rescale left the IR unchanged",
     "mask_bounds": "key bounds per query tile",
     "tile": "schedule: grid over (b, h, m)",
     "autodiff": "dS[m, n] = (-Delta[m] + dP[m, n])*P[m, n]",
+    "schedule": "# schedule left the IR unchanged",
     "fuse": "kernel win",
     "kernel": "attnc_win_bwd_dkdv (dkdv)",
     "triton": "def attnc_win_bwd_dkdv(",
@@ -298,10 +301,10 @@ def test_compile_bad_launch_option_exits_2(capsys, spec_file):
 
 
 def test_compile_error_exits_2_at_the_refused_statement(capsys):
-    rc, out, err = run(capsys, "compile", LINEAR)
+    rc, out, err = run(capsys, "compile", UNSCHEDULABLE)
     assert rc == 2 and out == ""
-    assert err.startswith("<spec>:3:3: linear: no softmax over n found")
-    assert "\n      AV[m, f] = sum(n) QK[m, n] * V[n, f]\n      ^" in err
+    assert err.startswith("<spec>:3:3: linear: AV cannot be scheduled")
+    assert "\n      AV[m, f] = sum(n) QK[m, n] * V[n, f] * V[n, f]\n      ^" in err
     assert "Traceback" not in err
 
 
@@ -317,6 +320,27 @@ def test_check_passes_on_a_correct_spec(capsys, spec_file):
     assert rc == 0, out + err
     assert out.startswith("win (float32): relative error ")
     assert "<= tolerance 1e-04" in out and out.rstrip().endswith(": ok")
+
+
+def test_check_runs_a_general_cascade_against_the_interpreter(capsys):
+    """A non-softmax normalizer (stage kernels): its output and its gradients, the latter
+    against torch autograd through the reference interpreter."""
+    rc, out, err = run(capsys, "check", "relu_attn", *SMALL)
+    assert rc == 0, out + err
+    assert out.startswith("relu_attn (float32): relative error ") and "gradients" in out
+    assert out.rstrip().endswith(": ok")
+
+
+def test_show_schedule_lists_a_general_cascades_kernels(capsys):
+    rc, out, _ = run(capsys, "show", "sinkhorn", "-O", "iters=1", "--stage", "schedule")
+    assert rc == 0
+    assert "schedule: 3 kernel(s)" in out
+    assert "kernel 2: grid over (b, h, n tiles), loop over m (ascending)" in out
+    rc, out, _ = run(capsys, "show", "sinkhorn", "-O", "iters=1", "--stage", "pass_count")
+    # each row and column log-sum-exp is a max pass then a sum pass, until the sums are
+    # rescaled by running maxima: the count before and after each rewrite
+    assert rc == 0 and "5 kernel(s)" in out.splitlines()[0]
+    assert out.rstrip().endswith("after online_rescale: 2 pass(es) over n, 1 over m; 3 kernel(s)")
 
 
 def test_check_passes_flags_through(capsys, spec_file, monkeypatch):

@@ -1,7 +1,8 @@
 """Golden IR dumps: `attnc.pipeline.show` after every stage but `triton`, for three small softmax
-specs and two linear ones, compared with tests/golden/<spec>/<stage>.txt; and the generated
-Triton source of every library variant, pinned by its digest (tests/golden/triton_digests.txt,
-first written before the code generators were reorganized: the source stayed byte for byte).
+specs, two general cascades (one pass without a max; several kernels) and two linear ones,
+compared with tests/golden/<spec>/<stage>.txt; and the generated Triton source of every library
+variant, pinned by its digest (tests/golden/triton_digests.txt, first written before the code
+generators were reorganized: the source stayed byte for byte).
 
 After an intended change to a pass, a printer or a code generator, rewrite the files and review
 the diff (for the source, with `attnc compile`):
@@ -38,6 +39,19 @@ attention alibi {
 }
 """,
     "attention_3pass": FUSEMAX_3PASS,  # FuseMax's 3-pass softmax cascade, written out by hand
+    # a one-pass non-softmax normalizer (stage kernels, no max)
+    "sigmoid": """\
+attention sigmoid {
+  mask = n <= m
+  normalize = sigmoid
+}
+""",
+    # a multi-pass cascade: one Sinkhorn iteration, row and column kernels, then the output
+    "sinkhorn": """\
+attention sinkhorn {
+  normalize = sinkhorn(1)
+}
+""",
 }
 
 LINEAR_SPECS = {

@@ -144,11 +144,12 @@ def check_variant(name, dtype, shape, tiles, opts, scale, seed, q_mult=1.0):
 
 
 # --- the library -----------------------------------------------------------------------------
-def test_library_is_13_softmax_and_11_linear_variants():
+def test_library_is_13_softmax_8_normalizer_and_11_linear_variants():
+    from tests.normalizer_reference import VARIANTS as NORMALIZERS
     from tests.test_linear import SPECS as LINEAR
-    assert set(attnc.variants()) == set(VARIANTS) | set(LINEAR)
+    assert set(attnc.variants()) == set(VARIANTS) | set(NORMALIZERS) | set(LINEAR)
     assert set(R.VARIANTS) == set(VARIANTS)
-    assert len(LINEAR) == 11
+    assert len(LINEAR) == 11 and len(NORMALIZERS) == 8
 
 
 @pytest.mark.parametrize("name", attnc.variants())

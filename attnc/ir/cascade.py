@@ -41,6 +41,14 @@ class Reduce(enum.Enum):
     SUM = "sum"
     MAX = "max"
     MIN = "min"
+    # scans along one rank (which stays on the left): inclusive prefix sums in ascending order
+    # (cumsum: the keys j <= n) or descending order (rcumsum: the keys j >= n)
+    CUMSUM = "cumsum"
+    RCUMSUM = "rcumsum"
+
+    @property
+    def is_scan(self) -> bool:
+        return self in (Reduce.CUMSUM, Reduce.RCUMSUM)
 
 
 class BlockKind(enum.Enum):
@@ -51,7 +59,30 @@ class BlockKind(enum.Enum):
 
 
 class Normalizer(enum.Enum):
+    """An attention block's `normalize`: how the weights of a row come from its scores s.
+
+    The pointwise ones give w = f(s) and out = sum(n) w*v (no division); `l1(f)` divides by
+    sum(n) f(s), `mean(f)` by the number of visible keys; standardize and sinkhorn are FuseMax
+    cascades of their own (desugar writes each out)."""
+
     SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
+    SOFTPLUS = "softplus"
+    RELU = "relu"
+    RELU2 = "relu2"
+    NONE = "none"
+    L1 = "l1"
+    MEAN = "mean"
+    STANDARDIZE = "standardize"
+    SINKHORN = "sinkhorn"
+
+    @property
+    def pointwise(self) -> bool:
+        return self in POINTWISE
+
+
+POINTWISE = (Normalizer.SIGMOID, Normalizer.SOFTPLUS, Normalizer.RELU, Normalizer.RELU2,
+             Normalizer.NONE)
 
 
 class KeySource(enum.Enum):
@@ -89,8 +120,9 @@ class TensorDecl:
 @dataclass(frozen=True)
 class Origin:
     """Where the statement that defines `tensor` starts in the spec (1-based line and column);
-    the tensor "" stands for the block itself. Passes name tensors in their errors, and the
-    pipeline turns a name into this position."""
+    the tensor "" stands for the block itself, and "score", "mask", "weight", "sink" and
+    "normalize" for those statements (no einsum can take these names). Passes name tensors in
+    their errors, and the pipeline turns a name into this position."""
 
     tensor: str
     line: int
@@ -112,14 +144,25 @@ class Einsum:
     expr: sympy.Expr
     reduce: Reduce | None = None
     over: tuple[str, ...] = ()
+    # online_rescale's mark on a sum over n (or m): the max reduction of the same pass whose
+    # running value it is rescaled by. The expression is exp(-X) times a factor free of X, so
+    # an accumulator built with a running X is brought to a new X' by exp(X - X').
+    stabilizer: str | None = None
 
     @property
     def iteration(self) -> tuple[str, ...]:
+        if self.reduce is not None and self.reduce.is_scan:
+            return self.ranks
         return self.ranks + self.over
+
+    @property
+    def is_scan(self) -> bool:
+        return self.reduce is not None and self.reduce.is_scan
 
     def __str__(self) -> str:
         red = f"{self.reduce.value}({', '.join(self.over)}) " if self.reduce else ""
-        return f"{self.name}[{', '.join(self.ranks)}] = {red}{self.expr}"
+        online = f"    # rescaled by running {self.stabilizer}" if self.stabilizer else ""
+        return f"{self.name}[{', '.join(self.ranks)}] = {red}{self.expr}{online}"
 
 
 @dataclass(frozen=True)
@@ -152,7 +195,9 @@ class ScatterSum:
     """The gradient of a `param`: `name[...] = sum over (b, h, m, n) of each term's value, added
     at the term's index into param`. A param read at several indices in the score has one term
     per read; an index that falls outside the param contributes nothing (the forward's load of
-    it read 0 there, a constant)."""
+    it read 0 there, a constant). A term's value is [m, n] (summed over the visible pairs) or,
+    for a read in a row's value (a sink, a group weight), [m] or [n] or a constant of (b, h):
+    summed over the ranks it has, once each."""
 
     name: str
     param: str
@@ -230,6 +275,47 @@ class TileSchedule:
                 f"sequential loop over {self.loop}; tiles {blocks}; {source}")
 
 
+class Order(enum.Enum):
+    """The order a stage walks its loop rank in (a scan decides it; reductions take either)."""
+
+    ASCENDING = "ascending"
+    DESCENDING = "descending"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One kernel of a general cascade's schedule: programs own tiles of `parallel` (m or n)
+    and walk `loop` (the other, or None for no loop) in `order`; it evaluates `nodes` (the
+    cascade's nodes in order; [m, n] maps it needs are recomputed, never read from memory),
+    loads `reads` (declared tensors and earlier stages' results) and stores `writes` (what a
+    later stage or the caller reads). Nothing of rank [m, n] is ever in `reads` or `writes`."""
+
+    parallel: str
+    loop: str | None
+    nodes: tuple[str, ...]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    order: Order = Order.ASCENDING
+    # Scans along the loop rank whose carry this stage stores at every loop tile (the sum over
+    # the tiles walked before it, per row: a [P, tiles of L] checkpoint) ...
+    checkpoints: tuple[str, ...] = ()
+    # ... and scans along the PARALLEL rank this stage rebuilds from such a checkpoint, written
+    # by an earlier stage whose tiles of that rank are this stage's: the checkpoint at the
+    # program's tile plus the scan inside the tile. (A sum over m of a value that reads a scan
+    # along n, say dK of stick-breaking attention, so runs parallel over n.)
+    resumes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        walk = (f"loop over {self.loop} ({self.order.value})" if self.loop else "no loop")
+        extra = (f"; stores the carry of {', '.join(self.checkpoints)} per {self.loop} tile"
+                 if self.checkpoints else "")
+        extra += (f"; resumes {', '.join(self.resumes)} from their carries" if self.resumes
+                  else "")
+        return (f"grid over (b, h, {self.parallel} tiles), {walk}; computes "
+                f"{', '.join(self.nodes)}; reads {', '.join(self.reads) or '-'}; "
+                f"writes {', '.join(self.writes) or '-'}{extra}")
+
+
 @dataclass(frozen=True)
 class Backward:
     """autodiff's result: the backward cascade (outputs dq, dk, dv and d<param> per param) and
@@ -238,8 +324,11 @@ class Backward:
 
     cascade: Cascade
     saved: tuple[tuple[Saved, str], ...]
-    dqk: str
+    dqk: str | None  # None for a general cascade's backward: its own einsums say everything
     dparams: tuple[tuple[sympy.Indexed, str], ...] = ()
+    # a general cascade's backward reads forward results besides the Saved roles: (forward
+    # tensor, its SAVED declaration's name in the backward cascade)
+    residuals: tuple[tuple[str, str], ...] = ()
 
     def saved_name(self, role: Saved) -> str:
         return dict(self.saved)[role]
@@ -263,6 +352,11 @@ class Cascade:
     backward: Backward | None = None
     no_backward: str | None = None
     origins: tuple[Origin, ...] = ()
+    # A general cascade's mask (a `mask` statement): which (m, n) pairs exist. Reductions and
+    # scans over n or m see only the visible pairs; None: all pairs are visible.
+    mask: sympy.Expr | None = None
+    # schedule's result for a general (not OnlineSoftmax) cascade: its kernels, in order
+    stages: tuple[Stage, ...] = ()
 
     def node(self, name: str) -> Node:
         for nd in self.nodes:
@@ -330,7 +424,12 @@ class AttentionSpec:
     normalize: Normalizer = Normalizer.SOFTMAX
     options: tuple[tuple[str, object], ...] = ()
     block_sparse: bool = False
-    origins: tuple[Origin, ...] = ()  # the block, "score" and "mask" statements
+    origins: tuple[Origin, ...] = ()  # the block, "score", "mask", ... statements
+    # `l1(f)` / `mean(f)`: the pointwise f; `sinkhorn(k)`: k iterations
+    pointwise: Normalizer | None = None
+    iterations: int = 0
+    weight: sympy.Expr | None = None  # `weight = <expr>`: multiplies the normalized weights
+    sink: sympy.Expr | None = None  # `sink = <expr>`: a logit in the softmax's denominator
 
     def __str__(self) -> str:
         lines = [f"attention {self.name}" + ("  # block-sparse" if self.block_sparse else "")]
@@ -339,7 +438,13 @@ class AttentionSpec:
         lines += [str(d) for d in self.decls]
         lines.append(f"score = {self.score}")
         lines.append(f"mask = {self.mask if self.mask is not None else 'none'}")
-        lines.append(f"normalize = {self.normalize.value}")
+        arg = (f"({self.pointwise.value})" if self.pointwise else
+               f"({self.iterations})" if self.normalize is Normalizer.SINKHORN else "")
+        lines.append(f"normalize = {self.normalize.value}{arg}")
+        if self.weight is not None:
+            lines.append(f"weight = {self.weight}")
+        if self.sink is not None:
+            lines.append(f"sink = {self.sink}")
         return "\n".join(lines) + "\n"
 
 
@@ -384,6 +489,7 @@ def verify(c: Cascade) -> None:
     are m, n, e, f, a reduction reduces ranks absent from its output and a map reduces none;
     the outputs, the masking node and the backward's named nodes exist."""
     known: set[str] = set()
+    produced_before: dict[str, Node] = {}
     for d in c.decls:
         if d.name in known:
             raise AssertionError(f"{c.name}: {d.name} is declared twice")
@@ -398,23 +504,56 @@ def verify(c: Cascade) -> None:
                 raise AssertionError(f"{c.name}: {o} is defined twice")
             known.add(o)
         if isinstance(nd, Einsum):
-            bad = [r for r in nd.iteration if r not in S.RANKS]
-            if bad or set(nd.ranks) & set(nd.over) or (nd.reduce is None) != (not nd.over):
+            bad = [r for r in nd.ranks + nd.over if r not in S.RANKS]
+            scan_ok = len(nd.over) == 1 and nd.over[0] in nd.ranks
+            if (bad or (nd.reduce is None) != (not nd.over)
+                    or (not scan_ok if nd.is_scan else bool(set(nd.ranks) & set(nd.over)))):
                 raise AssertionError(f"{c.name}: malformed einsum {nd}")
+            if nd.stabilizer is not None:
+                stab = produced_before.get(nd.stabilizer)
+                if (nd.reduce is not Reduce.SUM or not isinstance(stab, Einsum)
+                        or stab.reduce is not Reduce.MAX or stab.over != nd.over):
+                    raise AssertionError(f"{c.name}: {nd.name}'s stabilizer {nd.stabilizer} "
+                                         "is no earlier max over the same rank")
+            produced_before[nd.name] = nd
     for role, name in c.outputs:
         if name not in known:
             raise AssertionError(f"{c.name}: output {role}={name} is not produced")
     if c.mask_node is not None and c.mask_node not in known:
         raise AssertionError(f"{c.name}: the masking node {c.mask_node} is not produced")
+    for stage in c.stages:
+        if stage.parallel not in ("m", "n") or stage.loop not in (None, "m", "n"):
+            raise AssertionError(f"{c.name}: malformed stage {stage}")
+        for name in stage.nodes + stage.reads + stage.writes:
+            if name not in known:
+                raise AssertionError(f"{c.name}: a stage names {name}, which is not defined")
+    if c.stages:
+        done = {d.name for d in c.decls}
+        stored: set[str] = set()
+        for stage in c.stages:
+            early = [r for r in stage.reads if r not in done]
+            if early:
+                raise AssertionError(f"{c.name}: a stage reads {early[0]} before it is written")
+            missing = [r for r in stage.resumes if r not in stored]
+            if missing:
+                raise AssertionError(f"{c.name}: a stage resumes {missing[0]} before its carry "
+                                     "is stored")
+            done |= set(stage.writes)
+            stored |= set(stage.checkpoints)
+        missing = [t for _, t in c.outputs if t not in done]
+        if missing:
+            raise AssertionError(f"{c.name}: no stage writes the output {missing[0]}")
     if c.backward is not None:
         bwd = c.backward.cascade
         verify(bwd)
         produced = bwd.produced()
-        for name in [c.backward.dqk] + [n for _, n in c.backward.dparams]:
+        named = [c.backward.dqk] if c.backward.dqk is not None else []
+        for name in named + [n for _, n in c.backward.dparams]:
             if name not in produced:
                 raise AssertionError(f"{c.name}: the backward's node {name} is not produced")
         declared = {d.name for d in bwd.decls if d.kind is TensorKind.SAVED}
-        if {name for _, name in c.backward.saved} != declared:
+        if ({name for _, name in c.backward.saved}
+                | {name for _, name in c.backward.residuals}) != declared:
             raise AssertionError(f"{c.name}: the backward's saved tensors are not declared")
 
 
@@ -428,9 +567,14 @@ def format_cascade(c: Cascade, passes: int | None = None) -> str:
         lines.append("option " + ", ".join(f"{k} = {v}" for k, v in c.options))
     for d in c.decls:
         lines.append(str(d))
+    if c.mask is not None:
+        lines.append(f"mask {c.mask}")
     for nd in c.nodes:
         lines.append(str(nd))
     lines.append("outputs " + ", ".join(f"{r}={t}" for r, t in c.outputs))
+    if c.stages:
+        lines.append(f"schedule: {len(c.stages)} kernel(s)")
+        lines += [f"    kernel {i + 1}: {st}" for i, st in enumerate(c.stages)]
     if c.bounds is not None:
         lines.append(str(c.bounds))
     if c.schedule is not None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from attnc.ir.linear import LinearScan
+from attnc.ir.stage_kernel import CascadePlan
 from attnc.pipeline import FrontendIR, Source, frontend, run_passes
+from attnc.runtime.cascade import CascadeKernel
 from attnc.runtime.linear import LinearKernel, check_chunk_size
 from attnc.runtime.softmax import Kernel, launch_options
 
 
-def compile_spec(src: Source, options: dict) -> Kernel | LinearKernel:
+def compile_spec(src: Source, options: dict) -> Kernel | CascadeKernel | LinearKernel:
     """Compile DSL text; `block_sparse=True` makes a kernel that visits a block mask's blocks,
     `chunk_size=` sets a linear block's steps per chunk, `autotune=` turns tuning on or off
     and the launch options (`block_m`, ...) fix a softmax kernel's configuration."""
@@ -40,12 +42,15 @@ def compile_spec(src: Source, options: dict) -> Kernel | LinearKernel:
 
 
 def compile_ir(ir: FrontendIR, src: Source, options: dict, launch_overrides: dict,
-               tune: bool | None = None) -> Kernel | LinearKernel:
-    """Run the passes on frontend IR and build the family's kernel."""
+               tune: bool | None = None) -> Kernel | CascadeKernel | LinearKernel:
+    """Run the passes on frontend IR and build the family's kernel (a general cascade's
+    several stage kernels: CascadeKernel)."""
     trail = run_passes(ir, src=src)
     if isinstance(ir, LinearScan):
         return LinearKernel(src, options, ir, trail, tune)
+    if isinstance(trail[-1][1], CascadePlan):
+        return CascadeKernel(src, options, ir, trail, launch_overrides, tune)
     return Kernel(src, options, ir, trail, launch_overrides, tune)
 
 
-__all__ = ["compile_spec", "compile_ir", "Kernel", "LinearKernel"]
+__all__ = ["compile_spec", "compile_ir", "Kernel", "CascadeKernel", "LinearKernel"]

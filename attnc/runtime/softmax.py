@@ -196,63 +196,71 @@ class Kernel(CompiledKernel):
             UserWarning, stacklevel=5)
 
     def _validate(self, q, k, v, scale, inputs) -> list[torch.Tensor]:
-        validate.operands(self.name, LAYOUT, q=q, k=k, v=v)
-        B, H, M, D = q.shape
-        if k.shape[0] != B or v.shape[0] != B:
-            raise ValueError(f"{self.name}: batch sizes differ: q {B}, k {k.shape[0]}, "
-                             f"v {v.shape[0]}")
-        if k.shape[1] != v.shape[1]:
-            raise ValueError(f"{self.name}: k and v must have the same number of heads, got "
-                             f"{k.shape[1]} and {v.shape[1]}")
-        if k.shape[1] == 0 or H % k.shape[1]:
-            raise ValueError(f"{self.name}: q heads ({H}) must be a multiple of k/v heads "
-                             f"({k.shape[1]}) for GQA/MQA")
-        if k.shape[2] != v.shape[2]:
-            raise ValueError(f"{self.name}: k and v must have the same length, got {k.shape[2]} "
-                             f"and {v.shape[2]}")
-        if k.shape[3] != D:
-            raise ValueError(f"{self.name}: k head dim {k.shape[3]} differs from q head dim {D}")
-        for name, d in (("q/k head dim D", D), ("v head dim Dv", v.shape[3])):
-            if not 1 <= d <= 256:
-                raise ValueError(f"{self.name}: {name} is {d}; supported 1..256")
-        validate.scale(self.name, scale)
-        validate.known(self.name, inputs, self.inputs)
-        N = k.shape[2]
-        for requirement in self._requirements:
-            requirement.check(self.name, {"B": B, "H": H, "M": M, "N": N})
-        extras = []
-        for decl, shape_of in zip(self.kernel_ir.inputs, self._shapes):
-            if decl.name not in inputs:
-                raise ValueError(f"{self.name}: missing {decl.kind.value} {decl.name!r} "
-                                 f"(shape [{', '.join(map(str, decl.dims))}])")
-            t = inputs[decl.name]
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{self.name}: {decl.name} must be a torch.Tensor")
-            want = tuple(int(d) for d in shape_of(B, H, M, N))
-            if tuple(t.shape) != want:
-                raise ValueError(f"{self.name}: {decl.name} has shape {tuple(t.shape)}, expected "
-                                 f"{want} ([{', '.join(map(str, decl.dims))}])")
-            if t.device != q.device:
-                raise ValueError(f"{self.name}: {decl.name} is on {t.device}, q is on {q.device}")
-            if decl.kind is TensorKind.PARAM and not t.is_floating_point():
-                raise ValueError(f"{self.name}: param {decl.name} must be floating point, got "
-                                 f"{t.dtype}")
-            if t.is_complex():
-                raise ValueError(f"{self.name}: {decl.name} must be real, got {t.dtype}")
-            if decl.kind is TensorKind.INPUT and t.requires_grad:
-                raise ValueError(f"{self.name}: {decl.name} is an input (ids, masks: read, never "
-                                 "differentiated) but requires grad; declare it `param` to learn "
-                                 "it, or pass it detached")
-            extras.append(t.to(torch.uint8) if t.dtype == torch.bool else t)
-        for load, dim, fn, extent, at_corners in self._checks:
-            lo, hi = _index_range(fn, {"B": B, "H": H, "M": M, "N": N}, at_corners)
-            size = int(extent(B, H, M, N))
-            if min(M, N) > 0 and (lo < 0 or hi >= size):
-                raise ValueError(
-                    f"{self.name}: index {dim} of {load.tensor} ({load.index[dim]}) ranges over "
-                    f"[{lo}, {hi}] for these shapes but the dimension has size {size}; clamp the "
-                    "index in the spec (e.g. clamp(x, 0, size - 1))")
-        return extras
+        return check_call(self, q, k, v, scale, inputs)
+
+
+def check_call(kernel, q, k, v, scale, inputs) -> list[torch.Tensor]:
+    """The checks of a softmax-family call (this module's Kernel and the general cascades'
+    CascadeKernel): operands, scale, the call requirements of a library variant, every param's
+    and input's shape, device and kind, and the range of every load's index; returns the
+    params and inputs in call order."""
+    validate.operands(kernel.name, LAYOUT, q=q, k=k, v=v)
+    B, H, M, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"{kernel.name}: batch sizes differ: q {B}, k {k.shape[0]}, "
+                         f"v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"{kernel.name}: k and v must have the same number of heads, got "
+                         f"{k.shape[1]} and {v.shape[1]}")
+    if k.shape[1] == 0 or H % k.shape[1]:
+        raise ValueError(f"{kernel.name}: q heads ({H}) must be a multiple of k/v heads "
+                         f"({k.shape[1]}) for GQA/MQA")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{kernel.name}: k and v must have the same length, got {k.shape[2]} "
+                         f"and {v.shape[2]}")
+    if k.shape[3] != D:
+        raise ValueError(f"{kernel.name}: k head dim {k.shape[3]} differs from q head dim {D}")
+    for name, d in (("q/k head dim D", D), ("v head dim Dv", v.shape[3])):
+        if not 1 <= d <= 256:
+            raise ValueError(f"{kernel.name}: {name} is {d}; supported 1..256")
+    validate.scale(kernel.name, scale)
+    validate.known(kernel.name, inputs, kernel.inputs)
+    N = k.shape[2]
+    for requirement in kernel._requirements:
+        requirement.check(kernel.name, {"B": B, "H": H, "M": M, "N": N})
+    extras = []
+    for decl, shape_of in zip(kernel.kernel_ir.inputs, kernel._shapes):
+        if decl.name not in inputs:
+            raise ValueError(f"{kernel.name}: missing {decl.kind.value} {decl.name!r} "
+                             f"(shape [{', '.join(map(str, decl.dims))}])")
+        t = inputs[decl.name]
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{kernel.name}: {decl.name} must be a torch.Tensor")
+        want = tuple(int(d) for d in shape_of(B, H, M, N))
+        if tuple(t.shape) != want:
+            raise ValueError(f"{kernel.name}: {decl.name} has shape {tuple(t.shape)}, expected "
+                             f"{want} ([{', '.join(map(str, decl.dims))}])")
+        if t.device != q.device:
+            raise ValueError(f"{kernel.name}: {decl.name} is on {t.device}, q is on {q.device}")
+        if decl.kind is TensorKind.PARAM and not t.is_floating_point():
+            raise ValueError(f"{kernel.name}: param {decl.name} must be floating point, got "
+                             f"{t.dtype}")
+        if t.is_complex():
+            raise ValueError(f"{kernel.name}: {decl.name} must be real, got {t.dtype}")
+        if decl.kind is TensorKind.INPUT and t.requires_grad:
+            raise ValueError(f"{kernel.name}: {decl.name} is an input (ids, masks: read, never "
+                             "differentiated) but requires grad; declare it `param` to learn "
+                             "it, or pass it detached")
+        extras.append(t.to(torch.uint8) if t.dtype == torch.bool else t)
+    for load, dim, fn, extent, at_corners in kernel._checks:
+        lo, hi = _index_range(fn, {"B": B, "H": H, "M": M, "N": N}, at_corners)
+        size = int(extent(B, H, M, N))
+        if min(M, N) > 0 and (lo < 0 or hi >= size):
+            raise ValueError(
+                f"{kernel.name}: index {dim} of {load.tensor} ({load.index[dim]}) ranges over "
+                f"[{lo}, {hi}] for these shapes but the dimension has size {size}; clamp the "
+                "index in the spec (e.g. clamp(x, 0, size - 1))")
+    return extras
 
 
 def _traces_to(mask_mod, mask) -> bool:

@@ -6,6 +6,16 @@ the way a kernel would: keys outside the visited tiles are dropped and the mask 
 on full tiles, so unsound bounds change the result. `run_kernel` executes kernel IR tile by tile,
 and `run_kernel_backward` its backward (autodiff's derivatives on the backward kernels' tiles).
 Both are slow and exact (use float64 inputs); they are oracles, not kernels.
+
+A general cascade's `mask` restricts every reduction over m or n, and every scan along m or n,
+to the visible (m, n) pairs, where the einsum iterates over both m and n (a sum over none is 0,
+a max -inf, a min +inf; a scan skips the invisible pairs); maps are evaluated everywhere (their
+values at invisible pairs are never read). Scans are inclusive prefix (cumsum) or suffix
+(rcumsum) sums along their rank; `stabilizer` marks change nothing. A ScatterSum sums each term
+over (b, h) and the ranks m, n its value or index uses (the visible pairs when it uses both).
+Everything is torch code, so `interpret` is differentiable by torch.autograd wherever the
+cascade's values are finite (masked values that are infinite give NaN gradients through
+torch.where, as in any torch program).
 """
 
 from __future__ import annotations
@@ -88,8 +98,17 @@ def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict |
     """Run a cascade; returns {role: tensor} for its outputs (out [B,H,M,Dv], lse [B,H,M]).
 
     A backward cascade (see `interpret_backward`) also takes `saved`: its saved tensors by
-    name, as [B, H, M, ...]; its dk and dv are summed over the query heads of each k/v head
-    (GQA), and a param's gradient has the param's shape."""
+    name, as [B, H, ...] in the ranks of their declaration; its dk and dv are summed over the
+    query heads of each k/v head (GQA), and a param's gradient has the param's shape."""
+    env = intermediates(c, q, k, v, scale=scale, inputs=inputs, tiles=tiles, saved=saved)
+    return _sum_groups({role: env[name] for role, name in c.outputs}, k.shape[1])
+
+
+def intermediates(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict | None = None,
+                  tiles: tuple[int, int] | None = None, saved: dict | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Every tensor `interpret` computes, by name, as [B, H, *ranks] per query head (k and v
+    repeated over GQA groups): the forward values a general backward reads as residuals."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     run = _Run(c.options, q, k, v, scale, inputs or {})
     for d in c.decls:
@@ -98,17 +117,9 @@ def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict |
             run.env[d.name] = (saved[d.name], tuple(str(r) for r in d.dims))
     for nd in c.nodes:
         if isinstance(nd, ScatterSum):
-            run.env[nd.name] = (_scatter(run, nd), ())
-            continue
-        if isinstance(nd, Einsum):
-            it = nd.iteration
-            val = run.full(run.evaluator(it)(nd.expr), it)
-            axes = tuple(2 + it.index(r) for r in nd.over)
-            if nd.reduce is Reduce.SUM:
-                val = val.sum(dim=axes)
-            elif nd.reduce is not None:
-                val = extremum(val, axes, nd.reduce is Reduce.MAX)
-            run.env[nd.name] = (val, nd.ranks)
+            run.env[nd.name] = (_scatter(run, nd, c.mask), ())
+        elif isinstance(nd, Einsum):
+            run.env[nd.name] = (_einsum(run, nd, c.mask), nd.ranks)
         else:
             scores = run.scores(nd.scores)
             if c.bounds is not None and tiles is not None:
@@ -117,16 +128,52 @@ def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict |
             out, lse = online_softmax_scan(scores, value)
             run.env[nd.name] = (out, ("m", "f"))
             run.env[nd.lse] = (lse, ("m",))
-    result = {role: run.env[name][0] for role, name in c.outputs}
-    return _sum_groups(result, k.shape[1])
+    return {name: value for name, (value, _) in run.env.items()}
 
 
 def interpret_backward(bwd: Backward, q, k, v, *, saved: dict, scale: float | None = None,
-                       inputs: dict | None = None) -> dict[str, torch.Tensor]:
+                       inputs: dict | None = None, residuals: dict | None = None
+                       ) -> dict[str, torch.Tensor]:
     """Run autodiff's backward cascade; `saved` maps each Saved role (or its value: "O",
-    "LSE", "dO", "dLSE") to its tensor. Returns {"dq", "dk", "dv", "d_<param>": gradient}."""
-    by_name = {bwd.saved_name(Saved(role)): x for role, x in saved.items()}
+    "LSE", "dO", "dLSE") to its tensor (roles the backward does not read are ignored), and
+    `residuals` each forward tensor a general backward reads (`Backward.residuals`; e.g. from
+    `intermediates`) to its value. Returns {"dq", "dk", "dv", "d_<param>": gradient}."""
+    names = dict(bwd.saved)
+    by_name = {names[Saved(role)]: x for role, x in saved.items() if Saved(role) in names}
+    by_name.update({decl: (residuals or {})[tensor] for tensor, decl in bwd.residuals})
     return interpret(bwd.cascade, q, k, v, scale=scale, inputs=inputs, saved=by_name)
+
+
+def _visible(run: _Run, mask, it: tuple[str, ...], over: tuple[str, ...]):
+    """The mask over an einsum's iteration [B, H, *it] when it restricts the einsum (it
+    reduces or scans over m or n and iterates over both), else None."""
+    if mask is None or not {"m", "n"} <= set(it) or not {"m", "n"} & set(over):
+        return None
+    return run.full(run.evaluator(it)(mask), it).to(torch.bool)
+
+
+def _einsum(run: _Run, nd: Einsum, mask) -> torch.Tensor:
+    it = nd.iteration
+    val = run.full(run.evaluator(it)(nd.expr), it)
+    if nd.reduce is None:
+        return val
+    axes = tuple(2 + it.index(r) for r in nd.over)
+    visible = _visible(run, mask, it, nd.over)
+    if nd.reduce in (Reduce.MAX, Reduce.MIN):
+        largest = nd.reduce is Reduce.MAX
+        if visible is not None:
+            val = val if val.is_floating_point() else val.to(run.q.dtype)
+            empty = torch.full_like(val, -math.inf if largest else math.inf)
+            val = torch.where(visible, val, empty)
+        return extremum(val, axes, largest)
+    if visible is not None:
+        val = torch.where(visible, val, torch.zeros_like(val))
+    if nd.reduce is Reduce.SUM:
+        return val.sum(dim=axes)
+    (axis,) = axes
+    if nd.reduce is Reduce.CUMSUM:
+        return val.cumsum(axis)
+    return val.flip(axis).cumsum(axis).flip(axis)
 
 
 def _sum_groups(grads: dict, kv_heads: int) -> dict:
@@ -139,13 +186,20 @@ def _sum_groups(grads: dict, kv_heads: int) -> dict:
     return grads
 
 
-def _scatter(run: _Run, nd: ScatterSum) -> torch.Tensor:
-    """A param's gradient: each term's value over (b, h, m, n), summed into its index."""
+def _scatter(run: _Run, nd: ScatterSum, mask) -> torch.Tensor:
+    """A param's gradient: each term's value over (b, h) and the ranks m, n it uses, summed
+    into its index (over the visible pairs of a masked cascade when it uses both)."""
     param = run.inputs[nd.param]
     total = torch.zeros(param.shape, dtype=torch.float64, device=param.device)
     for index, value in nd.terms:
-        ev = run.evaluator(("m", "n"))
-        total += scatter_sum(run.full(ev(value), ("m", "n")), [ev(i) for i in index], param.shape)
+        used = set().union(*(sympy.sympify(x).free_symbols for x in (value, *index)))
+        ranks = tuple(r for r in ("m", "n") if S.RANKS[r] in used)
+        ev = run.evaluator(ranks)
+        val = run.full(ev(value), ranks)
+        visible = _visible(run, mask, ranks, ranks)
+        if visible is not None:
+            val = torch.where(visible, val, torch.zeros_like(val))
+        total += scatter_sum(val, [ev(i) for i in index], param.shape)
     return total.to(param.dtype)
 
 

@@ -43,6 +43,18 @@ def jobs_for(kernel, dtype: str = "bf16", arch: int = 90, block_m: int = 128, bl
     return jobs
 
 
+def cascade_jobs_for(kernel, dtype: str = "bf16", arch: int = 90, block_p: int = 64,
+                     block_l: int = 64, block_d: int = 128, ieee: bool = False,
+                     backward: bool = True, inspect: bool = False) -> list[dict]:
+    """Jobs for an attnc CascadeKernel's stage kernels (forward, and backward when `backward`),
+    with (block_p, block_l) tiles and head dims up to `block_d`."""
+    values = {"BLOCK_P": block_p, "BLOCK_L": block_l, "BLOCK_D": block_d, "BLOCK_DV": block_d,
+              "IEEE": ieee, "UPCAST": False, "LOWP": {"fp32": 0, "bf16": 1, "fp16": 2}[dtype]}
+    return [{**job(kernel.path, contract, dtype, values, arch), "inspect": inspect}
+            for contract in kernel.generated.kernels
+            if backward or contract.role.startswith("forward")]
+
+
 def linear_jobs_for(kernel, dtype: str = "bf16", arch: int = 90, dk: int = 128, dv: int = 128,
                     varlen: bool = False, ieee: bool = False) -> list[dict]:
     """Jobs for an attnc.LinearKernel's generated kernels (recurrent, chunked, recurrent

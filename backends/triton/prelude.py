@@ -24,6 +24,30 @@ def _prelude() -> str:
 
 PRELUDE = _prelude()
 
+
+def module_head(header: str, helpers: set[str], extra: tuple[str, ...] = ()) -> str:
+    """The start of a generated softmax-family module: its docstring, imports, the prelude,
+    the `extra` functions a generator adds, and the expression helpers its code uses."""
+    from attnc.backends.triton.printer import HELPERS
+    from attnc.backends.triton.source import CodeBuilder
+    out = CodeBuilder()
+    out(f'"""{header or "attnc kernel"}"""')
+    out("import triton")
+    out("import triton.language as tl")
+    out()
+    for text in (PRELUDE, *extra):
+        for line in text.rstrip("\n").split("\n"):
+            out(line)
+        out()
+    for name, text in HELPERS.items():
+        if name in helpers:
+            out()
+            for line in text.rstrip("\n").split("\n"):
+                out(line)
+            out()
+    out()
+    return out.text()
+
 # --- the generated modules' prelude: from the next function to the end of the file ---
 
 @triton.jit

@@ -96,14 +96,36 @@ def test_representative_linear_kernels_compile_for_sm90(tmp_path):
     _check(jobs, tmp_path)
 
 
+def test_representative_stage_kernels_compile_for_sm90(tmp_path):
+    """General cascades' stage kernels: scans in both walking orders, their carries stored per
+    key tile and resumed in key-parallel kernels (stick-breaking, forward and backward), a
+    multi-pass schedule walking both ranks (Sinkhorn), per-group stabilized sums with a param
+    (grouped) and the fp32 IEEE path (standardized's running sums)."""
+    jobs = aot_jobs.cascade_jobs_for(attnc.load("stick_breaking"))
+    jobs += aot_jobs.cascade_jobs_for(attnc.load("sinkhorn", iters=1), backward=False)
+    jobs += aot_jobs.cascade_jobs_for(attnc.load("grouped"), backward=False)
+    jobs += aot_jobs.cascade_jobs_for(attnc.load("standardized"), dtype="fp32", ieee=True,
+                                      block_p=32, block_l=32, block_d=64, backward=False)
+    assert [j["function"] for j in jobs[:5]] == ["attnc_stick_breaking_k1"] + [
+        f"attnc_stick_breaking_b{i}" for i in range(1, 5)]
+    _check(jobs, tmp_path)
+
+
 def _is_linear(name: str) -> bool:
     return isinstance(attnc.load(name), attnc.LinearKernel)
+
+
+def _softmax_family_jobs(name: str, **kw) -> list[dict]:
+    kernel = attnc.load(name)
+    if isinstance(kernel, attnc.CascadeKernel):
+        return aot_jobs.cascade_jobs_for(kernel, **kw)
+    return aot_jobs.jobs_for(kernel, **kw)
 
 
 @pytest.mark.slow
 def test_every_library_kernel_compiles_for_sm90(tmp_path):
     jobs = [j for name in attnc.variants() if not _is_linear(name)
-            for j in aot_jobs.jobs_for(attnc.load(name))]
+            for j in _softmax_family_jobs(name)]
     jobs += [j for name in attnc.variants() if _is_linear(name)
              for dk, dv in ((64, 64), (128, 128)) for dtype in ("bf16", "fp16")
              for j in aot_jobs.linear_jobs_for(attnc.load(name), dtype=dtype, dk=dk, dv=dv)]

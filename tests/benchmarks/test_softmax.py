@@ -12,17 +12,22 @@ def causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def test_quick_run_writes_a_passing_table(tmp_path):
-    out = tmp_path / "r.md"
-    status = softmax.main(["--quick", "--device", "cpu", "--lengths", "96", "--out", str(out)])
-    text = out.read_text()
-    assert "## softmax" in text
+def _rows(text):
     rows = [line.split("|")[1:-1] for line in text.splitlines()
             if line.startswith("| ") and not line.startswith("| spec")]
-    rows = [[c.strip() for c in row] for row in rows]
+    return [[c.strip() for c in row] for row in rows]
+
+
+def test_quick_run_writes_a_passing_table(tmp_path):
+    out = tmp_path / "r.md"
+    status = softmax.main(["--quick", "--device", "cpu", "--lengths", "96", "--out", str(out),
+                           "--specs", *softmax.SOFTMAX_SPECS])
+    text = out.read_text()
+    assert "## softmax" in text
+    rows = _rows(text)
     labels = {row[0].split("(")[0] for row in rows}
-    assert labels == set(softmax.SPECS)
-    assert len(rows) == 2 * len(softmax.SPECS)  # fwd and bwd, one length, one head dim
+    assert labels == set(softmax.SOFTMAX_SPECS)
+    assert len(rows) == 2 * len(softmax.SOFTMAX_SPECS)  # fwd and bwd, one length, one head dim
     for row in rows:
         assert row[4] in ("fwd", "bwd")
         assert row[5].startswith("ok "), row        # attnc agrees with the fp32 reference
@@ -31,6 +36,23 @@ def test_quick_run_writes_a_passing_table(tmp_path):
     assert all(float(row[8]) > 0 for row in rows if row[4] == "fwd")
     assert "differs from the reference" not in text
     assert "FlexAttention has no backward on a CPU" in text
+    assert status == 0
+
+
+def test_quick_run_of_the_normalizers(tmp_path):
+    """Every normalizer spec runs forward and backward and agrees with its eager weights; the
+    peers (all softmax) say why they sit out."""
+    out = tmp_path / "r.md"
+    status = softmax.main(["--quick", "--device", "cpu", "--lengths", "40", "--out", str(out),
+                           "--specs", *softmax.NORMALIZER_SPECS, "--peers", "flex", "sdpa"])
+    text = out.read_text()
+    rows = _rows(text)
+    assert {row[0].split("(")[0] for row in rows} == set(softmax.NORMALIZER_SPECS)
+    assert len(rows) == 2 * len(softmax.NORMALIZER_SPECS)
+    for row in rows:
+        assert row[5].startswith("ok "), row
+        assert float(row[6]) > 0 and row[8].startswith("- ")
+    assert "FlexAttention computes a softmax" in text and "SDPA computes a softmax" in text
     assert status == 0
 
 

@@ -26,7 +26,8 @@ def test_the_pipelines_are_flat_lists_of_pass_records():
         assert isinstance(p, Pass) and p.doc
         assert (p.kind is PassKind.ANALYSIS) == (p.report is not None)
     assert [p.name for p in pipeline.PASSES] == ["desugar", "pass_count", "online_softmax",
-                                                 "mask_bounds", "tile", "autodiff", "fuse"]
+                                                 "online_rescale", "mask_bounds", "tile",
+                                                 "autodiff", "schedule", "fuse"]
     assert [p.name for p in pipeline.LINEAR_PASSES] == ["chunk_scan", "tile_scan"]
 
 

@@ -20,8 +20,8 @@ import triton
 from attnc.backends.triton.contract import (Bind, GeneratedModule, GridRule, KernelContract, Param,
                                             ParamType, arg)
 from attnc.backends.triton.names import UserNames, choose
-from attnc.backends.triton.prelude import PRELUDE
-from attnc.backends.triton.printer import HELPERS, TritonPrinter
+from attnc.backends.triton.prelude import module_head
+from attnc.backends.triton.printer import TritonPrinter
 from attnc.backends.triton.source import CodeBuilder
 from attnc.expr import symbols as S
 from attnc.ir.cascade import TensorKind
@@ -119,22 +119,7 @@ def _generate(k: AttentionKernel, header: str, nm: KernelNames) -> GeneratedModu
     contracts = [_emit_program(body, k, pr, nm)]
     if k.grad is not None:
         contracts += emit_backward(body, k, pr, nm)
-    out = CodeBuilder()
-    out(f'"""{header or "attnc kernel"}"""')
-    out("import triton")
-    out("import triton.language as tl")
-    out()
-    for line in PRELUDE.rstrip("\n").split("\n"):
-        out(line)
-    out()
-    for name, text in HELPERS.items():
-        if name in pr.helpers:
-            out()
-            for line in text.rstrip("\n").split("\n"):
-                out(line)
-            out()
-    out()
-    return GeneratedModule(out.text() + body.text(), tuple(contracts),
+    return GeneratedModule(module_head(header, pr.helpers) + body.text(), tuple(contracts),
                            dict(nm.users.spelled or {}))
 
 

@@ -1,0 +1,1 @@
+"""Triton code generation for general cascades: one kernel per stage of the schedule."""
