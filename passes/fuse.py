@@ -115,7 +115,7 @@ def _stage_kernels(c: Cascade, keep: tuple[str, ...] = ()) -> tuple[StageKernel,
         else:
             segments = c.bounds.segments if stage.parallel == "m" else c.bounds.rows
         kernels.append(StageKernel(i, stage, nodes, memory, tuple(loads.values()), writes,  # type: ignore[arg-type]
-                                   c.mask, segments))
+                                   c.mask, segments, saves=tuple(kept)))
     return tuple(kernels)
 
 

@@ -257,3 +257,21 @@ def test_return_lse_without_an_lse_is_refused():
     q, k, v = _data(8, 8)
     with pytest.raises(ValueError, match="return_lse=True, but this cascade has no lse"):
         kernel(q, k, v, return_lse=True)
+
+
+def test_inference_stores_none_of_the_backwards_residuals():
+    """sink_softmax's backward reads the running max, the unnormalized sums, ...: stored only
+    when a gradient is due (the SAVE constexpr), with the same output either way."""
+    kernel = attnc.load("sink_softmax")
+    saves = [name for sk in kernel.plan.forward for name in sk.saves]
+    assert saves
+    q, k, v = _data(24, 24)
+    sinks = torch.zeros(H)
+    with torch.no_grad():
+        lean = kernel.forward_memory(q, k, v, [sinks], 0.25, save=False)
+    full = kernel.forward_memory(q.detach(), k.detach(), v.detach(), [sinks], 0.25)
+    assert all(lean[name].numel() == 0 < full[name].numel() for name in saves)
+    assert torch.equal(lean[kernel.plan.out], full[kernel.plan.out])
+    with torch.no_grad():
+        assert torch.equal(kernel(q, k, v, sinks=sinks, scale=0.25),
+                           full[kernel.plan.out].to(q.dtype))

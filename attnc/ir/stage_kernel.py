@@ -38,6 +38,8 @@ class StageKernel:
     writes: tuple[tuple[str, tuple[str, ...]], ...]  # (tensor, ranks) stored
     mask: sympy.Expr | None
     segments: tuple[KeySegment, ...]
+    # the writes only the backward reads: stored when the call needs gradients (constexpr SAVE)
+    saves: tuple[str, ...] = ()
 
     @property
     def parallel(self) -> str:
@@ -53,6 +55,9 @@ class StageKernel:
             lines.append(f"    visible pairs: {self.mask}")
         for seg in self.segments:
             lines.append(f"    {self.stage.loop} range per {self.stage.parallel} tile: {seg}")
+        if self.saves:
+            lines.append("    for the backward (when gradients are needed): "
+                         + ", ".join(self.saves))
         lines += [f"    {ld}" for ld in self.loads]
         lines += [f"    {nd}".replace("\n", "\n    ") for nd in self.nodes]
         return "\n".join(lines)

@@ -96,14 +96,17 @@ class CascadeKernel(CompiledKernel):
     # --- launching --------------------------------------------------------------------------
     def _launch(self, sk: StageKernel, backward: bool, memory: dict[str, torch.Tensor],
                 named: dict[str, torch.Tensor], sizes: dict[str, int], scale: float,
-                dtype: torch.dtype) -> None:
-        """Run one stage: allocate its writes (and partial-sum buffers) in `memory`, launch."""
+                dtype: torch.dtype, save: bool = True) -> None:
+        """Run one stage: allocate its writes (and partial-sum buffers) in `memory`, launch;
+        without `save`, what only the backward reads is neither allocated nor stored."""
         B, H, M, N, D, Dv = (sizes[x] for x in ("B", "H", "M", "N", "D", "DV"))
         extent = {"m": M, "n": N, "e": D, "f": Dv}
         dev = next(iter(memory.values())).device
         for name, ranks in sk.writes:
-            memory[name] = torch.empty((B, H, *(extent[r] for r in ranks)),
-                                       dtype=torch.float32, device=dev)
+            shape = (B, H, *(extent[r] for r in ranks))
+            if name in sk.saves and not save:
+                shape = (0,) * len(shape)  # the kernel's stores of it are compiled out
+            memory[name] = torch.empty(shape, dtype=torch.float32, device=dev)
         P = extent[sk.parallel]
         for name, j in buffers(sk):
             memory[f"{name}#{j}"] = torch.empty((B, H, P), dtype=torch.float32, device=dev)
@@ -120,7 +123,7 @@ class CascadeKernel(CompiledKernel):
             Bind("BLOCK_L"): blocks[sk.loop] if sk.loop else 16,
             Bind("BLOCK_D"): _pow2(D), Bind("BLOCK_DV"): _pow2(Dv),
             Bind("IEEE"): dtype == torch.float32, Bind("UPCAST"): interpreting(),
-            Bind("LOWP"): LOWP[str(dtype).removeprefix("torch.")]}
+            Bind("LOWP"): LOWP[str(dtype).removeprefix("torch.")], Bind("SAVE"): save}
         for name, t in list(memory.items()) + list(named.items()):
             if "#" in name:
                 grad, term = name.split("#")
@@ -143,12 +146,14 @@ class CascadeKernel(CompiledKernel):
         with _quiet():
             module.launch(contract.role, values, grid={"P_SIZE": P}, options=opts)
 
-    def forward_memory(self, q, k, v, extras, scale) -> dict[str, torch.Tensor]:
+    def forward_memory(self, q, k, v, extras, scale, save: bool = True
+                       ) -> dict[str, torch.Tensor]:
+        """Run the forward's stages; `save`: also store what the backward reads."""
         named = dict(zip(self.inputs, extras))
         memory = {"Q": q, "K": k, "V": v}
         sizes = _sizes(q, k, v)
         for sk in self.plan.forward:
-            self._launch(sk, False, memory, named, sizes, scale, q.dtype)
+            self._launch(sk, False, memory, named, sizes, scale, q.dtype, save)
         return memory
 
     def backward_grads(self, q, k, v, extras, scale, residuals: dict[str, torch.Tensor],
@@ -232,11 +237,13 @@ def _param_grad(plan: CascadePlan, name: str, memory, named, sizes) -> torch.Ten
 class _Apply(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernel: CascadeKernel, scale: float, q, k, v, *extras):
-        memory = kernel.forward_memory(q, k, v, extras, scale)
+        # inference (no input needs a gradient) stores none of the backward's residuals
+        memory = kernel.forward_memory(q, k, v, extras, scale, save=any(ctx.needs_input_grad))
         plan = kernel.plan
         out = memory[plan.out].to(q.dtype)
         lse = memory[plan.lse] if plan.lse else torch.empty(0, device=q.device)
-        residuals = [what for _, what in plan.saved if what in memory and what not in "QKV"]
+        residuals = [what for _, what in plan.saved if what in memory
+                     and what not in ("Q", "K", "V")]
         ctx.kernel, ctx.scale, ctx.n_extras = kernel, scale, len(extras)
         ctx.residual_names = residuals
         ctx.save_for_backward(q, k, v, *extras, *(memory[r] for r in residuals))

@@ -49,7 +49,8 @@ def cascade_jobs_for(kernel, dtype: str = "bf16", arch: int = 90, block_p: int =
     """Jobs for an attnc CascadeKernel's stage kernels (forward, and backward when `backward`),
     with (block_p, block_l) tiles and head dims up to `block_d`."""
     values = {"BLOCK_P": block_p, "BLOCK_L": block_l, "BLOCK_D": block_d, "BLOCK_DV": block_d,
-              "IEEE": ieee, "UPCAST": False, "LOWP": {"fp32": 0, "bf16": 1, "fp16": 2}[dtype]}
+              "IEEE": ieee, "UPCAST": False, "LOWP": {"fp32": 0, "bf16": 1, "fp16": 2}[dtype],
+              "SAVE": True}
     return [{**job(kernel.path, contract, dtype, values, arch), "inspect": inspect}
             for contract in kernel.generated.kernels
             if backward or contract.role.startswith("forward")]

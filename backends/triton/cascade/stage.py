@@ -40,7 +40,7 @@ from attnc.ir.kernel import Load
 from attnc.ir.stage_kernel import CascadePlan, StageKernel
 
 INT, PTR, DATA = ParamType.INT, ParamType.FP32_PTR, ParamType.DATA
-CONSTEXPRS = ("BLOCK_P", "BLOCK_L", "BLOCK_D", "BLOCK_DV", "IEEE", "UPCAST", "LOWP")
+CONSTEXPRS = ("BLOCK_P", "BLOCK_L", "BLOCK_D", "BLOCK_DV", "IEEE", "UPCAST", "LOWP", "SAVE")
 # Dot products take their operands in the call's dtype (LOWP: 0 fp32, 1 bf16, 2 fp16), as
 # FlashAttention's do; everything else is fp32.
 LOWP_HELPER = '''@triton.jit
@@ -390,7 +390,11 @@ def _emit(c: CodeBuilder, st: _Stage) -> KernelContract:
         for name, ranks in sk.writes:
             addr, mask, lay = st.address(name, ranks)
             var, have = st.values[name]
-            c.call("tl.store(", [addr, st.ref(var, have, lay), f"mask={mask}"])
+            if name in sk.saves:  # read by the backward only: skipped when no gradient is due
+                with c.block("if SAVE:"):
+                    c.call("tl.store(", [addr, st.ref(var, have, lay), f"mask={mask}"])
+            else:
+                c.call("tl.store(", [addr, st.ref(var, have, lay), f"mask={mask}"])
         for name, j in buffers(sk):
             c(f"tl.store(D_{nm.of(name)}_{j} + pid_bh.to(tl.int64) * P_SIZE + offs_p, "
               f"part_{nm.of(name)}_{j}, mask=offs_p < P_SIZE)")
