@@ -16,7 +16,6 @@ import math
 from typing import Any
 
 import numpy
-import sympy
 import torch
 
 from attnc.backends.eager.evaluate import Evaluator, gather
@@ -26,10 +25,9 @@ from attnc.backends.triton.contract import Bind
 from attnc.expr import symbols as S
 from attnc.ir.cascade import ScatterSum, TensorKind
 from attnc.ir.stage_kernel import CascadePlan, StageKernel
-from attnc.library import call_checks
 from attnc.pipeline import IR, FrontendIR, Source
 from attnc.runtime.base import CompiledKernel
-from attnc.runtime.softmax import _index_checks, check_call
+from attnc.runtime.softmax import check_call, prepare_call_checks
 
 LAUNCH_OPTIONS = ("block_m", "block_n", "num_warps")
 
@@ -60,19 +58,10 @@ class CascadeKernel(CompiledKernel):
         if unknown:
             raise ValueError(f"{unknown[0]} does not apply to a general cascade's kernels "
                              f"(their launch options: {', '.join(LAUNCH_OPTIONS)})")
-        for opt in ("block_m", "block_n"):
-            size = launch_overrides.get(opt)
-            if size is not None and (isinstance(size, bool) or not isinstance(size, int)
-                                     or size < 16 or size & (size - 1)):
-                raise ValueError(f"{opt} must be a power of two >= 16, got {size!r}")
-        self._overrides = launch_overrides
+        self._overrides = launch_overrides  # checked by launch_options (compile_spec)
         self.inputs = tuple(d.name for d in self.plan.inputs)
         self.block_sparse = False
-        self._checks = _index_checks(self.plan)  # type: ignore[arg-type]
-        self._requirements = call_checks(src.filename, src.text,
-                                         getattr(frontend_ir, "options", ()), ("B", "H", "M", "N"))
-        self._shapes = [sympy.lambdify((S.B, S.H, S.M, S.N), list(d.dims), "math")
-                        for d in self.plan.inputs]
+        prepare_call_checks(self, src, frontend_ir)
 
     def __repr__(self) -> str:
         extra = f", inputs={list(self.inputs)}" if self.inputs else ""

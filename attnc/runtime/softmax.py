@@ -57,18 +57,11 @@ class Kernel(CompiledKernel):
         self.block_sparse = self.kernel_ir.block_sparse
         self.packs_heads = packs_heads(self.kernel_ir)  # GQA heads may share programs
         self._op = _make_op(self)
-        self._checks = _index_checks(self.kernel_ir)
+        prepare_call_checks(self, src, frontend_ir)
         # a block mask's mask_mod that is not this mask is ignored: warned about once
         self._spec_mask = getattr(frontend_ir, "mask", None)
         self._mask_mods_seen: dict[int, bool] = {}
         self._mask_mod_warned = False
-        # what a library variant requires of the call's sizes (attnc.library.ENTRIES)
-        self._requirements = call_checks(src.filename, src.text,
-                                         getattr(frontend_ir, "options", ()), ("B", "H", "M", "N"))
-        # Shapes as plain functions of (B, H, M, N): the call path runs no sympy, so dynamo can
-        # trace it under torch.compile.
-        self._shapes = [sympy.lambdify((S.B, S.H, S.M, S.N), list(d.dims), "math")
-                        for d in self.kernel_ir.inputs]
 
     def __repr__(self) -> str:
         extra = f", inputs={list(self.inputs)}" if self.inputs else ""
@@ -197,6 +190,18 @@ class Kernel(CompiledKernel):
 
     def _validate(self, q, k, v, scale, inputs) -> list[torch.Tensor]:
         return check_call(self, q, k, v, scale, inputs)
+
+
+def prepare_call_checks(kernel, src: Source, frontend_ir: FrontendIR) -> None:
+    """What `check_call` reads, computed once per kernel from its kernel IR (`inputs`,
+    `loads`): the index-range checks, a library variant's call requirements
+    (attnc.library.ENTRIES) and each input's shape as a plain function of (B, H, M, N) (the
+    call path runs no sympy, so dynamo can trace it under torch.compile)."""
+    kernel._checks = _index_checks(kernel.kernel_ir)
+    kernel._requirements = call_checks(src.filename, src.text,
+                                       getattr(frontend_ir, "options", ()), ("B", "H", "M", "N"))
+    kernel._shapes = [sympy.lambdify((S.B, S.H, S.M, S.N), list(d.dims), "math")
+                      for d in kernel.kernel_ir.inputs]
 
 
 def check_call(kernel, q, k, v, scale, inputs) -> list[torch.Tensor]:
