@@ -12,9 +12,14 @@ Candidates come from a small grid per kernel kind, pruned before anything compil
     (227 KiB on H100), so wide heads get fewer stages and smaller tiles;
   * registers: a program's fp32 accumulators spread over its threads must stay under 128 per
     thread, or the kernel spills;
+  * warps: a tile's rows must keep every warp on rows of its own (16 each; a Hopper warpgroup
+    takes 64): more warps than that compute the same rows twice;
   * the launch options the user fixed (`block_m=`, `num_warps=`, ...) are kept as given.
+The backward's two kernels (dq, dk/dv) each have their own grid and are pruned apart; its
+candidates pair every dk/dv choice with every dq choice (one flat config, see
+backends/triton/softmax/launch.Config), since the two are timed together.
 Off a GPU (Triton's interpreter) the grid is two tile sizes: tuning there measures the
-interpreter, which is only useful for testing the tuner itself.
+interpreter, which is only useful for testing the tuner itself (warps mean nothing there).
 
 Whether a kernel tunes: the compile option `autotune=` if given, else the environment variable
 ATTNC_AUTOTUNE (1/true/on). The runtime (attnc/runtime/base.py) persists the winner in the cache per
@@ -33,11 +38,12 @@ from dataclasses import dataclass, field
 import torch
 
 from attnc import cache
-from attnc.backends.triton.softmax.launch import pow2
+from attnc.backends.triton.softmax.launch import DQ_KEYS, pow2, rows_per_warp_ok
 
 TUNE_ENV = "ATTNC_AUTOTUNE"
 REGISTERS_PER_THREAD = 128  # fp32 accumulator values per thread before spilling is likely
 FALLBACK_SHARED_MEMORY = 99 * 1024  # when the device does not say (a consumer GPU's limit)
+OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
 def enabled(option: bool | None) -> bool:
@@ -71,12 +77,24 @@ def forward_shared_memory(cfg: dict, D: int, Dv: int, itemsize: int) -> int:
     return itemsize * (bm * bd + stages * bn * (bd + bdv) + bm * bn)
 
 
-def backward_shared_memory(cfg: dict, D: int, Dv: int, itemsize: int) -> int:
-    """Estimate for the larger of the two backward kernels (dk/dv): its resident k and v tiles,
-    q and dO tiles per stage, and the probability and gradient tiles staged for its dots."""
+def dkdv_shared_memory(cfg: dict, D: int, Dv: int, itemsize: int) -> int:
+    """Estimate for the dk/dv kernel: its resident k and v tiles, q and dO tiles per stage, and
+    the probability and gradient tiles staged for its dots."""
     bm, bn, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], max(1, cfg["num_stages"])
     bd, bdv = pow2(D), pow2(Dv)
     return itemsize * (bn * (bd + bdv) + stages * bm * (bd + bdv) + 2 * bm * bn)
+
+
+def dq_shared_memory(cfg: dict, D: int, Dv: int, itemsize: int) -> int:
+    """Estimate for the dq kernel: its resident q and dO tiles, k and v tiles per stage, and the
+    gradient tile staged for its last dot."""
+    bm, bn, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], max(1, cfg["num_stages"])
+    bd, bdv = pow2(D), pow2(Dv)
+    return itemsize * (bm * (bd + bdv) + stages * bn * (bd + bdv) + bm * bn)
+
+
+SHARED_MEMORY = {"forward": forward_shared_memory, "dkdv": dkdv_shared_memory,
+                 "dq": dq_shared_memory}
 
 
 def _registers_ok(cfg: dict, rows: int, D: int, Dv: int) -> bool:
@@ -84,38 +102,74 @@ def _registers_ok(cfg: dict, rows: int, D: int, Dv: int) -> bool:
     return accumulators <= REGISTERS_PER_THREAD * 32 * cfg["num_warps"]
 
 
+def rows(kernel: str, cfg: dict) -> int:
+    """The rows of `kernel`'s tiles, split among its warps: keys for the dk/dv kernel (it works
+    in the k.q^T orientation), queries for the forward and dq kernels."""
+    return cfg["BLOCK_N"] if kernel == "dkdv" else cfg["BLOCK_M"]
+
+
+def fits(kernel: str, cfg: dict, D: int, Dv: int, itemsize: int, limit: int,
+         warps_matter: bool = True, registers: bool = True) -> bool:
+    """Whether one kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages) passes the pruning rules
+    (shared memory; with `registers` the register budget; with `warps_matter` no warp
+    repeating another's rows)."""
+    r = rows(kernel, cfg)
+    return (SHARED_MEMORY[kernel](cfg, D, Dv, itemsize) <= limit
+            and (not registers or _registers_ok(cfg, r, D, Dv))
+            and (not warps_matter or rows_per_warp_ok(r, cfg["num_warps"])))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) choices on a GPU: the forward's, and each backward
+# kernel's (the dk/dv kernel's rows are its BLOCK_N keys; asymmetric tiles let the kernel that
+# holds more rows take 128 of them on two warpgroups)
 GRIDS = {
-    # kind: (BLOCK_M, BLOCK_N, num_warps, num_stages) choices on a GPU
     ("forward", "low"): ((64, 128), (64, 128), (4, 8), (2, 3, 4)),
     ("forward", "fp32"): ((32, 64), (32, 64), (4, 8), (2, 3)),
-    ("backward", "low"): ((32, 64, 128), (64, 128), (4, 8), (1, 2)),
-    ("backward", "fp32"): ((32, 64), (32, 64), (4, 8), (1, 2)),
+    ("dkdv", "low"): ((32, 64), (64, 128), (4, 8), (2, 3)),
+    ("dq", "low"): ((64, 128), (32, 64), (4, 8), (2, 3)),
+    ("dkdv", "fp32"): ((16, 32), (32, 64), (2, 4), (1, 2)),
+    ("dq", "fp32"): ((32, 64), (16, 32), (2, 4), (1, 2)),
 }
-INTERPRETER_GRID = ((16, 32), (16, 32), (4,), (1,))
+INTERPRETER_GRIDS = {"forward": ((16, 32), (16, 32), (4,), (1,)),
+                     "dkdv": ((16, 32), (32,), (4,), (1,)), "dq": ((32,), (16, 32), (4,), (1,))}
+KERNELS = {"forward": ("forward",), "backward": ("dkdv", "dq")}
 
 
 def candidates(kind: str, default: dict, D: int, Dv: int, dtype: torch.dtype,
                device: torch.device, fixed: dict) -> list[dict]:
     """The default first, then every grid point of this device's grid that fits its shared
-    memory and matches `fixed` (upper-case BLOCK_M/BLOCK_N keys, like the configs)."""
-    grid = (GRIDS[(kind, "fp32" if dtype == torch.float32 else "low")]
-            if device.type == "cuda" else INTERPRETER_GRID)
-    return prune(kind, default, grid, D, Dv, dtype, shared_memory_limit(device), fixed)
+    memory and matches `fixed` (upper-case BLOCK_M/BLOCK_N keys, like the configs). `kind` is
+    "forward" or "backward", optionally with a suffix ("backward-m64")."""
+    base = kind.split("-")[0]
+    precision = "fp32" if dtype == torch.float32 else "low"
+    on_gpu = device.type == "cuda"
+    grids = {kernel: GRIDS[(kernel, precision)] if on_gpu else INTERPRETER_GRIDS[kernel]
+             for kernel in KERNELS[base]}
+    return prune(base, default, grids, D, Dv, dtype, shared_memory_limit(device), fixed,
+                 warps_matter=on_gpu)
 
 
-def prune(kind: str, default: dict, grid, D: int, Dv: int, dtype: torch.dtype, limit: int,
-          fixed: dict) -> list[dict]:
-    """`default`, then the grid's configs within `limit` bytes of shared memory and the
-    register budget, agreeing with `fixed`."""
-    smem = forward_shared_memory if kind == "forward" else backward_shared_memory
+def prune(kind: str, default: dict, grids: Mapping[str, tuple], D: int, Dv: int,
+          dtype: torch.dtype, limit: int, fixed: dict, warps_matter: bool = True) -> list[dict]:
+    """`default`, then the configs of `grids` (per kernel of `kind`, as in GRIDS) within `limit`
+    bytes of shared memory, the register budget and the warps' rows, agreeing with `fixed`. A
+    backward config pairs a dk/dv choice with a dq choice, the dq's under its DQ_ keys. Where
+    no choice of a kernel keeps within the register budget (heads so wide that 16 rows per warp
+    already exceed it) its spilling choices are kept, for the timing to decide among."""
     itemsize = torch.empty((), dtype=dtype).element_size()
+    per_kernel = []
+    for kernel in KERNELS[kind]:
+        choices = [dict(zip(OPTIONS, point)) for point in itertools.product(*grids[kernel])]
+        fitting = [cfg for cfg in choices
+                   if fits(kernel, cfg, D, Dv, itemsize, limit, warps_matter)] or [
+            cfg for cfg in choices
+            if fits(kernel, cfg, D, Dv, itemsize, limit, warps_matter, registers=False)]
+        per_kernel.append([{DQ_KEYS[k]: v for k, v in cfg.items()} if kernel == "dq" else cfg
+                           for cfg in fitting])
     out = [dict(default)]
-    for bm, bn, warps, stages in itertools.product(*grid):
-        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
-        if any(cfg[k] != v for k, v in fixed.items()) or cfg in out:
-            continue
-        rows = bn if kind == "backward" else bm  # the dk/dv kernel accumulates per key row
-        if smem(cfg, D, Dv, itemsize) > limit or not _registers_ok(cfg, rows, D, Dv):
+    for parts in itertools.product(*per_kernel):
+        cfg = {k: v for part in parts for k, v in part.items()}
+        if any(cfg.get(k) != v for k, v in fixed.items()) or cfg in out:
             continue
         out.append(cfg)
     return out

@@ -18,7 +18,8 @@ from attnc import autotune
 from attnc.ir.cascade import TensorKind
 from attnc.testing import random_inputs, random_linear_inputs
 
-LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BV", "num_warps", "num_stages")
+LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BV", "num_warps", "num_stages", "DQ_BLOCK_M", "DQ_BLOCK_N",
+               "dq_num_warps", "dq_num_stages")
 
 
 def describe(cfg: dict) -> str:

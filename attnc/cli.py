@@ -6,13 +6,15 @@
     attnc compile SPEC [-o FILE]        the generated Triton source
     attnc check SPEC [--dtype ...]      run the kernel against the reference interpreter
     attnc bench SPEC [--dtype ...]      tune the kernel's launch configurations and time it
+    attnc inspect SPEC [--arch sm_90]   what each kernel compiles to on a GPU (no GPU needed)
     attnc cache info | clear            the on-disk kernel cache
 
 SPEC is a path to a `.attn` file, a library variant name (see `attnc list`) or DSL text.
 `-O name=value` (repeatable) overrides a spec `option` for show, compile and check.
 
-Exit status: 0 success, 1 `check` over tolerance, 2 a malformed spec, a spec attnc cannot
-compile, or bad arguments. Spec errors print as `file:line:col: message` with the source line
+Exit status: 0 success, 1 `check` over tolerance (`inspect`: a kernel failed to compile), 2 a
+malformed spec, a spec attnc cannot compile, or bad arguments, 3 `inspect` without the ptxas or
+cuobjdump Triton ships. Spec errors print as `file:line:col: message` with the source line
 and a caret, never a traceback.
 """
 
@@ -189,6 +191,40 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    import json
+
+    import torch
+
+    from attnc import inspect
+    from attnc.backends.triton.aot_jobs import Shape
+
+    if (args.spec is None) == (not args.library):
+        raise ValueError("inspect takes a SPEC or --library")
+    for name in ("B", "H", "M", "N", "D", "Dv"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+    arch = inspect.parse_arch(args.arch)
+    shape = Shape(B=args.B, H=args.H, N=args.N, D=args.D, Dv=args.Dv, M=args.M,
+                  dtype=getattr(torch, args.dtype))
+    kernels = [k.strip() for k in args.kernels.split(",")] if args.kernels else None
+    try:
+        if args.library:
+            rows = inspect.library(shape, arch, args.workers)
+        else:
+            rows = inspect.inspect_spec(args.spec, shape, arch, kernels, _options(args),
+                                        args.workers)
+    except inspect.ToolsMissing as err:
+        print(f"attnc: error: {err}", file=sys.stderr)
+        return 3
+    if args.json:
+        _emit(json.dumps(rows, indent=1))
+    else:
+        _emit(inspect.header(shape, arch) + "\n\n" + inspect.table(rows, args.library))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
 def _cmd_cache(args) -> int:
     from attnc import cache
 
@@ -267,6 +303,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"size {name} (default {gpu} on a GPU, {cpu} in the interpreter; "
                        "linear blocks: N is T)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("inspect", help="compile each kernel as the launcher would launch it on "
+                       "a GPU (no GPU needed) and report registers, spills, shared memory, "
+                       "tensor cores and the key loop's SASS")
+    p.add_argument("spec", metavar="SPEC", nargs="?",
+                   help="a .attn file, a library variant or DSL text")
+    p.add_argument("-O", "--option", action="append", type=_option, metavar="NAME=VALUE",
+                   help="override a spec option (repeatable)")
+    p.add_argument("--library", action="store_true", help="every library spec instead of SPEC")
+    p.add_argument("--arch", default="sm_90", help="target architecture (default sm_90)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    for name, default in (("B", 4), ("H", 16), ("M", "N"), ("N", 4096), ("D", 128),
+                          ("Dv", "D")):
+        p.add_argument(f"--{name}", type=int, default=None if isinstance(default, str)
+                       else default, metavar="INT",
+                       help=f"size {name} (default {default}; linear blocks: N is T)")
+    p.add_argument("--kernels", default=None, metavar="ROLE[,ROLE]",
+                   help="only kernels whose role starts so (forward, dq, dkdv, chunked, ...)")
+    p.add_argument("--workers", type=int, default=1, help="compiling processes (default 1)")
+    p.add_argument("--json", action="store_true", help="print the report as a JSON list")
+    p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("cache", help="the on-disk kernel cache ($ATTNC_CACHE_DIR)")
     p.add_argument("action", choices=("info", "clear"))

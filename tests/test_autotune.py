@@ -15,28 +15,80 @@ import torch
 
 import attnc
 from attnc import autotune
+from attnc.backends.triton.softmax.launch import (backward_config, backward_overrides,
+                                                  default_config, role_configs)
 from attnc.testing import random_linear_inputs, rel_error
 
 H100_SHARED = 227 * 1024
 DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
+def _grids(kind):
+    return {kernel: autotune.GRIDS[(kernel, "low")] for kernel in autotune.KERNELS[kind]}
+
+
+def _parts(kind, cfg):
+    """A candidate's per-kernel configs (a backward one holds the dk/dv and the dq kernel's)."""
+    if kind == "forward":
+        return {"forward": cfg}
+    return role_configs(cfg)
+
+
 @pytest.mark.parametrize("kind", ["forward", "backward"])
 @pytest.mark.parametrize("D", [64, 128, 256])
-def test_candidates_fit_shared_memory_and_registers(kind, D):
-    grid = autotune.GRIDS[(kind, "low")]
-    cands = autotune.prune(kind, DEFAULT, grid, D, D, torch.bfloat16, H100_SHARED, {})
-    smem = autotune.forward_shared_memory if kind == "forward" else autotune.backward_shared_memory
-    assert cands[0] == DEFAULT and len(cands) >= 2
+def test_candidates_fit_shared_memory_registers_and_warps(kind, D):
+    default = DEFAULT if kind == "forward" else backward_overrides(DEFAULT)
+    cands = autotune.prune(kind, default, _grids(kind), D, D, torch.bfloat16, H100_SHARED, {})
+    assert cands[0] == default and len(cands) >= 2
     for cfg in cands[1:]:
-        assert smem(cfg, D, D, 2) <= H100_SHARED
-        rows = cfg["BLOCK_N"] if kind == "backward" else cfg["BLOCK_M"]
-        assert rows * 2 * D <= autotune.REGISTERS_PER_THREAD * 32 * cfg["num_warps"]
+        for kernel, part in _parts(kind, cfg).items():
+            assert autotune.SHARED_MEMORY[kernel](part, D, D, 2) <= H100_SHARED
+            rows = part["BLOCK_N"] if kernel == "dkdv" else part["BLOCK_M"]
+            assert rows >= 16 * part["num_warps"]  # no warp repeats another's rows
+            if D <= 128:  # at 256, 16 rows per warp already exceed the budget: timing decides
+                assert rows * 2 * D <= autotune.REGISTERS_PER_THREAD * 32 * part["num_warps"]
     assert len({tuple(sorted(c.items())) for c in cands}) == len(cands)
 
 
+def test_backward_candidates_tune_each_kernel_apart():
+    cands = autotune.prune("backward", backward_overrides(DEFAULT), _grids("backward"), 128, 128,
+                           torch.bfloat16, H100_SHARED, {})
+    roles = [role_configs(c) for c in cands[1:]]
+    # asymmetric tiles: the dk/dv kernel's 128 keys against 32 queries, the dq kernel's 128
+    # queries against 32 keys, on two warpgroups; three stages; the two kernels differ
+    assert {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3} in [
+        r["dkdv"] for r in roles]
+    assert {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3} in [
+        r["dq"] for r in roles]
+    assert any(r["dq"] != r["dkdv"] for r in roles)
+    # a 64-row tile never gets 8 warps (both warpgroups would compute the same rows)
+    assert not any(r["dkdv"]["BLOCK_N"] == 64 and r["dkdv"]["num_warps"] == 8 for r in roles)
+    # options the user fixed apply to both kernels
+    fixed = backward_overrides({"BLOCK_M": 64, "num_stages": 2})
+    kept = autotune.prune("backward", backward_overrides(DEFAULT), _grids("backward"), 128, 128,
+                          torch.bfloat16, H100_SHARED, fixed)
+    assert len(kept) > 1
+    for cfg in kept[1:]:
+        for part in role_configs(cfg).values():
+            assert part["BLOCK_M"] == 64 and part["num_stages"] == 2
+
+
+def test_backward_default_splits_no_tile_across_warpgroups():
+    gpu = torch.device("cuda")
+    for D, dtype in ((64, torch.bfloat16), (128, torch.bfloat16), (256, torch.float16),
+                     (128, torch.float32)):
+        roles = role_configs(backward_config(default_config(D, D, dtype, gpu), dtype, gpu))
+        for kernel, cfg in roles.items():
+            rows = cfg["BLOCK_N"] if kernel == "dkdv" else cfg["BLOCK_M"]
+            assert rows >= 16 * cfg["num_warps"], (D, dtype, kernel, cfg)
+    roles = role_configs(backward_config(default_config(128, 128, torch.bfloat16, gpu),
+                                         torch.bfloat16, gpu))
+    assert roles == {"dkdv": {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+                     "dq": {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}}
+
+
 def test_wide_heads_prune_more():
-    grid = autotune.GRIDS[("forward", "low")]
+    grid = _grids("forward")
     counts = [len(autotune.prune("forward", DEFAULT, grid, D, D, torch.bfloat16, H100_SHARED,
                                  {})) for D in (64, 128, 256)]
     assert counts[0] > counts[1] > counts[2]
@@ -50,7 +102,7 @@ def test_wide_heads_prune_more():
 
 
 def test_fixed_options_restrict_candidates():
-    grid = autotune.GRIDS[("forward", "low")]
+    grid = _grids("forward")
     cands = autotune.prune("forward", DEFAULT, grid, 64, 64, torch.float16, H100_SHARED,
                            {"num_warps": 8, "BLOCK_M": 128})
     assert all(c["num_warps"] == 8 and c["BLOCK_M"] == 128 for c in cands[1:])

@@ -469,3 +469,42 @@ def test_bench_a_linear_spec_forward_only(capsys):
 def test_bench_rejects_bad_sizes(capsys):
     rc, _, err = run(capsys, "bench", "causal", "--N", "0")
     assert rc == 2 and "--N must be at least 1" in err
+
+
+# --- inspect ------------------------------------------------------------------------------------
+
+def test_inspect_prints_a_table_of_the_kernels(capsys):
+    """causal's forward at head dim 64, compiled for sm_90 (as tests/test_inspect.py compiles
+    it: Triton's cache has it then): one table row."""
+    rc, out, err = run(capsys, "inspect", "causal", "--kernels", "forward", "--D", "64",
+                       "--N", "1024")
+    assert rc == 0, err
+    head, rule, *rows = [line for line in out.splitlines() if line.startswith("|")]
+    assert head.split("|")[1:4] == [" kernel ", " config ", " regs "]
+    assert [r.split("|")[1].strip() for r in rows] == ["forward"]
+    assert "wgmma bf16" in rows[0] and out.startswith("sm_90, Triton ")
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "inspect takes a SPEC or --library"),
+    (["causal", "--library"], "inspect takes a SPEC or --library"),
+    (["causal", "--arch", "gfx942"], "--arch must look like sm_90"),
+    (["causal", "--D", "0"], "--D must be at least 1"),
+    (["nonexistent_spec_name"], "no spec file or library variant"),
+])
+def test_inspect_bad_arguments_exit_2(capsys, argv, message):
+    rc, out, err = run(capsys, "inspect", *argv)
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3 and out == ""
+
+
+def test_inspect_without_tritons_tools_says_so(capsys, monkeypatch):
+    from attnc import inspect
+
+    def missing(*args, **kw):
+        raise inspect.ToolsMissing("Triton's bundled NVIDIA tools are missing: /x/cuobjdump")
+    monkeypatch.setattr(inspect, "compile_jobs", missing)
+    rc, out, err = run(capsys, "inspect", "causal", "--kernels", "forward")
+    assert rc == 3 and out == ""
+    assert err.strip().splitlines() == [
+        "attnc: error: Triton's bundled NVIDIA tools are missing: /x/cuobjdump"]

@@ -86,7 +86,7 @@ def format_plan(plan: ScanPlan) -> str:
     """The plan as `attnc show SPEC --stage tile_scan` prints it."""
     name = plan.name
     lines = [f"kernels {name}   (one program per (sequence, head, value tile); "
-             "states in registers, fp32)"]
+             "states in registers, fp32; products in the inputs' dtype)"]
     if plan.chunked:
         lines.append(f"  forward: {name}_chunked (default): chunks of BT steps, intra-chunk "
                      "masked products and state passing")
@@ -107,7 +107,8 @@ def format_plan(plan: ScanPlan) -> str:
         lines.append(f"  chunk: BT = {bt}")
         assert plan.scan.schedule is not None
         for p in plan.scan.schedule.states:
-            form = " (WY/UT form: forward substitution over BT steps)" if p.kind.delta else ""
+            form = (" (WY/UT form: 16 x 16 diagonal blocks of the inverse by forward "
+                    "substitution, combined by products)") if p.kind.delta else ""
             lines.append(f"    state {p.state}: {p.kind.value}{form}")
     if plan.backward is ScanBackward.CORE:
         lines.append("  backward: core_forward, core_backward per state (spec-independent, grid "

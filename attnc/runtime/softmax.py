@@ -19,8 +19,9 @@ import sympy
 import torch
 
 from attnc import autotune, cache
-from attnc.backends.triton.softmax.launch import (Config, backward_config, default_config, launch,
-                                                  launch_backward, launch_packed, packs_heads, pow2)
+from attnc.backends.triton.softmax.launch import (Config, backward_config, backward_overrides,
+                                                  default_config, launch, launch_backward,
+                                                  launch_packed, packs_heads, pow2)
 from attnc.block_mask import BlockMask
 from attnc.expr import symbols as S
 from attnc.ir.cascade import TensorKind
@@ -103,10 +104,12 @@ class Kernel(CompiledKernel):
         return self._config("backward", q, k, v, run, default)
 
     def _config(self, kind: str, q, k, v, run, default) -> Config:
-        # short queries (decoding) tune apart from long ones: rows per program differ
-        kind += f"-m{min(pow2(q.shape[2]), 128)}"
         fixed = {k.upper() if k.startswith("block") else k: v
                  for k, v in self._overrides.items() if k != "kv_splits"}
+        if kind == "backward":  # the options fixed apply to both backward kernels
+            fixed = backward_overrides(fixed)
+        # short queries (decoding) tune apart from long ones: rows per program differ
+        kind += f"-m{min(pow2(q.shape[2]), 128)}"
         splits = {k: v for k, v in self._overrides.items() if k == "kv_splits"}
 
         def candidates():

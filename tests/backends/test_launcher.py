@@ -154,3 +154,40 @@ def test_packed_gqa_heads_match_the_reference(M, monkeypatch):
         assert rel_error(out, want) < 1e-5
         assert torch.allclose(lse.double(), want_lse, atol=1e-5)
     assert heads == [2, 2]  # launched over the 2 kv heads, 4 query heads stacked per program
+
+
+def test_backward_kernels_launch_with_their_own_tiles(monkeypatch):
+    # the dq and dk/dv kernels take their own tiles, warps and stages from one backward config,
+    # and the gradients do not depend on them
+    from attnc.backends.triton.contract import Bind
+    from attnc.backends.triton.module import KernelModule
+    seen = {}
+    real = KernelModule.launch
+
+    def spy(self, role, values, grid=None, options=None):
+        if role in ("dq", "dkdv"):
+            seen[role] = (values[Bind("BLOCK_M")], values[Bind("BLOCK_N")], dict(options))
+        return real(self, role, values, grid, options)
+    monkeypatch.setattr(KernelModule, "launch", spy)
+    q, k, v = (t.requires_grad_() for t in _operands(20, 36, torch.float32))
+    slopes = torch.linspace(0.1, 0.6, 4).requires_grad_()
+    kernel = attnc.load("alibi")
+    want = torch.autograd.grad((kernel(q, k, v, slopes=slopes) ** 2).sum(), (q, k, v, slopes))
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1,
+              "DQ_BLOCK_M": 32, "DQ_BLOCK_N": 16, "dq_num_warps": 2, "dq_num_stages": 2}
+    monkeypatch.setattr(type(kernel), "backward_config", lambda self, *a, **kw: config)
+    got = torch.autograd.grad((kernel(q, k, v, slopes=slopes) ** 2).sum(), (q, k, v, slopes))
+    assert seen == {"dq": (32, 16, {"num_warps": 2, "num_stages": 2}),
+                    "dkdv": (16, 32, {"num_warps": 4, "num_stages": 1})}
+    for a, b in zip(got, want):
+        assert rel_error(a, b) < 1e-5
+
+
+def test_role_configs_split_a_backward_config():
+    both = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+    split = launcher.role_configs({**both, "DQ_BLOCK_M": 128, "DQ_BLOCK_N": 32,
+                                   "dq_num_warps": 8, "dq_num_stages": 2})
+    assert split == {"dkdv": both, "dq": {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8,
+                                          "num_stages": 2}}
+    # a config without the dq kernel's keys (a forward one) gives both kernels the same
+    assert launcher.role_configs(both) == {"dkdv": both, "dq": both}

@@ -16,5 +16,7 @@ def test_quick_run_reads_every_kernels_registers_and_key_loop(tmp_path):
     assert [r.split("|")[2].strip() for r in rows] == ["forward1", "backward1", "backward2"]
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[2] == "1"  # one pass: K and V are read once
-    registers, stack, shared, sass, loop, mufu, mma = map(int, cells[3:])
+    spills = cells.pop(4)
+    registers, shared, sass, loop, mufu, mma = map(int, cells[3:])
     assert 0 < registers <= 255 and 0 < loop < sass and mma > 0 and mufu > 0
+    assert [int(b) >= 0 for b in spills.split("/")] == [True, True]  # store/load bytes

@@ -10,17 +10,21 @@ tensors, elementwise in q, k, v and the inputs), the core recurrence of one stat
 and an epilogue (the output from the readouts r). Prologue and epilogue are elementwise and are
 differentiated by torch autograd; the core runs here, as two kernels independent of the spec:
 
-* `core_forward` recomputes the readouts and stores the state entering every chunk (what the
-  backward needs: O(T / BT) states, not O(T));
+* `core_forward` recomputes the readouts and stores the state entering every segment of
+  STATE_STEPS steps (a whole chunk when chunks are longer): O(T / 64) states, not O(T);
 * `core_backward` walks the chunks in reverse with the state's adjoint dS in registers and
-  returns dx, dk, dv, d(log decay), dbeta and dS0.
+  returns dx, dk, dv, d(log decay), dbeta and dS0. On reaching a segment it replays its chunks
+  from the stored state, keeping the states entering them in `scratch` ([N, H, chunks per
+  segment, K, V], small enough to stay in L2).
 
 One program per (sequence, head, value tile). dv and dS0 are exact per value tile; dx, dk,
 dlog-decay and dbeta sum over all value features, so each tile writes its own slice of a
 [NV, ...] buffer and the caller adds them up (deterministic, no atomics). GATE is an
 attnc.ir.linear.Gate: 0 none, 1 scalar per step, 2 vector per step (over key features).
-Tensors are contiguous: x, k, g [B, H, T, K|1], v, r, dr [B, H, T, V], states [.., K, V] in
-fp32.
+Tensors are contiguous: x, k, g [B, H, T, K|1], v, r, dr [B, H, T, V], states [.., K, V].
+x, k and v are in the data's dtype and every dot takes its operands in that dtype (bf16/fp16
+tensor cores; fp32 data keeps exact fp32 products with IEEE), accumulating in fp32; the
+states, gates, beta, dr and every output are fp32.
 """
 
 from __future__ import annotations
@@ -44,6 +48,17 @@ def _prelude():
 
 
 _dot = _prelude()._dot
+_round = _prelude()._round
+
+# Steps between the states core_forward stores (a whole chunk when chunks are longer): the
+# backward replays a segment's chunks from its state (fla stores every 64 steps too)
+STATE_STEPS = 64
+_STATE_STEPS = tl.constexpr(STATE_STEPS)
+
+
+def segment(chunk: int) -> int:
+    """Steps between stored states for chunks of `chunk` steps (a multiple of it)."""
+    return max(STATE_STEPS, chunk)
 
 
 @triton.jit
@@ -63,8 +78,30 @@ def _sequence(cu_seqlens, chunk_offsets, n, hh, T, H, VARLEN: tl.constexpr):
 
 @triton.jit
 def _rows(ptr, base, row, tm, offs, width, fmask):
+    """A [rows, features] tile in its stored dtype (elementwise use promotes it to fp32)."""
     return tl.load(ptr + base + row[:, None] * width + offs[None, :],
-                   mask=tm[:, None] & fmask[None, :], other=0.0).to(tl.float32)
+                   mask=tm[:, None] & fmask[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, base, row, tm, offs, width, fmask, value):
+    tl.store(ptr + base + row[:, None] * width + offs[None, :], value,
+             mask=tm[:, None] & fmask[None, :])
+
+
+@triton.jit
+def _operand(a, DT: tl.constexpr, UPCAST: tl.constexpr):
+    """A dot operand in the data dtype DT: an fp32 tile is rounded once (bf16/fp16 tensor
+    cores); a tile already in DT (x, k, v as loaded), or fp32 data, passes unchanged."""
+    if a.dtype != DT:
+        a = _round(a, DT, UPCAST)
+    return a
+
+
+@triton.jit
+def _mm(a, b, DT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b on DT operands with an fp32 accumulator."""
+    return _dot(_operand(a, DT, UPCAST), _operand(b, DT, UPCAST), IEEE, UPCAST)
 
 
 @triton.jit
@@ -82,14 +119,15 @@ def _gates(g, base_g, row, tmask, offs_k, mask_k, K, GATE: tl.constexpr, BT: tl.
 
 
 @triton.jit
-def _wy(kk, gs, bt, offs_t, IEEE: tl.constexpr, UPCAST: tl.constexpr, BT: tl.constexpr):
+def _wy(kk, gs, bt, offs_t, DT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        BT: tl.constexpr):
     """The delta rule's unit lower-triangular inverse tinv = (I + diag(b) L)^-1 with
     L = strict(exp(G_t - G_s) k_t.k_s), by forward substitution; also returns L and the decay."""
     lower = offs_t[:, None] >= offs_t[None, :]
     strict = offs_t[:, None] > offs_t[None, :]
     Gt = tl.cumsum(gs, axis=0)
     decay = tl.where(lower, tl.exp(tl.where(lower, Gt[:, None] - Gt[None, :], 0.0)), 0.0)
-    L = tl.where(strict, decay * _dot(kk, tl.trans(kk), IEEE, UPCAST), 0.0)
+    L = tl.where(strict, decay * _mm(kk, tl.trans(kk), DT, IEEE, UPCAST), 0.0)
     a_low = L * bt[:, None]
     tinv = tl.where(offs_t[:, None] == offs_t[None, :], 1.0, 0.0)
     for r in range(1, BT):
@@ -100,10 +138,61 @@ def _wy(kk, gs, bt, offs_t, IEEE: tl.constexpr, UPCAST: tl.constexpr, BT: tl.con
 
 
 @triton.jit
+def _advance(S, kk, vv, gg, bt, offs_t, GATE: tl.constexpr, DELTA: tl.constexpr,
+             BT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """The state after one chunk (core_forward's update, without its readouts)."""
+    if DELTA:
+        tinv, L, decay, Gt = _wy(kk, gg, bt, offs_t, DT, IEEE, UPCAST, BT)
+        kb = kk * (bt * tl.exp(Gt))[:, None]
+        delta = _mm(tinv, vv * bt[:, None] - _mm(kb, S, DT, IEEE, UPCAST), DT, IEEE, UPCAST)
+        gl = tl.sum(gg, axis=0)
+        S = S * tl.exp(gl) + _mm(tl.trans(kk * tl.exp(gl - Gt)[:, None]), delta, DT, IEEE,
+                                 UPCAST)
+    elif GATE == 2:
+        G = tl.cumsum(gg, axis=0)
+        g_last = tl.sum(gg, axis=0)
+        S = S * tl.exp(g_last)[:, None] + _mm(tl.trans(kk * tl.exp(g_last[None, :] - G)), vv,
+                                              DT, IEEE, UPCAST)
+    else:
+        Gt = tl.cumsum(gg, axis=0)
+        gl = tl.sum(gg, axis=0)
+        S = S * tl.exp(gl) + _mm(tl.trans(kk * tl.exp(gl - Gt)[:, None]), vv, DT, IEEE, UPCAST)
+    return S
+
+
+@triton.jit
+def _replay(k, v, g, beta, h, own, seg, s0, last, seq_len, base, hh, H, K, V, kv, m_kv,
+            offs_t, offs_k, mask_k, offs_v, mask_v, GATE: tl.constexpr, DELTA: tl.constexpr,
+            BT: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+            UPCAST: tl.constexpr):
+    """Writes the states entering chunks 0..last of the segment starting at step s0 (stored
+    state `seg`) into `own`, replaying chunks 0..last-1 from the stored state. The barriers
+    order these global writes against the CTA's reads of `own` before and after (a state's
+    store and load may spread it over the threads differently)."""
+    tl.debug_barrier()
+    S = tl.load(h + (seg * H + hh) * K * V + kv, mask=m_kv, other=0.0)
+    for jj in range(0, last):
+        tl.store(own + jj * K * V + kv, S, mask=m_kv)
+        row = s0 + jj * BT + offs_t
+        tmask = row < seq_len
+        kk = _rows(k, base * K, row, tmask, offs_k, K, mask_k)
+        vv = _rows(v, base * V, row, tmask, offs_v, V, mask_v)
+        gg = _gates(g, base, row, tmask, offs_k, mask_k, K, GATE, BT, BK)
+        if DELTA:
+            bt = tl.load(beta + base + row, mask=tmask, other=0.0).to(tl.float32)
+        else:
+            bt = tl.zeros([BT], tl.float32)
+        S = _advance(S, kk, vv, gg, bt, offs_t, GATE, DELTA, BT, DT, IEEE, UPCAST)
+    tl.store(own + last * K * V + kv, S, mask=m_kv)
+    tl.debug_barrier()
+
+
+@triton.jit
 def core_forward(x, k, v, g, beta, s0, r, h, s_final, cu_seqlens, chunk_offsets, T, H, K, V,
                  GATE: tl.constexpr, DELTA: tl.constexpr, HAS_S0: tl.constexpr,
                  VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    DT: tl.constexpr = v.dtype.element_ty  # the dots' operand dtype: the data's
     n = tl.program_id(0)
     hh = tl.program_id(1)
     pv = tl.program_id(2)
@@ -119,8 +208,10 @@ def core_forward(x, k, v, g, beta, s0, r, h, s_final, cu_seqlens, chunk_offsets,
     S = tl.zeros([BK, BV], tl.float32)
     if HAS_S0:
         S = tl.load(s0 + (n * H + hh).to(tl.int64) * K * V + kv, mask=m_kv, other=0.0)
+    SEG: tl.constexpr = (_STATE_STEPS + BT - 1) // BT * BT  # = segment(BT)
     for c0 in range(0, seq_len, BT):
-        tl.store(h + ((first_chunk + c0 // BT) * H + hh) * K * V + kv, S, mask=m_kv)
+        if c0 // SEG * SEG == c0:  # (no `%`: an int % constexpr fails in the interpreter)
+            tl.store(h + ((first_chunk + c0 // SEG) * H + hh) * K * V + kv, S, mask=m_kv)
         row = c0 + offs_t
         tmask = row < seq_len
         xx = _rows(x, base * K, row, tmask, offs_k, K, mask_k)
@@ -129,41 +220,45 @@ def core_forward(x, k, v, g, beta, s0, r, h, s_final, cu_seqlens, chunk_offsets,
         gg = _gates(g, base, row, tmask, offs_k, mask_k, K, GATE, BT, BK)
         if DELTA:
             bt = tl.load(beta + base + row, mask=tmask, other=0.0).to(tl.float32)
-            tinv, L, decay, Gt = _wy(kk, gg, bt, offs_t, IEEE, UPCAST, BT)
-            u = _dot(tinv, vv * bt[:, None], IEEE, UPCAST)
-            w = _dot(tinv, kk * (bt * tl.exp(Gt))[:, None], IEEE, UPCAST)
-            delta = u - _dot(w, S, IEEE, UPCAST)
-            scores = _dot(xx, tl.trans(kk), IEEE, UPCAST) * decay
-            rr = _dot(xx, S, IEEE, UPCAST) * tl.exp(Gt)[:, None] + _dot(scores, delta, IEEE,
-                                                                        UPCAST)
+            tinv, L, decay, Gt = _wy(kk, gg, bt, offs_t, DT, IEEE, UPCAST, BT)
+            # delta = u - w S with u = tinv vb, w = tinv kb, as tinv (vb - kb S): no [BT, BK] w
+            kb = kk * (bt * tl.exp(Gt))[:, None]
+            delta = _mm(tinv, vv * bt[:, None] - _mm(kb, S, DT, IEEE, UPCAST), DT, IEEE, UPCAST)
+            scores = _mm(xx, tl.trans(kk), DT, IEEE, UPCAST) * decay
+            rr = _mm(xx, S, DT, IEEE, UPCAST) * tl.exp(Gt)[:, None] \
+                + _mm(scores, delta, DT, IEEE, UPCAST)
             gl = tl.sum(gg, axis=0)  # padded rows have zero log decay
             k_end = kk * tl.exp(gl - Gt)[:, None]
-            S = S * tl.exp(gl) + _dot(tl.trans(k_end), delta, IEEE, UPCAST)
+            S = S * tl.exp(gl) + _mm(tl.trans(k_end), delta, DT, IEEE, UPCAST)
         elif GATE == 2:
             G = tl.cumsum(gg, axis=0)
             g_last = tl.sum(gg, axis=0)
             xg = xx * tl.exp(G)
-            scores = tl.where(lower, _dot(xg, tl.trans(kk * tl.exp(-G)), IEEE, UPCAST), 0.0)
-            rr = _dot(xg, S, IEEE, UPCAST) + _dot(scores, vv, IEEE, UPCAST)
-            S = S * tl.exp(g_last)[:, None] + _dot(tl.trans(kk * tl.exp(g_last[None, :] - G)),
-                                                   vv, IEEE, UPCAST)
+            scores = tl.where(lower, _mm(xg, tl.trans(kk * tl.exp(-G)), DT, IEEE, UPCAST), 0.0)
+            rr = _mm(xg, S, DT, IEEE, UPCAST) + _mm(scores, vv, DT, IEEE, UPCAST)
+            S = S * tl.exp(g_last)[:, None] + _mm(tl.trans(kk * tl.exp(g_last[None, :] - G)),
+                                                   vv, DT, IEEE, UPCAST)
         else:
             Gt = tl.cumsum(gg, axis=0)
             gl = tl.sum(gg, axis=0)
             decay = tl.where(lower, tl.exp(tl.where(lower, Gt[:, None] - Gt[None, :], 0.0)), 0.0)
-            scores = _dot(xx, tl.trans(kk), IEEE, UPCAST) * decay
-            rr = _dot(xx, S, IEEE, UPCAST) * tl.exp(Gt)[:, None] + _dot(scores, vv, IEEE, UPCAST)
-            S = S * tl.exp(gl) + _dot(tl.trans(kk * tl.exp(gl - Gt)[:, None]), vv, IEEE, UPCAST)
+            scores = _mm(xx, tl.trans(kk), DT, IEEE, UPCAST) * decay
+            rr = _mm(xx, S, DT, IEEE, UPCAST) * tl.exp(Gt)[:, None] \
+                + _mm(scores, vv, DT, IEEE, UPCAST)
+            S = S * tl.exp(gl) + _mm(tl.trans(kk * tl.exp(gl - Gt)[:, None]), vv, DT, IEEE,
+                                     UPCAST)
         tl.store(r + base * V + row[:, None] * V + offs_v[None, :], rr,
                  mask=tmask[:, None] & mask_v[None, :])
     tl.store(s_final + (n * H + hh).to(tl.int64) * K * V + kv, S, mask=m_kv)
 
 
 @triton.jit
-def core_backward(x, k, v, g, beta, h, dr, ds_final, dx, dk, dv, dg, dbeta, ds0, cu_seqlens,
-                  chunk_offsets, T, H, K, V, NV_STRIDE, GATE: tl.constexpr, DELTA: tl.constexpr,
+def core_backward(x, k, v, g, beta, h, scratch, dr, ds_final, dx, dk, dv, dg, dbeta, ds0,
+                  cu_seqlens, chunk_offsets, T, H, K, V, NV_STRIDE, GATE: tl.constexpr,
+                  DELTA: tl.constexpr,
                   VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    DT: tl.constexpr = v.dtype.element_ty  # the dots' operand dtype: the data's
     n = tl.program_id(0)
     hh = tl.program_id(1)
     pv = tl.program_id(2)
@@ -178,11 +273,21 @@ def core_backward(x, k, v, g, beta, h, dr, ds_final, dx, dk, dv, dg, dbeta, ds0,
     kv = offs_k[:, None] * V + offs_v[None, :]
     lower = offs_t[:, None] >= offs_t[None, :]
     dS = tl.load(ds_final + (n * H + hh).to(tl.int64) * K * V + kv, mask=m_kv, other=0.0)
+    NSUB: tl.constexpr = (_STATE_STEPS + BT - 1) // BT  # chunks per stored state
+    own = scratch + (n * H + hh).to(tl.int64) * NSUB * K * V  # this head's replayed states
     n_chunks = tl.cdiv(seq_len, BT)
     for it in range(0, n_chunks):
         ci = n_chunks - 1 - it
         c0 = ci * BT
-        S = tl.load(h + ((first_chunk + ci) * H + hh) * K * V + kv, mask=m_kv, other=0.0)
+        if NSUB == 1:
+            S = tl.load(h + ((first_chunk + ci) * H + hh) * K * V + kv, mask=m_kv, other=0.0)
+        else:
+            j = ci - ci // NSUB * NSUB
+            if (j == NSUB - 1) | (it == 0):
+                _replay(k, v, g, beta, h, own, first_chunk + ci // NSUB, c0 - j * BT, j,
+                        seq_len, base, hh, H, K, V, kv, m_kv, offs_t, offs_k, mask_k, offs_v,
+                        mask_v, GATE, DELTA, BT, BK, DT, IEEE, UPCAST)
+            S = tl.load(own + j * K * V + kv, mask=m_kv, other=0.0)
         row = c0 + offs_t
         tmask = row < seq_len
         xx = _rows(x, base * K, row, tmask, offs_k, K, mask_k)
@@ -192,104 +297,115 @@ def core_backward(x, k, v, g, beta, h, dr, ds_final, dx, dk, dv, dg, dbeta, ds0,
         gg = _gates(g, base, row, tmask, offs_k, mask_k, K, GATE, BT, BK)
         if DELTA:
             bt = tl.load(beta + base + row, mask=tmask, other=0.0).to(tl.float32)
-            tinv, L, decay, Gt = _wy(kk, gg, bt, offs_t, IEEE, UPCAST, BT)
+            tinv, L, decay, Gt = _wy(kk, gg, bt, offs_t, DT, IEEE, UPCAST, BT)
             eG = tl.exp(Gt)
             gl = tl.sum(gg, axis=0)
             kb = kk * (bt * eG)[:, None]
-            vb = vv * bt[:, None]
-            u = _dot(tinv, vb, IEEE, UPCAST)
-            w = _dot(tinv, kb, IEEE, UPCAST)
-            delta = u - _dot(w, S, IEEE, UPCAST)
-            qk = _dot(xx, tl.trans(kk), IEEE, UPCAST)
-            scores = qk * decay
+            # delta = u - w S, u = tinv vb, w = tinv kb, tinv = (I + diag(b) L)^-1, computed as
+            # tinv p with p = vb - kb S. Then d vb = tinv^T d delta, d kb = -d vb S^T,
+            # d tinv = d delta p^T and dS gets -w^T d delta = -kb^T d vb: w never formed.
+            p = vv * bt[:, None] - _mm(kb, S, DT, IEEE, UPCAST)
+            delta = _mm(tinv, p, DT, IEEE, UPCAST)
+            scores = _mm(xx, tl.trans(kk), DT, IEEE, UPCAST) * decay
             k_end = kk * tl.exp(gl - Gt)[:, None]
-            # r = eG x S + scores delta;  S' = e^gl S + k_end^T delta;  delta = u - w S
-            d_delta = _dot(tl.trans(scores), dd, IEEE, UPCAST) + _dot(k_end, dS, IEEE, UPCAST)
-            d_scores = tl.where(lower, _dot(dd, tl.trans(delta), IEEE, UPCAST), 0.0)
+            # r = eG x S + scores delta;  S' = e^gl S + k_end^T delta
+            d_delta = _mm(tl.trans(scores), dd, DT, IEEE, UPCAST) \
+                + _mm(k_end, dS, DT, IEEE, UPCAST)
+            d_scores = tl.where(lower, _mm(dd, tl.trans(delta), DT, IEEE, UPCAST), 0.0)
             d_qk = d_scores * decay
-            dS_x = _dot(dd, tl.trans(S), IEEE, UPCAST)              # [BT, BK]
-            d_x = dS_x * eG[:, None] + _dot(d_qk, kk, IEEE, UPCAST)
-            d_k = _dot(tl.trans(d_qk), xx, IEEE, UPCAST)
-            d_kend = _dot(delta, tl.trans(dS), IEEE, UPCAST)        # [BT, BK]
-            d_k += d_kend * tl.exp(gl - Gt)[:, None]
-            dG = tl.sum(xx * dS_x, axis=1) * eG + tl.sum(d_scores * scores, axis=1) \
-                - tl.sum(d_scores * scores, axis=0) - tl.sum(k_end * d_kend, axis=1)
-            d_last = tl.sum(k_end * d_kend) + tl.exp(gl) * tl.sum(S * dS)
-            # delta = u - w S, u = tinv vb, w = tinv kb, tinv = (I + diag(b) L)^-1
-            d_w = -_dot(d_delta, tl.trans(S), IEEE, UPCAST)           # [BT, BK]
-            d_tinv = _dot(d_delta, tl.trans(vb), IEEE, UPCAST) + _dot(d_w, tl.trans(kb), IEEE,
-                                                                       UPCAST)
-            d_vb = _dot(tl.trans(tinv), d_delta, IEEE, UPCAST)
-            d_kb = _dot(tl.trans(tinv), d_w, IEEE, UPCAST)
-            d_m = -_dot(_dot(tl.trans(tinv), d_tinv, IEEE, UPCAST), tl.trans(tinv), IEEE,
-                        UPCAST)
+            # [BT, BK] products are stored as soon as they are complete (fewer live tiles)
+            dS_x = _mm(dd, tl.trans(S), DT, IEEE, UPCAST)              # [BT, BK]
+            dG = tl.sum(xx * dS_x, axis=1) * eG
+            _store_rows(dx, part * K + base * K, row, tmask, offs_k, K, mask_k,
+                        dS_x * eG[:, None] + _mm(d_qk, kk, DT, IEEE, UPCAST))
+            d_last = tl.exp(gl) * tl.sum(S * dS)
+            d_vb = _mm(tl.trans(tinv), d_delta, DT, IEEE, UPCAST)
+            _store_rows(dv, base * V, row, tmask, offs_v, V, mask_v, d_vb * bt[:, None])
+            d_kb = -_mm(d_vb, tl.trans(S), DT, IEEE, UPCAST)          # [BT, BK]
+            d_m = -_mm(_mm(tl.trans(tinv), _mm(d_delta, tl.trans(p), DT, IEEE, UPCAST), DT,
+                           IEEE, UPCAST), tl.trans(tinv), DT, IEEE, UPCAST)
             strict = offs_t[:, None] > offs_t[None, :]
             d_m = tl.where(strict, d_m, 0.0)
             d_b = tl.sum(d_m * L, axis=1) + tl.sum(vv * d_vb, axis=1) \
                 + tl.sum(kk * d_kb, axis=1) * eG
+            tl.store(dbeta + part + base + row, d_b, mask=tmask)
             d_l = d_m * bt[:, None]
             d_kk = d_l * decay
-            d_k += _dot(d_kk, kk, IEEE, UPCAST) + _dot(tl.trans(d_kk), kk, IEEE, UPCAST)
-            d_k += d_kb * (bt * eG)[:, None]
             dG += tl.sum(d_l * L, axis=1) - tl.sum(d_l * L, axis=0) + tl.sum(kb * d_kb, axis=1)
-            d_v = d_vb * bt[:, None]
+            d_k = d_kb * (bt * eG)[:, None] + _mm(tl.trans(d_qk), xx, DT, IEEE, UPCAST) \
+                + _mm(d_kk + tl.trans(d_kk), kk, DT, IEEE, UPCAST)
+            d_kend = _mm(delta, tl.trans(dS), DT, IEEE, UPCAST)        # [BT, BK]
+            d_k += d_kend * tl.exp(gl - Gt)[:, None]
+            _store_rows(dk, part * K + base * K, row, tmask, offs_k, K, mask_k, d_k)
+            dG += tl.sum(d_scores * scores, axis=1) - tl.sum(d_scores * scores, axis=0) \
+                - tl.sum(k_end * d_kend, axis=1)
+            d_last += tl.sum(k_end * d_kend)
             dG = tl.where(offs_t == BT - 1, dG + d_last, dG)
-            d_g = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG
-            dS_prev = dS * tl.exp(gl) + _dot(tl.trans(xx * eG[:, None]), dd, IEEE, UPCAST) \
-                - _dot(tl.trans(w), d_delta, IEEE, UPCAST)
-            tl.store(dbeta + part + base + row, d_b, mask=tmask)
-            tl.store(dg + part + base + row, d_g, mask=tmask)
+            if GATE != 0:  # a delta rule without decay has no d log decay buffer
+                tl.store(dg + part + base + row, tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG,
+                         mask=tmask)
+            dS_prev = dS * tl.exp(gl) + _mm(tl.trans(xx * eG[:, None]), dd, DT, IEEE, UPCAST) \
+                - _mm(tl.trans(kb), d_vb, DT, IEEE, UPCAST)
         elif GATE == 2:
+            # each [BT, BK] product stored as soon as it is complete (as below)
             G = tl.cumsum(gg, axis=0)
             g_last = tl.sum(gg, axis=0)
             xg = xx * tl.exp(G)
             k_in = kk * tl.exp(-G)
-            k_end = kk * tl.exp(g_last[None, :] - G)
-            scores = tl.where(lower, _dot(xg, tl.trans(k_in), IEEE, UPCAST), 0.0)
-            d_scores = tl.where(lower, _dot(dd, tl.trans(vv), IEEE, UPCAST), 0.0)
-            d_xg = _dot(dd, tl.trans(S), IEEE, UPCAST) + _dot(d_scores, k_in, IEEE, UPCAST)
-            d_kin = _dot(tl.trans(d_scores), xg, IEEE, UPCAST)
-            d_kend = _dot(vv, tl.trans(dS), IEEE, UPCAST)
-            d_v = _dot(tl.trans(scores), dd, IEEE, UPCAST) + _dot(k_end, dS, IEEE, UPCAST)
-            d_x = d_xg * tl.exp(G)
-            d_k = d_kin * tl.exp(-G) + d_kend * tl.exp(g_last[None, :] - G)
-            dG2 = xg * d_xg - k_in * d_kin - k_end * d_kend
-            d_last = tl.sum(k_end * d_kend, axis=0) + tl.exp(g_last) * tl.sum(S * dS, axis=1)
+            d_scores = tl.where(lower, _mm(dd, tl.trans(vv), DT, IEEE, UPCAST), 0.0)
+            d_xg = _mm(dd, tl.trans(S), DT, IEEE, UPCAST) + _mm(d_scores, k_in, DT, IEEE, UPCAST)
+            _store_rows(dx, part * K + base * K, row, tmask, offs_k, K, mask_k, d_xg * tl.exp(G))
+            dG2 = xg * d_xg
+            d_last = tl.exp(g_last) * tl.sum(S * dS, axis=1)
+            scores = tl.where(lower, _mm(xg, tl.trans(k_in), DT, IEEE, UPCAST), 0.0)
+            d_kin = _mm(tl.trans(d_scores), xg, DT, IEEE, UPCAST)
+            dG2 -= k_in * d_kin
+            e_end = tl.exp(g_last[None, :] - G)
+            d_kend = _mm(vv, tl.trans(dS), DT, IEEE, UPCAST)
+            _store_rows(dk, part * K + base * K, row, tmask, offs_k, K, mask_k,
+                        d_kin * tl.exp(-G) + d_kend * e_end)
+            k_end = kk * e_end
+            _store_rows(dv, base * V, row, tmask, offs_v, V, mask_v,
+                        _mm(tl.trans(scores), dd, DT, IEEE, UPCAST)
+                        + _mm(k_end, dS, DT, IEEE, UPCAST))
+            dG2 -= k_end * d_kend
+            d_last += tl.sum(k_end * d_kend, axis=0)
             dG2 = tl.where(offs_t[:, None] == BT - 1, dG2 + d_last[None, :], dG2)
-            d_g2 = tl.sum(dG2, axis=0)[None, :] - tl.cumsum(dG2, axis=0) + dG2
-            dS_prev = dS * tl.exp(g_last)[:, None] + _dot(tl.trans(xg), dd, IEEE, UPCAST)
-            tl.store(dg + part * K + base * K + row[:, None] * K + offs_k[None, :], d_g2,
-                     mask=tmask[:, None] & mask_k[None, :])
+            _store_rows(dg, part * K + base * K, row, tmask, offs_k, K, mask_k,
+                        tl.sum(dG2, axis=0)[None, :] - tl.cumsum(dG2, axis=0) + dG2)
+            dS_prev = dS * tl.exp(g_last)[:, None] + _mm(tl.trans(xg), dd, DT, IEEE, UPCAST)
         else:
+            # ordered so each [BT, BK] product is stored as soon as it is complete: at most
+            # two of them live beside S and dS (fewer registers than computing all, then
+            # storing)
             Gt = tl.cumsum(gg, axis=0)
             gl = tl.sum(gg, axis=0)
             eG = tl.exp(Gt)
+            e_end = tl.exp(gl - Gt)
             decay = tl.where(lower, tl.exp(tl.where(lower, Gt[:, None] - Gt[None, :], 0.0)),
                              0.0)
-            qk = _dot(xx, tl.trans(kk), IEEE, UPCAST)
-            scores = qk * decay
-            k_end = kk * tl.exp(gl - Gt)[:, None]
-            d_scores = tl.where(lower, _dot(dd, tl.trans(vv), IEEE, UPCAST), 0.0)
+            d_scores = tl.where(lower, _mm(dd, tl.trans(vv), DT, IEEE, UPCAST), 0.0)
             d_qk = d_scores * decay
-            dS_x = _dot(dd, tl.trans(S), IEEE, UPCAST)
-            d_x = dS_x * eG[:, None] + _dot(d_qk, kk, IEEE, UPCAST)
-            d_kend = _dot(vv, tl.trans(dS), IEEE, UPCAST)
-            d_k = _dot(tl.trans(d_qk), xx, IEEE, UPCAST) + d_kend * tl.exp(gl - Gt)[:, None]
-            d_v = _dot(tl.trans(scores), dd, IEEE, UPCAST) + _dot(k_end, dS, IEEE, UPCAST)
+            dS_x = _mm(dd, tl.trans(S), DT, IEEE, UPCAST)
             if GATE == 1:
-                dG = tl.sum(xx * dS_x, axis=1) * eG + tl.sum(d_scores * scores, axis=1) \
-                    - tl.sum(d_scores * scores, axis=0) - tl.sum(k_end * d_kend, axis=1)
-                d_last = tl.sum(k_end * d_kend) + tl.exp(gl) * tl.sum(S * dS)
-                dG = tl.where(offs_t == BT - 1, dG + d_last, dG)
+                dG = tl.sum(xx * dS_x, axis=1) * eG
+                s_ds = tl.sum(S * dS)
+            _store_rows(dx, part * K + base * K, row, tmask, offs_k, K, mask_k,
+                        dS_x * eG[:, None] + _mm(d_qk, kk, DT, IEEE, UPCAST))
+            scores = _mm(xx, tl.trans(kk), DT, IEEE, UPCAST) * decay
+            _store_rows(dv, base * V, row, tmask, offs_v, V, mask_v,
+                        _mm(tl.trans(scores), dd, DT, IEEE, UPCAST)
+                        + _mm(kk * e_end[:, None], dS, DT, IEEE, UPCAST))
+            d_kend = _mm(vv, tl.trans(dS), DT, IEEE, UPCAST)
+            if GATE == 1:
+                kd = tl.sum(kk * d_kend, axis=1) * e_end
+                dG += tl.sum(d_scores * scores, axis=1) - tl.sum(d_scores * scores, axis=0) - kd
+                dG = tl.where(offs_t == BT - 1, dG + tl.sum(kd, axis=0) + tl.exp(gl) * s_ds, dG)
                 d_g = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG
                 tl.store(dg + part + base + row, d_g, mask=tmask)
-            dS_prev = dS * tl.exp(gl) + _dot(tl.trans(xx * eG[:, None]), dd, IEEE, UPCAST)
-        tl.store(dx + part * K + base * K + row[:, None] * K + offs_k[None, :], d_x,
-                 mask=tmask[:, None] & mask_k[None, :])
-        tl.store(dk + part * K + base * K + row[:, None] * K + offs_k[None, :], d_k,
-                 mask=tmask[:, None] & mask_k[None, :])
-        tl.store(dv + base * V + row[:, None] * V + offs_v[None, :], d_v,
-                 mask=tmask[:, None] & mask_v[None, :])
+            _store_rows(dk, part * K + base * K, row, tmask, offs_k, K, mask_k,
+                        _mm(tl.trans(d_qk), xx, DT, IEEE, UPCAST) + d_kend * e_end[:, None])
+            dS_prev = dS * tl.exp(gl) + _mm(tl.trans(xx * eG[:, None]), dd, DT, IEEE, UPCAST)
         dS = dS_prev
     tl.store(ds0 + (n * H + hh).to(tl.int64) * K * V + kv, dS, mask=m_kv)
 

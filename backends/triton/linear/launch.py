@@ -28,8 +28,13 @@ class LinearConfig(TypedDict):
 
 
 # A linear kernel's warps and stages when untuned: Triton's own defaults, as launched before
-# tuning existed
+# tuning existed (the backward's core kernels start from these)
 LINEAR_DEFAULT = {"num_warps": 4, "num_stages": 3}
+# The forward kernels' untuned launch: 8 warps. Each program keeps a [BK, BV] fp32 state (64
+# registers a thread at BK = 128, BV = 64 over 4 warps) beside its chunk tiles; over 4 warps
+# every library kernel needs 255 registers and spills (16 to 1200 B at sm_90, D = 128), over 8
+# none or almost none does (see `attnc inspect`).
+FORWARD_DEFAULT = {"num_warps": 8, "num_stages": 3}
 
 
 def tile(x: int) -> int:
@@ -62,7 +67,8 @@ def value_widths(plan: ScanPlan, dk: int, dv: int) -> tuple[int, ...]:
 
 
 def default_config(plan: ScanPlan, dk: int, dv: int) -> LinearConfig:
-    return {"BV": value_tile(plan, dv, dk), **LINEAR_DEFAULT}  # type: ignore[typeddict-item]
+    """A forward kernel's untuned launch (recurrent and chunked alike)."""
+    return {"BV": value_tile(plan, dv, dk), **FORWARD_DEFAULT}  # type: ignore[typeddict-item]
 
 
 def _cu(cu, device) -> torch.Tensor:
@@ -124,6 +130,10 @@ def launch(mod: KernelModule, plan: ScanPlan, algorithm: Algorithm, q, k, v,
     return o, finals
 
 
+# The generated recurrent backward holds the state, its adjoint and their step values for all of
+# DK x DV in one program: at Triton's default 4 warps that spills kilobytes per thread (8.7 KB
+# for flowformer at 128 x 128), at 8 warps about a seventh of it
+RECURRENT_BACKWARD = {"num_warps": 8, "num_stages": 1}
 SEGMENT = 64  # steps between the states the recurrent backward stores; it replays segments
 
 
@@ -171,7 +181,7 @@ def launch_recurrent_backward(mod: KernelModule, plan: ScanPlan, q, k, v,
                   **_states(plan, "checkpoints", ck), **_states(plan, "scratch", sc),
                   **_states(plan, "dinit", dinit),
                   **{Bind("grad", name): g for name, g in dxs.items()}}
-        mod.launch("recurrent_bwd", values, {"sequences": N})
+        mod.launch("recurrent_bwd", values, {"sequences": N}, RECURRENT_BACKWARD)
     grads = [dq.to(q.dtype), dk_.to(k.dtype), dv_.to(v.dtype)]
     for d in decls:
         x, g = tensors[d.name], dxs[d.name]

@@ -3,19 +3,29 @@
 Three launches after `_attnc_bwd_preprocess` (in the prelude) has computed
 delta = rowsum(dO * O) - dlse:
   * dq kernel: one program per (query tile, b * h), walking the same key tiles as the forward
-    (mask bounds or block-mask lists); it recomputes p = exp(s - lse) from the saved lse,
-    ds = p * (dO.v - delta), and accumulates dq += (ds * dqk') @ k;
+    (mask bounds or block-mask lists); it recomputes p = exp2(s * log2 e - lse * log2 e) from
+    the saved (natural-log) lse, ds = p * (dO.v - delta), and accumulates dq += (ds * dqk') @ k;
   * dk/dv kernel: one program per (key tile, b * kv head), looping over the query heads of its
     group and, per head, over the query tiles that see the key tile (the transposed mask
     bounds, or the block mask's query lists); dv += p^T @ dO and dk += (ds * dqk')^T @ q, so
-    GQA's sum over a group happens in registers.
+    GQA's sum over a group happens in registers. It works in the k.q^T orientation: its tiles
+    are [keys, queries] (s^T = k @ q^T from a q^T tile loaded transposed), so p^T and ds^T
+    feed the dk/dv dots as they are, with no transpose through shared memory; its expressions
+    print with n along rows and m along columns (`transposed`).
+When dqk' (the score's derivative in q.k) is one value per program -- the score is q.k times
+a factor free of m, n and per-tile loads, as `dot(q, k) * scale` -- it is applied once to the
+accumulated dq (and dk, when also free of the head) instead of to every element.
+Tiles that lie inside [0, N) keys and [0, M) queries (the full tiles of a segment walk, MASKED
+false) load and score without bound checks; the block mask's walks, whose full blocks may end
+past N or M, always check.
 A param gradient is never accumulated with atomics: each program writes its partial sums to a
 buffer of its own slots (per (b, h) and query tile for a load indexed by b, h only; per row for
 one indexed by m; per key, from the dk/dv kernel, for one indexed by n; per element for one
 indexed by m and n) and the runtime reduces the buffers in a fixed order (attnc.scatter). The
 per-element buffers are bounded: the dq kernel is launched on slabs of query tiles
 (TILE_START, SLAB rows), each slab reduced before the next.
-Rows past M get lse = +inf (so p = 0) and keys past N are masked, so padding never contributes.
+Rows past M get lse = +inf (so p = 0) and keys past N are masked (dq kernel) or only ever
+reach their own dk/dv rows, which are not stored (dk/dv kernel), so padding never contributes.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from attnc.backends.triton.softmax.forward import (BLOCK_LISTS, SPARSE_CONSTEXPR
                                                    constexprs, emit_segment_walk, list_params,
                                                    load_stmt, query_tile_prologue, step_header,
                                                    stride_params, strides, tensor_params)
+from attnc.backends.triton.softmax.scores import LOG2E, affine_score
 from attnc.expr import symbols as S
 from attnc.ir.kernel import AttentionKernel, Load, LoadLevel
 
@@ -125,24 +136,80 @@ def _guarded(ds: str, deriv: sympy.Expr, pr: TritonPrinter) -> str:
     return f"tl.where(p > 0.0, {ds} * ({pr(deriv)}), 0.0)"
 
 
-def _scores(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames, inner) -> None:
-    """qk -> masked scores s and probabilities p for one (query tile, key tile) pair."""
+def transposed(pr: TritonPrinter) -> TritonPrinter:
+    """The dk/dv kernel's printer: its tiles hold keys along rows and queries along columns, so
+    m is a row vector and n a column (loads indexed by them come out transposed too)."""
+    return TritonPrinter({**pr.names, S.m: "offs_m[None, :]", S.n: "offs_n[:, None]"}, pr.tiled)
+
+
+def factor_after_loop(k: AttentionKernel, kernel: str) -> sympy.Expr | None:
+    """dqk' when `kernel` ("dq" or "dkdv") may apply it once to its accumulated dq / dk rather
+    than to each element: it is free of q.k, m, n and of loads that vary within a program (for
+    the dk/dv kernel, which sums over a GQA group's heads, free of h and of every load), and
+    finite wherever its symbols are (so p = 0 elements need no guard). Else None."""
     assert k.grad is not None
-    c("qk = _dot(q, kt, IEEE, UPCAST)")
+    deriv = sympy.sympify(k.grad.dqk)
+    varying = {S.qk, S.m, S.n} | {ld.symbol for ld in k.loads
+                                  if kernel == "dkdv" or ld.level is not LoadLevel.PROGRAM}
+    if kernel == "dkdv":
+        varying.add(S.h)
+    if deriv.free_symbols & varying or not deriv.is_polynomial():
+        return None
+    return deriv
+
+
+def _bounded(k: AttentionKernel) -> bool:
+    """Whether every tile bounds-checks its keys and rows: a block mask's full blocks may end
+    past N (or M), so there MASKED does not tell which tiles reach past the end."""
+    return k.block_sparse
+
+
+def _scores(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames, inner,
+            kernel: str) -> str:
+    """qk -> masked scores and probabilities p = exp2(s * log2 e - lse2), then ds, for one
+    (query tile, key tile) pair: [BLOCK_M, BLOCK_N] in the dq kernel, [BLOCK_N, BLOCK_M] in the
+    dk/dv kernel. Returns the name of the tile the dq / dk dot takes (ds, or ds * dqk')."""
+    assert k.grad is not None
+    dkdv = kernel == "dkdv"
+    row, shape = ("[None, :]", "[BLOCK_N, BLOCK_M]") if dkdv else ("[:, None]",
+                                                                   "[BLOCK_M, BLOCK_N]")
+    c("qk = _dot(k_tile, qT, IEEE, UPCAST)" if dkdv else "qk = _dot(q, kt, IEEE, UPCAST)")
     for ld in inner:
         c(load_stmt(ld, k, pr, nm))
-    if k.score.has(S.qk):
-        c(f"s = {pr(k.score)}")
+    affine = affine_score(k.score)
+    if affine is not None:  # qk * (c log2 e) - lse2 is one FMA per element, then + r log2 e
+        x = f"qk * ({pr(affine.factor)} * {LOG2E!r}) - lse2{row}"
+        rest = sympy.sympify(k.score).subs(S.qk, 0)  # r as the spec wrote it, not expanded
+        if rest != 0:
+            x += f" + {pr(sympy.Float(LOG2E) * rest)}"
+        c(f"x = {x}")
+        var = "x"
     else:
-        c(f"s = {pr(k.score)} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32)")
-    c('s = tl.where(offs_n[None, :] < N, s, float("-inf"))')
-    if k.mask is not None:
+        score = pr(k.score) if k.score.has(S.qk) else f"{pr(k.score)} + tl.zeros({shape}, " \
+            "tl.float32)"
+        c(f"s = {score}")
+        var = "s"
+    # keys past N: in the dq kernel's MASKED tiles (in every tile of a block mask's walk); the
+    # dk/dv kernel's own padded keys reach only their own dk/dv rows, which are not stored
+    keys = [] if dkdv else [f'{var} = tl.where({pr(S.n < S.N)}, {var}, float("-inf"))']
+    mask = [f'{var} = tl.where({pr(k.mask)}, {var}, float("-inf"))'] if k.mask is not None else []
+    if _bounded(k):
+        for line in keys:
+            c(line)
+        keys = []
+    if keys + mask:
         with c.block("if MASKED:"):
-            c(f's = tl.where({pr(k.mask)}, s, float("-inf"))')
-    c("p = tl.exp(s - lse[:, None])")
-    c("dp = _dot(do, vt, IEEE, UPCAST)")
-    c("ds = p * (dp - delta[:, None])")
+            for line in keys + mask:
+                c(line)
+    c("p = tl.math.exp2(x)" if var == "x" else
+      f"p = tl.math.exp2(s * {LOG2E!r} - lse2{row})")
+    c("dp = _dot(v_tile, tl.trans(do), IEEE, UPCAST)" if dkdv else
+      "dp = _dot(do, vt, IEEE, UPCAST)")
+    c(f"ds = p * (dp - delta{row})")
+    if factor_after_loop(k, kernel) is not None:
+        return "ds"
     c(f"dqk = {_guarded('ds', k.grad.dqk, pr)}")
+    return "dqk"
 
 
 def _tile_loads(k: AttentionKernel, levels) -> list[Load]:
@@ -162,7 +229,7 @@ def _dq_step_args(k: AttentionKernel, nm: KernelNames) -> list[str]:
     hoisted = [nm.load(ld) for ld in _tile_loads(k, (LoadLevel.PROGRAM, LoadLevel.ROW))]
     accs = _accumulators(k, "dq", nm)
     tiles = [nm.buffer(ld) for ld, _ in param_loads(k, "dq") if ld.level is LoadLevel.TILE]
-    return (["dq"] + accs + ["q", "do", "lse", "delta", "k_base", "v_base", "start_n", "offs_m",
+    return (["dq"] + accs + ["q", "do", "lse2", "delta", "k_base", "v_base", "start_n", "offs_m",
                              "offs_d", "offs_dv", "stride_kn", "stride_kd", "stride_vn",
                              "stride_vd", "b", "h", "pid_bh", "B", "H", "M", "N", "D", "DV",
                              "scale", "TILE_START", "SLAB"]
@@ -175,12 +242,13 @@ def _emit_dq_step(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> 
     with c.indented():
         c('"""One key tile of the dq kernel: recompute p, then ds, and fold into dq."""')
         c("offs_n = start_n + tl.arange(0, BLOCK_N)")
-        c("kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,")
-        c("             mask=(offs_n[None, :] < N) & (offs_d[:, None] < D), other=0.0)")
-        c("vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,")
-        c("             mask=(offs_n[None, :] < N) & (offs_dv[:, None] < DV), other=0.0)")
-        _scores(c, k, pr, nm, _tile_loads(k, (LoadLevel.KEY, LoadLevel.TILE)))
-        c("dq += _dot(_round(dqk, kt.dtype, UPCAST), tl.trans(kt), IEEE, UPCAST)")
+        c("kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd")
+        c("vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd")
+        _bounded_loads(c, k, [
+            ("kt", "kt_ptrs", "offs_n[None, :] < N", "offs_d[:, None] < D", "0.0"),
+            ("vt", "vt_ptrs", "offs_n[None, :] < N", "offs_dv[:, None] < DV", "0.0")])
+        ds = _scores(c, k, pr, nm, _tile_loads(k, (LoadLevel.KEY, LoadLevel.TILE)), "dq")
+        c(f"dq += _dot(_round({ds}, kt.dtype, UPCAST), tl.trans(kt), IEEE, UPCAST)")
         loads = param_loads(k, "dq")
         if loads:
             with c.block("if DPARAMS:"):
@@ -228,6 +296,9 @@ def _emit_dq(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> Kerne
             _emit_block_walk(c, call, BLOCK_LISTS, "q", "k")
         else:
             emit_segment_walk(c, k.segments, call, "N", "BLOCK_N", "start_n", pr)
+        factor = factor_after_loop(k, "dq")
+        if factor is not None and factor != 1:
+            c(f"dq = dq * ({pr(factor)})")
         c("tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, "
           "None] * stride_dqm")
         c("         + offs_d[None, :] * stride_dqd, _round(dq, DQ.dtype.element_ty, UPCAST),")
@@ -246,10 +317,29 @@ def _emit_dq(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> Kerne
 
 
 def _emit_row_stats(c) -> None:
-    c("# rows past M, and rows that saw no key (lse = -inf), get lse = +inf: p = 0 there")
+    c("# rows past M, and rows that saw no key (lse = -inf), get lse = +inf: p = 0 there; the")
+    c("# forward's lse is a natural log, taken to base 2 once per row")
     c('lse = tl.load(Lse + pid_bh.to(tl.int64) * M + offs_m, mask=row_ok, other=float("inf"))')
-    c('lse = tl.where(lse == float("-inf"), float("inf"), lse)')
+    c(f'lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * {LOG2E!r}')
     c("delta = tl.load(Delta + pid_bh.to(tl.int64) * M + offs_m, mask=row_ok, other=0.0)")
+
+
+def _bounded_loads(c, k: AttentionKernel, loads) -> None:
+    """Tile loads (name, pointers, bound check, head-dim check or None, padding value) that
+    check the bound only where a tile may reach past the end (MASKED tiles, or always:
+    `_bounded`); the head dims are always checked."""
+    def emit(bounded: bool) -> None:
+        for name, ptrs, bound, dims, other in loads:
+            checks = ([f"({bound})"] if bounded else []) + ([f"({dims})"] if dims else [])
+            mask = f", mask={' & '.join(checks)}, other={other}" if checks else ""
+            c(f"{name} = tl.load({ptrs}{mask})")
+    if _bounded(k):
+        emit(True)
+        return
+    with c.block("if MASKED:"):
+        emit(True)
+    with c.block("else:"):
+        emit(False)
 
 
 def _call(head: str, args: list[str]):
@@ -285,10 +375,10 @@ def _dkdv_step_args(k: AttentionKernel, nm: KernelNames) -> list[str]:
     inner = _tile_loads(k, (LoadLevel.ROW, LoadLevel.TILE))
     hoisted = [nm.load(ld) for ld in _tile_loads(k, (LoadLevel.PROGRAM, LoadLevel.KEY))]
     accs = _accumulators(k, "dkdv", nm)
-    return (["dk", "dv"] + accs + ["kt", "vt", "q_base", "do_base", "lse_base", "delta_base",
-                                    "start_m", "offs_n", "offs_d", "offs_dv", "stride_qm",
-                                    "stride_qd", "stride_dom", "stride_dod", "b", "h", "B", "H",
-                                    "M", "N", "D", "DV", "scale"]
+    return (["dk", "dv"] + accs + ["k_tile", "v_tile", "q_base", "do_base", "lse_base",
+                                    "delta_base", "start_m", "offs_n", "offs_d", "offs_dv",
+                                    "stride_qm", "stride_qd", "stride_dom", "stride_dod", "b", "h",
+                                    "B", "H", "M", "N", "D", "DV", "scale"]
             + hoisted + _tensors_with_strides(k, inner, nm) + ["BLOCK_M", "BLOCK_N"])
 
 
@@ -296,24 +386,24 @@ def _emit_dkdv_step(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -
     accs = _accumulators(k, "dkdv", nm)
     step_header(c, nm.entry("dkdv_step"), _dkdv_step_args(k, nm), STEP_FLAGS)
     with c.indented():
-        c('"""One query tile of the dk/dv kernel: recompute p and ds, fold into dk and dv."""')
+        c('"""One query tile of the dk/dv kernel: recompute p^T and ds^T, fold into dk, dv."""')
         c("offs_m = start_m + tl.arange(0, BLOCK_M)")
-        c("row_ok = offs_m < M")
-        c("q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,")
-        c("            mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)")
-        c("do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,")
-        c("             mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)")
-        c('lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))')
-        c('lse = tl.where(lse == float("-inf"), float("inf"), lse)')
-        c("delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)")
-        _scores(c, k, pr, nm, _tile_loads(k, (LoadLevel.ROW, LoadLevel.TILE)))
-        c("dv += _dot(tl.trans(_round(p, do.dtype, UPCAST)), do, IEEE, UPCAST)")
-        c("dk += _dot(tl.trans(_round(dqk, q.dtype, UPCAST)), q, IEEE, UPCAST)")
+        c("qT_ptrs = q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd")
+        c("do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod")
+        _bounded_loads(c, k, [
+            ("qT", "qT_ptrs", "offs_m[None, :] < M", "offs_d[:, None] < D", "0.0"),
+            ("do", "do_ptrs", "offs_m[:, None] < M", "offs_dv[None, :] < DV", "0.0"),
+            ("lse", "lse_base + offs_m", "offs_m < M", None, 'float("inf")'),
+            ("delta", "delta_base + offs_m", "offs_m < M", None, "0.0")])
+        c(f'lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * {LOG2E!r}')
+        ds = _scores(c, k, pr, nm, _tile_loads(k, (LoadLevel.ROW, LoadLevel.TILE)), "dkdv")
+        c("dv += _dot(_round(p, do.dtype, UPCAST), do, IEEE, UPCAST)")
+        c(f"dk += _dot(_round({ds}, qT.dtype, UPCAST), tl.trans(qT), IEEE, UPCAST)")
         loads = param_loads(k, "dkdv")
         if loads:
             with c.block("if DPARAMS:"):
                 for ld, deriv in loads:
-                    c(f"{nm.acc(ld)} += tl.sum({_guarded('ds', deriv, pr)}, 0)")
+                    c(f"{nm.acc(ld)} += tl.sum({_guarded('ds', deriv, pr)}, 1)")
         c("return " + ", ".join(["dk", "dv"] + accs))
 
 
@@ -337,15 +427,15 @@ def _emit_dkdv(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> Ker
         c("offs_d = tl.arange(0, BLOCK_D)")
         c("offs_dv = tl.arange(0, BLOCK_DV)")
         c("col_ok = offs_n < N")
-        c("kt = tl.load(K + b.to(tl.int64) * stride_kb + kvh * stride_kh + "
-          "offs_n[None, :] * stride_kn")
-        c("             + offs_d[:, None] * stride_kd, mask=col_ok[None, :] & "
-          "(offs_d[:, None] < D),")
-        c("             other=0.0)")
-        c("vt = tl.load(V + b.to(tl.int64) * stride_vb + kvh * stride_vh + "
-          "offs_n[None, :] * stride_vn")
-        c("             + offs_dv[:, None] * stride_vd,")
-        c("             mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)")
+        c("k_tile = tl.load(K + b.to(tl.int64) * stride_kb + kvh * stride_kh + "
+          "offs_n[:, None] * stride_kn")
+        c("                 + offs_d[None, :] * stride_kd, mask=col_ok[:, None] & "
+          "(offs_d[None, :] < D),")
+        c("                 other=0.0)")
+        c("v_tile = tl.load(V + b.to(tl.int64) * stride_vb + kvh * stride_vh + "
+          "offs_n[:, None] * stride_vn")
+        c("                 + offs_dv[None, :] * stride_vd,")
+        c("                 mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)")
         c("dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)")
         c("dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)")
         if k.block_sparse:
@@ -373,6 +463,9 @@ def _emit_dkdv(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> Ker
                     for ld, _ in param_loads(k, "dkdv"):
                         c(f"tl.store({nm.buffer(ld)} + bh * N + offs_n, {nm.acc(ld)}, "
                           "mask=col_ok)")
+        factor = factor_after_loop(k, "dkdv")
+        if factor is not None and factor != 1:
+            c(f"dk = dk * ({pr(factor)})")
         c("tl.store(DK + b.to(tl.int64) * stride_dkb + kvh * stride_dkh + "
           "offs_n[:, None] * stride_dkn")
         c("         + offs_d[None, :] * stride_dkd, _round(dk, DK.dtype.element_ty, UPCAST),")
@@ -389,10 +482,13 @@ def emit_backward(c, k: AttentionKernel, pr: TritonPrinter,
     """All backward kernels of `k` (which has a Gradient) into the CodeBuilder `c`; returns
     the contracts of the backward's launches (the preprocess lives in the prelude)."""
     contracts = [PREPROCESS]
-    for emit in (_emit_dq_step, _emit_dq, _emit_dkdv_step, _emit_dkdv):
+    keys_by_rows = transposed(pr)
+    for emit, printer in ((_emit_dq_step, pr), (_emit_dq, pr), (_emit_dkdv_step, keys_by_rows),
+                          (_emit_dkdv, keys_by_rows)):
         c()
         c()
-        made = emit(c, k, pr, nm)
+        made = emit(c, k, printer, nm)
         if made is not None:
             contracts.append(made)
+    pr.helpers |= keys_by_rows.helpers
     return contracts

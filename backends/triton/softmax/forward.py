@@ -2,9 +2,13 @@
 backward: backends/triton/softmax/backward.py) as one module with its kernels' contracts.
 
 The source is built statement by statement with a CodeBuilder (no template with holes): a
-header, the prelude and the helpers the expressions need, a key-tile step function (`MASKED` is
-a constexpr, so full tiles compile without the mask), and the program that walks the key
-segments (or, for a block-sparse kernel, the key blocks its block mask lists). The text depends
+header, the prelude and the helpers the expressions need, a key-tile step function (`MASKED` and
+`EDGE` are constexprs, so full tiles compile without the mask and only the tile that reaches
+past N bounds-checks its keys), and the program that walks the key segments (or, for a
+block-sparse kernel, the key blocks its block mask lists). The online softmax runs in base 2:
+exp2 with log2(e) folded into one multiplier, and for a score q·k * c (c one value per program,
+the scale) c too, with each row's max taken on raw q·k; the running max is in base-2 units and
+the stored lse is a natural logarithm. The text depends
 only on the kernel IR, so it is shared by every dtype and device; dtype-dependent choices are
 constexprs picked at launch. Names the spec chose are placeholders until `generate` spells
 them out (backends/triton/names.py).
@@ -22,6 +26,7 @@ from attnc.backends.triton.contract import (Bind, GeneratedModule, GridRule, Ker
 from attnc.backends.triton.names import UserNames, choose
 from attnc.backends.triton.prelude import module_head
 from attnc.backends.triton.printer import TritonPrinter
+from attnc.backends.triton.softmax.scores import LN2, LOG2E, row_factor
 from attnc.backends.triton.source import CodeBuilder
 from attnc.expr import symbols as S
 from attnc.ir.cascade import TensorKind
@@ -127,6 +132,22 @@ def _inner_loads(k: AttentionKernel) -> list[Load]:
     return [ld for ld in k.loads if ld.level in (LoadLevel.KEY, LoadLevel.TILE)]
 
 
+def _qk_factor(k: AttentionKernel) -> sympy.Expr | None:
+    """The factor c of a score q·k * c whose c is one value per program (the scale, a param per
+    head: scores.row_factor), which the forward folds into exp2's multiplier c2 so that it
+    takes each row's max on raw q·k; None for any other score."""
+    return row_factor(k.score, frozenset({S.m, S.n} | {
+        ld.symbol for ld in k.loads if ld.level is not LoadLevel.PROGRAM}))
+
+
+def _sign_at_launch(factor: sympy.Expr) -> bool:
+    """Whether the factor has the runtime scale's sign (the scale times something positive),
+    which the launcher passes as the constexpr SCALE_POS; other factors (a param per head)
+    find their sign in the kernel."""
+    ratio = sympy.simplify(factor / S.scale)
+    return not ratio.has(S.scale) and bool(ratio.is_positive)
+
+
 def _step_args(k: AttentionKernel, nm: KernelNames) -> list[str]:
     """What the key-tile step reads from the program: state, operands, indices, hoisted loads,
     and the tensors (with strides) it loads per key; the constexprs follow."""
@@ -136,7 +157,8 @@ def _step_args(k: AttentionKernel, nm: KernelNames) -> list[str]:
     hoisted = [nm.load(ld) for ld in k.loads if ld.level in (LoadLevel.PROGRAM, LoadLevel.ROW)]
     return (["acc", "l_i", "m_i", "q", "k_base", "v_base", "start_n", "offs_m", "offs_d",
              "offs_dv", "stride_kn", "stride_kd", "stride_vn", "stride_vd", "b", "h", "B", "H", "M",
-             "N", "D", "DV", "scale"] + hoisted + [nm.tensor(t) for t in tensors] + stride_names
+             "N", "D", "DV", "scale"] + (["c2"] if _qk_factor(k) is not None else [])
+            + hoisted + [nm.tensor(t) for t in tensors] + stride_names
             + ["BLOCK_M", "BLOCK_N"])
 
 
@@ -149,12 +171,17 @@ def step_header(c: CodeBuilder, name: str, args: list[str], flags: tuple[str, ..
 
 
 def step_flags(k: AttentionKernel) -> tuple[str, ...]:
-    """The forward step's constexpr flags. MASKED: the tile may reach past N (keys are bounds-
-    checked) and needs the mask. A block-sparse kernel adds MASK_MOD: a full block's last tile
-    may reach past N yet must run without the mask (full blocks skip the mask, as
-    FlexAttention's do), so there MASKED bounds-checks and MASK_MOD says whether to mask."""
-    return ("MASKED", "MASK_MOD", "IEEE", "UPCAST") if k.block_sparse else \
-        ("MASKED", "IEEE", "UPCAST")
+    """The forward step's constexpr flags. MASKED: the tile needs the mask. EDGE: the tile may
+    reach past N, so keys are bounds-checked (only the last tile can, and it is a masked one:
+    a full tile ends at or before its segment's full range, inside the keys). A block-sparse
+    kernel has MASKED and MASK_MOD instead: a full block's last tile may reach past N yet must
+    run without the mask (full blocks skip the mask, as FlexAttention's do), so there MASKED
+    bounds-checks and MASK_MOD says whether to mask. SCALE_POS (a score q·k * scale * g, g > 0):
+    the runtime scale is > 0, so a row's largest score has the largest q·k."""
+    factor = _qk_factor(k)
+    known = factor is not None and _sign_at_launch(factor)
+    return (("MASKED", "MASK_MOD") if k.block_sparse else ("MASKED", "EDGE")) + (
+        ("SCALE_POS",) if known else ()) + ("IEEE", "UPCAST")
 
 
 def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> None:
@@ -164,7 +191,7 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: Kernel
         c("offs_n = start_n + tl.arange(0, BLOCK_N)")
         c("kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd")
         c("v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd")
-        with c.block("if MASKED:"):
+        with c.block(f"if {'MASKED' if k.block_sparse else 'EDGE'}:"):
             c("kt = tl.load(kt_ptrs, mask=(offs_n[None, :] < N) & (offs_d[:, None] < "
               "D), other=0.0)")
             c("v = tl.load(v_ptrs, mask=(offs_n[:, None] < N) & (offs_dv[None, :] < "
@@ -175,29 +202,102 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: Kernel
         c("qk = _dot(q, kt, IEEE, UPCAST)")
         for ld in _inner_loads(k):
             c(load_stmt(ld, k, pr, nm))
-        if k.score.has(S.qk):
-            c(f"s = {pr(k.score)}")
-        else:  # a score without q.k still needs the tile's shape
-            c(f"s = {pr(k.score)} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32)")
+        # exp(score - max) = exp2(s * c2 - max * c2): s is the score and c2 log2(e), or s is
+        # q.k and c2 the factor times log2(e) (_emit_factor); one FMA and one exp2 per score,
+        # and m_i is each row's max of s * c2
+        factor = _qk_factor(k)
+        if factor is not None:
+            c("s = qk")
+            c2, fill = "c2", "fill"
+            positive = "SCALE_POS" if _sign_at_launch(factor) else "c2 > 0"
+            ninf, inf = 'float("-inf")', 'float("inf")'
+            c(f"fill = {ninf} if SCALE_POS else {inf}" if positive == "SCALE_POS" else
+              f"fill = tl.where(c2 > 0, {ninf}, {inf})")
+            c("# fill: the q.k whose score is -inf")
+        else:
+            c2, fill = repr(LOG2E), 'float("-inf")'
+            if k.score.has(S.qk):
+                c(f"s = {pr(k.score)}")
+            else:  # a score without q.k still needs the tile's shape
+                c(f"s = {pr(k.score)} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32)")
         with c.block("if MASKED:"):
-            if k.block_sparse and k.mask is not None:
-                c(f"s = tl.where({pr(S.n < S.N)}, s, float(\"-inf\"))")
-                with c.block("if MASK_MOD:"):
-                    c(f"s = tl.where({pr(k.mask)}, s, float(\"-inf\"))")
+            if k.block_sparse:
+                c(f"s = tl.where({pr(S.n < S.N)}, s, {fill})")
+                if k.mask is not None:
+                    with c.block("if MASK_MOD:"):
+                        c(f"s = tl.where({pr(k.mask)}, s, {fill})")
             else:
-                visible = S.n < S.N if k.mask is None else sympy.And(S.n < S.N, k.mask)
-                c(f"s = tl.where({pr(visible)}, s, float(\"-inf\"))")
-        c("m_new = tl.maximum(m_i, tl.max(s, 1))")
+                with c.block("if EDGE:"):
+                    _emit_visible(c, pr, sympy.And(S.n < S.N, k.mask if k.mask is not None
+                                                   else sympy.true), fill)
+                if k.mask is not None:
+                    with c.block("else:"):
+                        _emit_visible(c, pr, k.mask, fill)
+        if factor is not None:
+            c("# the row max of s * c2: max(s) * c2 for c2 > 0, min(s) * c2 for c2 < 0 (rounding")
+            c("# is monotone); a constexpr branch, or a uniform one for a sign known in the kernel")
+            with c.block(f"if {positive}:"):
+                c("s_max = tl.max(s, 1)")
+            with c.block("else:"):
+                c("s_max = tl.min(s, 1)")
+        else:
+            c("s_max = tl.max(s, 1)")
+        c(f"m_new = tl.maximum(m_i, s_max * {c2})")
         c("# rows that have seen no visible key keep max -inf; shift by 0 there to avoid inf - inf")
         c('m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)')
-        c("p = tl.exp(s - m_safe[:, None])")
-        c("alpha = tl.exp(m_i - m_safe)")
+        c(f"p = tl.exp2(s * {c2} - m_safe[:, None])")
+        c("alpha = tl.exp2(m_i - m_safe)")
         c("l_i = l_i * alpha + tl.sum(p, 1)")
         c("acc = acc * alpha[:, None] + _dot(_round(p, v.dtype, UPCAST), v, IEEE, UPCAST)")
         c("return acc, l_i, m_new")
 
 
-PROGRAM_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "IEEE", "UPCAST")
+def _key_bounds(cond) -> tuple[list[sympy.Expr], list[sympy.Expr], list[sympy.Expr]]:
+    """The conjuncts of `cond` that bound the key from one side, as (lower bounds lo: n >= lo,
+    upper bounds hi: n < hi, the other conjuncts): a bound is a comparison linear in n with
+    coefficient 1 whose other side is an integer (so n <= x is n < x + 1)."""
+    los: list[sympy.Expr] = []
+    his: list[sympy.Expr] = []
+    rest: list[sympy.Expr] = []
+    for part in sympy.And.make_args(cond):
+        found = None
+        if isinstance(part, (sympy.StrictLessThan, sympy.LessThan, sympy.StrictGreaterThan,
+                             sympy.GreaterThan)):
+            below = isinstance(part, (sympy.StrictLessThan, sympy.LessThan))
+            d = part.lhs - part.rhs if below else part.rhs - part.lhs  # cond is d < 0 (or <=)
+            strict = isinstance(part, (sympy.StrictLessThan, sympy.StrictGreaterThan))
+            a = sympy.diff(d, S.n)
+            r = sympy.expand(d - a * S.n)
+            if a in (1, -1) and not r.has(S.n) and r.is_integer:
+                # n + r < 0: n < -r; -n + r < 0: n >= r + 1 (<= moves the bound by one)
+                found = (his, -r + (0 if strict else 1)) if a == 1 else \
+                    (los, r + (1 if strict else 0))
+        if found is None:
+            rest.append(part)
+        else:
+            found[0].append(found[1])
+    return los, his, rest
+
+
+def _emit_visible(c: CodeBuilder, pr: TritonPrinter, cond, fill: str) -> None:
+    """s = where(cond, s, fill) on a tile. The key's bounds in `cond` (_key_bounds) are taken
+    per row and compared with the key's offset in the tile, so they cost one compare per score
+    each (not a compare per bound, and no key index per element)."""
+    los, his, rest = _key_bounds(cond)
+    key = sympy.Symbol("key_offset", integer=True)
+    offset = TritonPrinter({**pr.names, key: "tl.arange(0, BLOCK_N)[None, :]"},
+                           pr.tiled | {key})
+    start = sympy.Symbol("start_n", integer=True)
+    parts = ([sympy.Ge(key, sympy.Max(*los) - start)] if los else []) + \
+        ([sympy.Lt(key, sympy.Min(*his) - start)] if his else [])
+    visible = sympy.And(*parts, *rest)
+    if visible is not sympy.true:
+        c(f"s = tl.where({offset(visible)}, s, {fill})")
+    pr.helpers |= offset.helpers
+
+
+PROGRAM_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "SCALE_POS", "IEEE",
+                      "UPCAST")
 # A block-sparse kernel's lists: (number of blocks [B, H, QB], block indices [B, H, QB, KB]) for
 # the partial and the full blocks, each with its strides; the block sizes are constexprs.
 BLOCK_LISTS = (("KV_NUM", "kvn", "bhq"), ("KV_IDX", "kvi", "bhqk"),
@@ -275,18 +375,20 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
         for ld in k.loads:
             if ld.level in (LoadLevel.PROGRAM, LoadLevel.ROW):
                 c(load_stmt(ld, k, pr, nm))
+        _emit_factor(c, k, pr)
         c('m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)')
         c("l_i = tl.zeros([BLOCK_M], tl.float32)")
         c("acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)")
         if k.block_sparse:
             _emit_block_lists(c, k, nm)
         else:
-            emit_segment_walk(c, k.segments, lambda c, masked: _step_call(c, k, nm, masked), "N",
-                              "BLOCK_N", "start_n", pr, split=True)
+            emit_segment_walk(c, k.segments, lambda c, masked, edge: _step_call(
+                c, k, nm, masked, edge=edge), "N", "BLOCK_N", "start_n", pr, split=True, edge=True)
         c("empty = l_i == 0.0")
         c("l_safe = tl.where(empty, 1.0, l_i)")
         c("out = acc / l_safe[:, None]")
-        c('lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))')
+        c("# m_i is in base-2 units; the lse is stored as a natural logarithm")
+        c(f'lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * {LN2!r})')
         c("# a +inf score makes l_i inf - inf = NaN; its logsumexp is +inf (out stays NaN, as")
         c("# torch's softmax gives it)")
         c('lse = tl.where(m_i == float("inf"), m_i, lse)')
@@ -299,23 +401,41 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
     return contract
 
 
+def _emit_factor(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
+    """For a score q·k * f (f one value per program, _qk_factor): c2 = f * log2(e). f == 0
+    becomes a tiny c2 (every score still rounds to 0, and a masked score stays -inf rather than
+    inf * 0 = NaN), of the sign SCALE_POS gives when the step reads its sign from there."""
+    factor = _qk_factor(k)
+    if factor is None:
+        return
+    c(f"c2 = {pr(factor)} * {LOG2E!r}")
+    tiny = "(1e-30 if SCALE_POS else -1e-30)" if _sign_at_launch(factor) else "1e-30"
+    c(f"c2 = tl.where(c2 == 0, {tiny}, c2)  # keeps the sign the step assumes")
+
+
 def _step_call(c: CodeBuilder, k: AttentionKernel, nm: KernelNames, masked: str,
-               mask_mod: str | None = None) -> None:
-    """A step call; `mask_mod` (block-sparse kernels) defaults to `masked`."""
+               mask_mod: str | None = None, edge: str = "True") -> None:
+    """A step call; `mask_mod` (block-sparse kernels) defaults to `masked`; `edge` (dense
+    kernels): whether the tile may reach past N."""
     flags = [f"MASKED={masked}"] + ([f"MASK_MOD={mask_mod or masked}"] if k.block_sparse
-                                    else [])
+                                    else [f"EDGE={edge}"])
+    flags += ["SCALE_POS=SCALE_POS"] if "SCALE_POS" in step_flags(k) else []
     c.call(f"acc, l_i, m_i = {nm.entry('step')}(", _step_args(k, nm) + flags + [
         "IEEE=IEEE", "UPCAST=UPCAST"])
 
 
 def emit_segment_walk(c: CodeBuilder, segments, call, extent: str, block: str, var: str,
-                      pr: TritonPrinter, split: bool = False) -> None:
+                      pr: TritonPrinter, split: bool = False, edge: bool = False) -> None:
     """Walk the tiles of `segments` along one axis (keys for the forward and dq kernels, queries
     for the dk/dv kernel): per segment, masked / full / masked ranges, each tile emitted by
     call(c, masked). The bounds are scalars; helpers they need are added to `pr`'s. With
-    `split`, only the tiles inside [split_lo, split_hi) are walked (the forward's key split)."""
+    `split`, only the tiles inside [split_lo, split_hi) are walked (the forward's key split).
+    With `edge`, the tile that reaches past `extent` (always a masked one) is walked on its own
+    and each tile is emitted by call(c, masked, edge), so the others skip the bounds checks."""
     scalar = TritonPrinter({})
     c("prev_end = zero")
+    if edge:
+        c(f"edge_start = {extent} // {block} * {block}  # tiles from here on reach past {extent}")
     for i, seg in enumerate(segments):
         c(f"# segment {i}: [{seg.lo}, {seg.hi}), all of the tile sees [{seg.full_lo}, "
           f"{seg.full_hi})")
@@ -327,8 +447,19 @@ def emit_segment_walk(c: CodeBuilder, segments, call, extent: str, block: str, v
             c("t0, t1, t2, t3 = _split_tiles(t0, t1, t2, t3, split_lo, split_hi)")
         for lo_name, hi_name, masked in (("t0", "t1", "True"), ("t1", "t2", "False"),
                                          ("t2", "t3", "True")):
-            with c.block(f"for {var} in range({lo_name}, {hi_name}, {block}):"):
-                call(c, masked)
+            if not edge:
+                with c.block(f"for {var} in range({lo_name}, {hi_name}, {block}):"):
+                    call(c, masked)
+            elif masked == "False":
+                with c.block(f"for {var} in range({lo_name}, {hi_name}, {block}):"):
+                    call(c, masked, "False")
+            else:
+                with c.block(f"for {var} in range({lo_name}, tl.minimum({hi_name}, edge_start), "
+                             f"{block}):"):
+                    call(c, masked, "False")
+                with c.block(f"for {var} in range(tl.maximum({lo_name}, edge_start), {hi_name}, "
+                             f"{block}):"):
+                    call(c, masked, "True")
         c("prev_end = t3")
     pr.helpers |= scalar.helpers
 

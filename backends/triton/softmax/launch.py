@@ -6,7 +6,7 @@ kernel's parameters by name (backends/triton/contract.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import sympy
 import torch
@@ -22,13 +22,25 @@ from attnc.ir.kernel import AttentionKernel, LoadLevel
 
 
 class Config(TypedDict, total=False):
-    """A softmax kernel's launch configuration (forward or backward)."""
+    """A softmax kernel's launch configuration. The forward's: its tiles, warps and stages
+    (and kv_splits). The backward's is one flat record for its two kernels: the dk/dv kernel's
+    BLOCK_M (query tile), BLOCK_N (key tile), num_warps and num_stages, and the dq kernel's own
+    DQ_BLOCK_M, DQ_BLOCK_N, dq_num_warps and dq_num_stages (`role_configs` splits it)."""
 
     BLOCK_M: int
     BLOCK_N: int
     num_warps: int
     num_stages: int
     kv_splits: int  # the forward's key splits, when fixed by the compile option
+    DQ_BLOCK_M: int
+    DQ_BLOCK_N: int
+    dq_num_warps: int
+    dq_num_stages: int
+
+
+# The dq kernel's keys in a backward config, by the name its own (dk/dv) counterpart has.
+DQ_KEYS = {"BLOCK_M": "DQ_BLOCK_M", "BLOCK_N": "DQ_BLOCK_N", "num_warps": "dq_num_warps",
+           "num_stages": "dq_num_stages"}
 
 
 def pow2(x: int) -> int:
@@ -38,7 +50,7 @@ def pow2(x: int) -> int:
 
 def default_config(D: int, Dv: int, dtype: torch.dtype, device: torch.device) -> Config:
     """Heuristic tile sizes, the default when tuning is off (and the tuner's first candidate):
-    smaller tiles for wide heads and fp32."""
+    smaller tiles for wide heads and fp32, and the warps the query tile keeps busy."""
     bd, bdv = pow2(D), pow2(Dv)
     if device.type != "cuda":  # the interpreter: fewer, larger tiles are faster
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
@@ -47,7 +59,7 @@ def default_config(D: int, Dv: int, dtype: torch.dtype, device: torch.device) ->
         bm, bn = (32, 32) if wide else (64, 32)
     else:
         bm, bn = (64, 32) if wide else (128, 64)
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 8 if bm >= 128 or wide else 4,
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": _warps_for(bm),
             "num_stages": 2 if wide else 3}
 
 
@@ -144,7 +156,8 @@ def launch(mod: KernelModule, q, k, v, extras: Mapping[str, torch.Tensor], scale
         o = torch.empty(splits, B, H, M, Dv, dtype=torch.float32, device=q.device)
         l = torch.empty(splits, B, H, M, dtype=torch.float32, device=q.device)
     values = {**_roles(dict(Q=q, K=k, V=v, Out=o, Lse=l, B=B, H=H, M=M, N=N, D=D, DV=Dv,
-                            GROUP=H // Hkv, scale=float(scale), KV_SPLIT=per_split,
+                            GROUP=H // Hkv, scale=float(scale), SCALE_POS=bool(scale > 0),
+                            KV_SPLIT=per_split,
                             stride_os=o.stride(0) if splits > 1 else 0, **common)),
               **_operand_strides(q, k, v), **_strides("bhmd", "o", o), **_extras(extras),
               **_lists(BLOCK_LISTS, block_lists)}
@@ -187,14 +200,67 @@ def launch_packed(mod: KernelModule, q, k, v, *args, **kw):
     return out.reshape(B, H, M, -1), lse.reshape(B, H, M)
 
 
+def rows_per_warp_ok(rows: int, warps: int) -> bool:
+    """Whether `warps` warps split a tile of `rows` rows without two of them computing the
+    same rows: a kernel whose dots chain (the backward's s -> p -> ds -> dq) gets its warps laid
+    along the rows (warpsPerCTA [warps, 1]), 16 rows each (a Hopper warpgroup: 4 warps, 64
+    rows); with fewer rows the extra warps repeat the same tile."""
+    return rows >= 16 * warps
+
+
+def _warps_for(rows: int) -> int:
+    """As many warps as a tile of `rows` rows keeps busy (rows_per_warp_ok), at most 8."""
+    warps = 8
+    while warps > 1 and not rows_per_warp_ok(rows, warps):
+        warps //= 2
+    return warps
+
+
+# The backward's narrow tile: the dk/dv kernel's query step and the dq kernel's key step.
+BACKWARD_STEP = 32
+
+
 def backward_config(config: Config, dtype: torch.dtype, device: torch.device) -> Config:
-    """Tiles for the backward kernels: each holds a k/v tile and its dk/dv accumulators (or q,
-    dO and dq) at once, so on a GPU they are smaller than the forward's."""
+    """Tiles for the backward kernels from the forward's `config`. Each kernel keeps one tall
+    tile resident with its fp32 accumulators (the dk/dv kernel: BLOCK_N keys of k, v, dk, dv;
+    the dq kernel: DQ_BLOCK_M rows of q, dO, dq), as tall as the forward's query tile (up to
+    128; 32 in fp32), and streams the other operand BACKWARD_STEP rows at a time, so the
+    recomputed [tall, step] score tiles stay small enough for no spills. Each gets the warps
+    its tall tile keeps busy (no warpgroup repeating another's rows) and up to three stages
+    (two in fp32)."""
     if device.type != "cuda":
-        return Config(**config)
-    size = 32 if dtype == torch.float32 else 64
-    return {**config, "BLOCK_M": min(config["BLOCK_M"], size),
-            "BLOCK_N": min(config["BLOCK_N"], size), "num_stages": min(config["num_stages"], 2)}
+        return _config(backward_overrides(_ints(config, DQ_KEYS)))
+    fp32 = dtype == torch.float32
+    tall = min(config["BLOCK_M"], 32 if fp32 else 128)
+    step = min(BACKWARD_STEP, tall)
+    stages = min(config["num_stages"], 2 if fp32 else 3)
+    return {"BLOCK_M": step, "BLOCK_N": tall, "num_warps": _warps_for(tall),
+            "num_stages": stages, "DQ_BLOCK_M": tall, "DQ_BLOCK_N": step,
+            "dq_num_warps": _warps_for(tall), "dq_num_stages": stages}
+
+
+def role_configs(config: Config) -> dict[str, Config]:
+    """The launch configuration of each backward kernel ("dq", "dkdv") in a backward config:
+    BLOCK_M, BLOCK_N, num_warps, num_stages each. A record without the dq keys (a forward
+    config) gives both kernels the same."""
+    flat = _ints(config, [*DQ_KEYS, *DQ_KEYS.values()])
+    return {"dkdv": _config({key: flat[key] for key in DQ_KEYS}),
+            "dq": _config({key: flat.get(dq_key, flat[key]) for key, dq_key in DQ_KEYS.items()})}
+
+
+def _ints(config: Config, keys) -> dict[str, int]:
+    """`config`'s values under `keys` (those it has), as a plain dict."""
+    return {key: value for key, value in config.items() if key in keys and isinstance(value, int)}
+
+
+def _config(values: Mapping[str, int]) -> Config:
+    return cast(Config, dict(values))
+
+
+def backward_overrides(fixed: Mapping[str, int]) -> dict[str, int]:
+    """Launch options the user fixed (BLOCK_M, num_warps, ...) as a backward config's keys:
+    each applies to both backward kernels."""
+    return {**fixed, **{DQ_KEYS[key]: v for key, v in fixed.items() if key in DQ_KEYS}}
 
 
 # Per-element param-gradient scratch (a param indexed by both m and n) is bounded to this many
@@ -207,7 +273,8 @@ def launch_backward(mod: KernelModule, ir: AttentionKernel, q, k, v,
                     config: Config, block_lists=(), q_lists=(),
                     block_sizes: tuple[int, int] | None = None,
                     on_partial: Callable[[str, torch.Tensor, int], None] | None = None):
-    """Run the preprocess, dq and dk/dv kernels; returns dq, dk, dv. With `on_partial`, the
+    """Run the preprocess, dq and dk/dv kernels, each with its own tiles, warps and stages
+    (`role_configs` of the backward `config`); returns dq, dk, dv. With `on_partial`, the
     param loads' partial sums are computed too and handed over as on_partial(load name, buffer,
     first row): per-element buffers once per slab of query rows, the others once at the end,
     always in the same order."""
@@ -217,8 +284,10 @@ def launch_backward(mod: KernelModule, ir: AttentionKernel, q, k, v,
     if B * H == 0 or M == 0 or N == 0:
         return dq, dk, dv
     dparams = on_partial is not None
-    common = dict(_constexprs(config, q, D, Dv, block_sizes), DPARAMS=dparams)
-    bm = common["BLOCK_M"]
+    roles = role_configs(config)
+    tiles_of = {role: dict(_constexprs(cfg, q, D, Dv, block_sizes), DPARAMS=dparams)
+                for role, cfg in roles.items()}
+    bm = tiles_of["dq"]["BLOCK_M"]
     dout = dout.contiguous()
     delta = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
     rows = B * H * M
@@ -239,24 +308,25 @@ def launch_backward(mod: KernelModule, ir: AttentionKernel, q, k, v,
     if dparams and per_element:
         slab = min(M, max(bm, TILE_BUFFER_ELEMENTS // (B * H * N * len(per_element)) // bm * bm))
     shared = {**_roles(dict(Q=q, K=k, V=v, DO=dout, Lse=lse, Delta=delta, B=B, H=H, M=M, N=N,
-                            D=D, DV=Dv, GROUP=H // Hkv, scale=float(scale), **common)),
+                            D=D, DV=Dv, GROUP=H // Hkv, scale=float(scale))),
               **_operand_strides(q, k, v), **_strides("bhmd", "do", dout), **_extras(extras)}
     for first in range(0, M, slab):
         count = min(slab, M - first)
         tiles = {name: scratch(B * H, count, N) for name in per_element}
         buffers = {Bind("buffer", ld.name): tiles.get(ld.name, whole.get(ld.name))
                    for ld, _ in param_loads(ir, "dq")}
-        mod.launch("dq", {**shared, **buffers, **_roles(dict(DQ=dq, TILE_START=first // bm,
-                                                           SLAB=count)),
+        mod.launch("dq", {**shared, **_roles(tiles_of["dq"]), **buffers,
+                          **_roles(dict(DQ=dq, TILE_START=first // bm, SLAB=count)),
                           **_strides("bhmd", "dq", dq), **_lists(BLOCK_LISTS, block_lists)},
-                   options=_options(config))
+                   options=_options(roles["dq"]))
         if on_partial is not None:
             for name in tiles:
                 on_partial(name, tiles[name], first)
     buffers = {Bind("buffer", ld.name): whole[ld.name] for ld, _ in param_loads(ir, "dkdv")}
-    mod.launch("dkdv", {**shared, **buffers, **_roles(dict(DK=dk, DVo=dv)),
-                        **_strides("bhnd", "dk dv", dk, dv), **_lists(Q_LISTS, q_lists)},
-               options=_options(config))
+    mod.launch("dkdv", {**shared, **_roles(tiles_of["dkdv"]), **buffers,
+                        **_roles(dict(DK=dk, DVo=dv)), **_strides("bhnd", "dk dv", dk, dv),
+                        **_lists(Q_LISTS, q_lists)},
+               options=_options(roles["dkdv"]))
     if on_partial is not None:
         for name in whole:
             on_partial(name, whole[name], 0)
