@@ -54,6 +54,15 @@ def test_softmax_jobs_launch_the_launchers_configurations():
     assert few["args"]["KV_SPLIT"] == 4096 // splits
 
 
+def test_fixed_launch_options_reach_both_backward_kernels():
+    """block_n= fixes the dq kernel's key step (by default 32) as it fixes the dk/dv kernel's
+    key tile, in inspect's jobs as in the runtime (launch.backward_overrides)."""
+    jobs = _by_kernel(aot_jobs.kernel_jobs(attnc.compile("causal", block_n=64)))
+    assert softmax_launch.BACKWARD_STEP != 64
+    for role in ("forward", "dq", "dkdv"):
+        assert jobs[role]["constexprs"]["BLOCK_N"] == 64
+
+
 def test_linear_jobs_launch_the_launchers_tiles_and_core_configuration():
     kernel = attnc.load("gated_delta_net")
     jobs = _by_kernel(aot_jobs.kernel_jobs(kernel))

@@ -233,7 +233,7 @@ def softmax_jobs(kernel, shape: Shape = Shape(), arch: int = 90, backward: bool 
                               {k: v for k, v in config.items() if k != "kv_splits"})
         bconfig = cast(softmax_launch.Config, {
             **softmax_launch.backward_config(forward_config, shape.dtype, cuda),
-            **_fixed(kernel)})
+            **softmax_launch.backward_overrides(_fixed(kernel))})
         params = any(d.kind is TensorKind.PARAM for d in kernel.kernel_ir.inputs)
         softmax_launch.launch_backward(
             mod, kernel.kernel_ir, q, k, v, extras, out, lse, torch.empty_like(out), None,

@@ -156,64 +156,64 @@ SHARED_LIMIT = 227 * 1024
 # why. An entry that no longer misses fails the test too, so the list stays true.
 _CORE_BACKWARD = ("the chunked backward's core kernel keeps the state, its adjoint and the "
                   "chunk's [BT, BK] and [BT, BT] intermediates of a value tile live at once; "
-                  'fla splits this into several kernels')
-_DELTA_CORE = ('delta-rule core kernels form the WY/UT inverse per value tile; fla computes w '
-               'and u once per chunk in a kernel of their own')
+                  "fla splits this into several kernels")
+_DELTA_CORE = ("delta-rule core kernels form the WY/UT inverse per value tile; fla computes w "
+               "and u once per chunk in a kernel of their own")
 _SOLVE = ("the blockwise WY/UT inverse keeps tf32 products: in bf16 the error on correlated "
           "keys rose from 0.65-0.96% to 0.85-1.26%")
 _BASED = ("BASED's feature map gives 273 key features, padded to a 512-wide tile")
 KNOWN_MISSES: dict[tuple[str, str, str], str] = {
-    ('alibi', 'forward', 'loop'):
-        'the bias slopes[h] * (n - m) costs an integer subtract, a convert and a multiply per '
-        'score; splitting it into row and column vectors is not done',
-    ('based', 'chunked', 'spills'): _BASED,
-    ('based', 'core_forward (g0)', 'spills'): _BASED,
-    ('based', 'core_backward (g0)', 'spills'): _BASED,
-    ('delta_net', 'chunked', 'bf16 dots'): _SOLVE,
-    ('delta_net', 'recurrent', 'spills'):
+    ("alibi", "forward", "loop"):
+        "the bias slopes[h] * (n - m) costs an integer subtract, a convert and a multiply per "
+        "score; splitting it into row and column vectors is not done",
+    ("based", "chunked", "spills"): _BASED,
+    ("based", "core_forward (g0)", "spills"): _BASED,
+    ("based", "core_backward (g0)", "spills"): _BASED,
+    ("delta_net", "chunked", "bf16 dots"): _SOLVE,
+    ("delta_net", "recurrent", "spills"):
         "8 bytes: the delta rule's readout and write of a 128 x 64 state per step",
-    ('delta_net', 'core_forward (g0-delta)', 'spills'): _DELTA_CORE,
-    ('delta_net', 'core_backward (g0-delta)', 'spills'): _DELTA_CORE,
-    ('document', 'forward', 'loop'):
-        'document ids are loaded per key and compared per score (ISETP and FSEL per element)',
-    ('document', 'dkdv', 'spills'):
-        '8 bytes: the document ids of both tiles next to the two accumulators',
-    ('flowformer', 'recurrent_bwd', 'spills'):
-        'the generated recurrent backward holds coupled 128 x 128 states and their adjoints in'
-        ' one program',
-    ('gated_delta_net', 'chunked', 'bf16 dots'): _SOLVE,
-    ('gated_delta_net', 'core_forward (g1-delta)', 'spills'): _DELTA_CORE,
-    ('gated_delta_net', 'core_backward (g1-delta)', 'spills'): _DELTA_CORE,
-    ('gla', 'recurrent', 'spills'):
+    ("delta_net", "core_forward (g0-delta)", "spills"): _DELTA_CORE,
+    ("delta_net", "core_backward (g0-delta)", "spills"): _DELTA_CORE,
+    ("document", "forward", "loop"):
+        "document ids are loaded per key and compared per score (ISETP and FSEL per element)",
+    ("document", "dkdv", "spills"):
+        "8 bytes: the document ids of both tiles next to the two accumulators",
+    ("flowformer", "recurrent_bwd", "spills"):
+        "the generated recurrent backward holds coupled 128 x 128 states and their adjoints in"
+        " one program",
+    ("gated_delta_net", "chunked", "bf16 dots"): _SOLVE,
+    ("gated_delta_net", "core_forward (g1-delta)", "spills"): _DELTA_CORE,
+    ("gated_delta_net", "core_backward (g1-delta)", "spills"): _DELTA_CORE,
+    ("gla", "recurrent", "spills"):
         "12 bytes: the vector gate's exp per key feature next to a 128 x 64 state",
-    ('hedgehog', 'chunked', 'spills'):
+    ("hedgehog", "chunked", "spills"):
         "16 bytes: the feature map's softmax is recomputed in the kernel",
-    ('lightning', 'chunked', 'spills'):
-        'its output sums over all value features, so one program holds a 128 x 128 state',
-    ('lightning', 'core_backward (g1)', 'spills'): _CORE_BACKWARD,
-    ('linear_attn', 'recurrent', 'spills'):
-        '20 bytes: a matrix and a normalizer state, both read and written per step',
-    ('linear_attn', 'core_backward (g0)', 'spills'): _CORE_BACKWARD,
-    ('mamba2_ssd', 'core_backward (g1)', 'spills'): _CORE_BACKWARD,
-    ('rel_bias', 'forward', 'spills'):
-        'the bucketed relative bias is computed and gathered per score (a log, a clamp and a '
-        'load per element)',
-    ('rel_bias', 'forward', 'loop'):
-        'the bucketed relative bias is computed and gathered per score (a log, a clamp and a '
-        'load per element)',
-    ('rel_bias', 'dkdv', 'spills'):
-        '8 bytes: the gathered bias next to the two accumulators',
-    ('retnet', 'core_backward (g1)', 'spills'): _CORE_BACKWARD,
-    ('simple_gla', 'core_backward (g1)', 'spills'): _CORE_BACKWARD,
-    ('softcap', 'forward', 'loop'):
-        'tanh from exp2, a reciprocal and a series near 0 (attnc/expr/functions.py) per score',
-    ('softcap', 'dq', 'loop'):
-        'tanh and its derivative 1 - tanh^2 per score',
-    ('softcap', 'dkdv', 'loop'):
-        'tanh and its derivative 1 - tanh^2 per score',
-    ('streaming', 'dkdv', 'spills'):
-        '8 bytes: the sink and window bounds of both tiles next to the two accumulators',
-    ('zerotuning', 'forward', 'loop'):
+    ("lightning", "chunked", "spills"):
+        "its output sums over all value features, so one program holds a 128 x 128 state",
+    ("lightning", "core_backward (g1)", "spills"): _CORE_BACKWARD,
+    ("linear_attn", "recurrent", "spills"):
+        "20 bytes: a matrix and a normalizer state, both read and written per step",
+    ("linear_attn", "core_backward (g0)", "spills"): _CORE_BACKWARD,
+    ("mamba2_ssd", "core_backward (g1)", "spills"): _CORE_BACKWARD,
+    ("rel_bias", "forward", "spills"):
+        "the bucketed relative bias is computed and gathered per score (a log, a clamp and a "
+        "load per element)",
+    ("rel_bias", "forward", "loop"):
+        "the bucketed relative bias is computed and gathered per score (a log, a clamp and a "
+        "load per element)",
+    ("rel_bias", "dkdv", "spills"):
+        "8 bytes: the gathered bias next to the two accumulators",
+    ("retnet", "core_backward (g1)", "spills"): _CORE_BACKWARD,
+    ("simple_gla", "core_backward (g1)", "spills"): _CORE_BACKWARD,
+    ("softcap", "forward", "loop"):
+        "tanh from exp2, a reciprocal and a series near 0 (attnc/expr/functions.py) per score",
+    ("softcap", "dq", "loop"):
+        "tanh and its derivative 1 - tanh^2 per score",
+    ("softcap", "dkdv", "loop"):
+        "tanh and its derivative 1 - tanh^2 per score",
+    ("streaming", "dkdv", "spills"):
+        "8 bytes: the sink and window bounds of both tiles next to the two accumulators",
+    ("zerotuning", "forward", "loop"):
         "the per-head gamma on the first key's weight is a where per score",
 }
 
