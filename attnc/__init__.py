@@ -30,14 +30,17 @@ from attnc.errors import CompileError, SpecError
 
 __all__ = ["compile", "load", "variants", "Kernel", "SpecError", "CompileError", "__version__",
            "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks",
-           "noop_mask", "LinearKernel", "CascadeKernel", "ops", "sparse"]
+           "noop_mask", "LinearKernel", "CascadeKernel", "BranchedKernel", "GatherKernel",
+           "BlockGatherKernel", "MixingKernel", "ops", "sparse"]
 
 # Loaded on first use: importing attnc stays cheap (no torch, Triton or sympy until needed).
 _LAZY = {"Kernel": "attnc.runtime.softmax", "flex_attention": "attnc.flex",
          "create_block_mask": "attnc.block_mask", "BlockMask": "attnc.block_mask",
          "and_masks": "attnc.block_mask", "or_masks": "attnc.block_mask",
          "noop_mask": "attnc.block_mask", "LinearKernel": "attnc.runtime.linear",
-         "CascadeKernel": "attnc.runtime.cascade"}
+         "CascadeKernel": "attnc.runtime.cascade", "BranchedKernel": "attnc.runtime.branches",
+         "GatherKernel": "attnc.runtime.gather", "BlockGatherKernel": "attnc.runtime.gather",
+         "MixingKernel": "attnc.runtime.mixing"}
 _MODULES = ("ops", "sparse")
 
 if "torch" in sys.modules:  # pick Triton's mode (interpreter without CUDA) before others import it

@@ -113,12 +113,20 @@ ENTRIES: dict[str, Entry] = {
                     "each query attends to exactly kernel_size keys"),)),
     "dilated": Entry({"window": POSITIONS, "dilation": POSITIONS}),   # dilation 0: % 0
     "chunked_local": Entry({"chunk": POSITIONS}),                     # chunk 0: // 0
+    "local_plus_compressed": Entry({"window": POSITIONS, "stride": POSITIONS}),
     "linear_attn": Entry({"eps": EPSILON}),
     "based": Entry({"eps": EPSILON}),
     "hedgehog": Entry({"features": POSITIONS, "eps": EPSILON}),
     "lightning": Entry({"eps": EPSILON}),
     "flowformer": Entry({"eps": EPSILON}),
     "sinkhorn": Entry({"iters": POSITIONS, "tau": POSITIVE}),    # tau = 0 divides by zero
+    # rotary embeddings: theta = 0 has no logarithm; rot features rotate in pairs (the
+    # frontend refuses an odd count at its line, the call one above the head dim)
+    "rope": Entry({"theta": POSITIVE, "rot": Domain(integer=True, low=2)}),
+    "qk_norm": Entry({"theta": POSITIVE}),
+    "mla": Entry({"theta": POSITIVE}),
+    "token_topk": Entry({"topk": POSITIONS}),     # list lengths (a list of 0 entries: no key)
+    "nsa_selected": Entry({"count": POSITIONS}),
     "grouped": Entry({"groups": EXTRA_RANK}, (
         Requirement("N >= groups", "k",
                     "every group of keys must hold a key: an empty group's softmax is 0 / 0"),)),

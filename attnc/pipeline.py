@@ -28,6 +28,7 @@ from attnc.errors import CompileError, SpecError
 from attnc.frontends import source as spec_source
 from attnc.frontends.lower import lower
 from attnc.frontends.parser import parse
+from attnc.ir.branches import Branches
 from attnc.ir.cascade import AttentionSpec, Cascade, format_cascade, origin_of, verify
 from attnc.ir.kernel import AttentionKernel, format_kernel, verify_kernel
 from attnc.ir.linear import LinearScan, format_scan, verify_scan
@@ -101,7 +102,8 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def frontend(src: Source, options: dict | None = None) -> tuple[lark.Tree, FrontendIR]:
+def frontend(src: Source, options: dict | None = None
+             ) -> tuple[lark.Tree, FrontendIR | Branches]:
     # a library variant's options must lie in its domain (attnc.library.ENTRIES); checked
     # before lowering, which would otherwise report a dilation of 0 as a division by zero
     check_options(src.filename, src.text, options or {})
@@ -195,6 +197,8 @@ def show(src: Source, stage: str, options: dict | None = None) -> str:
     tree, ir = frontend(src, options)
     if stage == "parse":
         return tree.pretty()
+    if isinstance(ir, Branches):  # one pipeline per branch
+        return ir.show(src, stage)
     if stage == "cascade":
         return format_ir(ir)
     stages = LINEAR_STAGES if isinstance(ir, LinearScan) else STAGES

@@ -23,12 +23,30 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 def random_inputs(kernel, B: int, H: int, M: int, N: int, device="cpu",
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                  generator: torch.Generator | None = None, D: int = 64, Dv: int | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Random params (in [0.5, 1.5)) and small sorted ids for inputs, by name. A branched spec
+    gets each branch's tensors, and keys and values a branch renames shaped like k [B, H, N, D]
+    and v [B, H, N, Dv] (Dv None: D)."""
+    if hasattr(kernel, "branches_ir"):
+        out = {}
+        for br, sub in zip(kernel.branches_ir.branches, kernel.kernels):
+            out.update(random_inputs(sub, B, H, M, N, device, generator))
+            for name, dim in ((br.keys, D), (br.values, D if Dv is None else Dv)):
+                if name not in ("k", "v") and name not in out:
+                    out[name] = torch.randn(B, H, N, dim, generator=generator).to(device)
+        return out
     sizes = {S.B: B, S.H: H, S.M: M, S.N: N}
+    # a gathered-key kernel's list (a block-list kernel keeps it beside its block-sparse IR)
+    gather = getattr(kernel, "gather", None) or getattr(
+        getattr(kernel.kernel_ir, "around", None), "gather", None)
     out = {}
     for decl in kernel.kernel_ir.inputs:
         shape = tuple(int(sympy.sympify(d).xreplace(sizes)) for d in decl.dims)
-        if decl.kind is TensorKind.PARAM:
+        if gather is not None and decl.name == gather.tensor:  # keys (blocks), -1 = padding
+            blocks = -(-N // gather.key_block)
+            out[decl.name] = torch.randint(-1, blocks, shape, generator=generator).to(device)
+        elif decl.kind is TensorKind.PARAM:
             out[decl.name] = 0.5 + torch.rand(shape, generator=generator).to(device)
         else:
             ids = torch.randint(0, 3, shape, generator=generator)
@@ -46,6 +64,13 @@ def check(kernel, *, B=2, H=4, Hkv=2, M=77, N=93, D=64, Dv=64, dtype=torch.float
     q = torch.randn(B, H, M, D, generator=g)
     k = torch.randn(B, Hkv, N, D, generator=g)
     v = torch.randn(B, Hkv, N, Dv, generator=g)
+    around = getattr(getattr(kernel, "kernel_ir", None), "around", None)
+    if around is not None and not around.plain:
+        # autodiff's backward cascade knows nothing around the score: gradients come from torch
+        # autograd through the reference interpreter instead
+        from attnc.backends.reference.check_around import check_around
+        return check_around(kernel, q, k, v, dtype=dtype, device=device, generator=g,
+                            tolerance=TOLERANCE[dtype])
     inputs = random_inputs(kernel, B, H, M, N, "cpu", g)
     if hasattr(kernel, "plan"):
         return _check_general(kernel, q, k, v, inputs, dtype, device, g)

@@ -1,6 +1,6 @@
 """Run every benchmark suite, one after another, into one results file.
 
-    python -m benchmarks [--suites softmax linear decode compile_latency block_mask]
+    python -m benchmarks [--suites softmax linear decode compile_latency block_mask compiled gather]
                          [--quick] [--device cuda|cpu] [--out FILE] [--no-autotune]
 
 On a GPU machine this one command is the whole measurement: each suite runs at its default
@@ -25,7 +25,8 @@ from benchmarks import common
 
 SUITES = {"softmax": "benchmarks.softmax", "linear": "benchmarks.linear",
           "decode": "benchmarks.decode", "compile_latency": "benchmarks.compile_latency",
-          "block_mask": "benchmarks.block_mask_setup", "compiled": "benchmarks.compiled"}
+          "block_mask": "benchmarks.block_mask_setup", "compiled": "benchmarks.compiled",
+          "gather": "benchmarks.gather"}
 # block_mask_setup predates the common flags: its sizes for a quick run, and no autotuning
 BLOCK_MASK_QUICK = ["--lengths", "256", "512", "--torch-max", "512", "--repeat", "1",
                     "--block", "64"]
@@ -34,7 +35,7 @@ SHORT = {"softmax": ["--head-dims", "128", "--lengths", "4096", "16384"],
          "decode": ["--batches", "1", "16", "--cache", "4096", "131072"],
          "compile_latency": ["--specs", "causal", "alibi"],
          "block_mask": ["--lengths", "8192", "32768", "131072", "--torch-max", "32768"],
-         "compiled": []}
+         "compiled": [], "gather": ["--lengths", "4096", "16384"]}
 
 
 def suite_argv(name: str, args) -> list[str]:

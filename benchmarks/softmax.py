@@ -44,8 +44,13 @@ SOFTMAX_SPECS = ("causal", "sliding_window", "alibi", "softcap", "document", "pr
 # library variants whose weights are not a row softmax (issue 15): attnc only
 NORMALIZER_SPECS = ("sigmoid_attn", "softplus_attn", "relu_attn", "standardized", "sinkhorn",
                     "sink_softmax", "grouped", "stick_breaking")
-SPECS = SOFTMAX_SPECS + NORMALIZER_SPECS
+# specs with a prologue fused into the kernel (issue 17): rope, l2norm + gains + rope, absorbed
+# MLA; their peers apply the prologue in torch first ("torch glue"), and the `glue` peer is that
+# glue followed by attnc's plain causal kernel
+PROLOGUE_SPECS = ("rope", "qk_norm", "mla")
+SPECS = SOFTMAX_SPECS + NORMALIZER_SPECS + PROLOGUE_SPECS
 PEERS = ("flex", "sdpa", "flash")
+GLUE = "glue"
 MODES = ("fwd", "bwd")
 # relative-error tolerance of attnc against the fp32 reference, by input dtype; fp32 leaves room
 # for TF32 dot products on a GPU, while Triton's interpreter computes them in fp32 (errors
@@ -107,6 +112,10 @@ class Case:
     no_flash: str = "flash_attn has no form of this mask"
     # the reference's weights from (scores, visible) for a normalizer spec; None: softmax
     weights: object = None
+    # a prologue spec's torch glue: (q, k, v) -> (q', k', v', scale) for plain causal attention
+    # (batch and heads may be a leading slice of the case's); the peers and the reference run it
+    glue: object = None
+    leaves: int = 3  # how many of (q, k, v) the computation reads (mla: no v)
 
 
 def causal_mod(b, h, q_idx, kv_idx):
@@ -142,9 +151,11 @@ def packed_lengths(doc: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu.to(torch.int32), int((cu[1:] - cu[:-1]).max())
 
 
-def make_case(spec: str, B: int, H: int, N: int, device, opts) -> Case:
+def make_case(spec: str, B: int, H: int, N: int, device, opts, D: int = 64) -> Case:
     """The attnc kernel, FlexAttention mods and peer arguments for one spec at length N."""
     gen = torch.Generator().manual_seed(opts.seed + N)
+    if spec in PROLOGUE_SPECS:
+        return prologue_case(spec, B, H, N, D, device, gen)
     if spec == "causal":
         return Case("causal", attnc.load("causal"), causal_mod, sdpa_causal=True,
                     flash={"causal": True})
@@ -199,6 +210,67 @@ def make_case(spec: str, B: int, H: int, N: int, device, opts) -> Case:
                     flex_block_size=bs, no_flash="flash_attn has no block-sparse mask")
     if spec in NORMALIZER_SPECS:
         return normalizer_case(spec, H, gen, device)
+    raise ValueError(f"unknown spec {spec!r}")
+
+
+# --- the prologue specs: rope, qk_norm, mla with their torch glue -------------------------------
+def rotate(x, pos, theta: float = 10000.0, interleaved: bool = False):
+    """RoFormer's rotation of all features of x [b, h, N, D] by pos [b, N] (in x's dtype)."""
+    R = x.shape[-1]
+    inv = theta ** (-2.0 * torch.arange(R // 2, device=x.device, dtype=torch.float32) / R)
+    ang = pos[: x.shape[0], None, :, None].float() * inv
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * cos - b * sin, b * cos + a * sin], -1).flatten(-2)
+    a, b = x[..., :R // 2], x[..., R // 2:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+def prologue_case(spec: str, B: int, H: int, N: int, D: int, device, gen) -> Case:
+    """rope (all D features rotated), qk_norm (l2norm with gains, then rope) and mla (the
+    absorbed form: q over a D-wide latent that is k's first head, the keys' and the values'
+    latent, plus a rope part of D / 2 features) as attnc kernels and as torch glue."""
+    pos = torch.arange(N, device=device).expand(B, N).contiguous()
+    scale = 1.0 / math.sqrt(D)
+    if spec == "rope":
+        def glue(q, k, v):
+            return rotate(q, pos), rotate(k, pos), v, scale
+        return Case("rope", attnc.load("rope", rot=D), causal_mod, sdpa_causal=True,
+                    inputs={"pos_q": pos, "pos_k": pos}, glue=glue)
+    if spec == "qk_norm":
+        gq = (0.5 + torch.rand(D, generator=gen)).to(device)
+        gk = (0.5 + torch.rand(D, generator=gen)).to(device)
+
+        def norm(x, gain):
+            x = x.float()
+            return (x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6) * gain)
+
+        def glue(q, k, v):
+            return (rotate(norm(q, gq), pos).to(q.dtype), rotate(norm(k, gk), pos).to(k.dtype),
+                    v, scale)
+        return Case("qk_norm", attnc.load("qk_norm"), causal_mod, sdpa_causal=True,
+                    inputs={"pos_q": pos, "pos_k": pos, "gq": gq, "gk": gk}, glue=glue)
+    if spec == "mla":
+        Dr = max(16, D // 2)
+        qr = torch.randn(B, H, N, Dr, generator=gen).to(device)
+        kr = torch.randn(B, 1, N, Dr, generator=gen).to(device)
+        kernel = attnc.load("mla")
+
+        def glue(q, k, v):
+            b, h = q.shape[0], q.shape[1]
+            latent = k[:, :1].expand(b, h, N, D)
+            return (torch.cat([q, rotate(qr[:b, :h].to(q.dtype), pos, interleaved=True)], -1),
+                    torch.cat([latent, rotate(kr[:b].to(k.dtype), pos, interleaved=True)
+                               .expand(b, h, N, Dr)], -1), latent, scale)
+
+        class Latent:
+            """mla called on the harness's operands: the latent is k's first head, no v."""
+
+            def __call__(self, q, k, v, **inputs):
+                return kernel(q, k[:, :1], qr=qr.to(q.dtype), kr=kr.to(q.dtype), **inputs)
+        return Case(f"mla(latent {D}, rope {Dr})", Latent(), causal_mod, sdpa_causal=True,
+                    inputs={"pos_q": pos, "pos_k": pos}, glue=glue, leaves=2)
     raise ValueError(f"unknown spec {spec!r}")
 
 
@@ -294,6 +366,9 @@ def reference(case: Case, q, k, v, grad, scale: float):
     """fp32 eager attention with the case's mods for the leading (batch, head) slice given;
     returns out and (dq, dk, dv) for the upstream gradient `grad`."""
     q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    leaves = (q, k, v)[:case.leaves]
+    if case.glue is not None:
+        q, k, v, scale = case.glue(q, k, v)
     nb, nh, M, N = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     dev = q.device
     b = torch.arange(nb, device=dev).view(-1, 1, 1, 1)
@@ -310,7 +385,7 @@ def reference(case: Case, q, k, v, grad, scale: float):
     else:
         s = s.masked_fill(~seen, float("-inf")).masked_fill(~alive, 0.0)
         out = torch.matmul(torch.softmax(s, -1), v) * alive
-    grads = torch.autograd.grad(out, (q, k, v), grad.float())
+    grads = torch.autograd.grad(out, leaves, grad.float())
     return out.detach(), grads
 
 
@@ -347,7 +422,20 @@ def attnc_runner(case: Case, q, k, v, opts) -> Runner:
         extra["block_mask"] = case.block_mask
     qd, kd, vd = q.detach(), k.detach(), v.detach()
     return Runner(lambda: case.kernel(qd, kd, vd, **extra),
-                  lambda: case.kernel(q, k, v, **extra), (q, k, v))
+                  lambda: case.kernel(q, k, v, **extra), (q, k, v)[:case.leaves])
+
+
+def glue_runner(case: Case, q, k, v, opts) -> Runner:
+    """A prologue spec as torch glue then attnc's plain causal kernel."""
+    if case.glue is None:
+        raise Skip("glue: only the prologue specs have a torch glue")
+    causal = attnc.load("causal")
+
+    def run(a, b, c):
+        a, b, c, scale = case.glue(a, b, c)
+        return causal(a, b, c.contiguous(), scale=scale)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    return Runner(lambda: run(qd, kd, vd), lambda: run(q, k, v), (q, k, v)[:case.leaves])
 
 
 def flex_runner(case: Case, q, k, v, opts) -> Runner:
@@ -361,6 +449,12 @@ def flex_runner(case: Case, q, k, v, opts) -> Runner:
     if opts.flex_compile:
         fn = torch.compile(flex_attention, dynamic=False)
     qd, kd, vd = q.detach(), k.detach(), v.detach()
+    if case.glue is not None:  # the prologue in torch, then FlexAttention
+        def glued(a, b, c):
+            a, b, c, scale = case.glue(a, b, c)
+            return fn(a, b, c, block_mask=block_mask, scale=scale)
+        return Runner(lambda: glued(qd, kd, vd), lambda: glued(q, k, v),
+                      (q, k, v)[:case.leaves])
     return Runner(lambda: fn(qd, kd, vd, score_mod=case.score_mod, block_mask=block_mask),
                   lambda: fn(q, k, v, score_mod=case.score_mod, block_mask=block_mask),
                   (q, k, v))
@@ -380,10 +474,13 @@ def sdpa_runner(case: Case, q, k, v, opts) -> Runner:
         return contextlib.nullcontext()
 
     def run(a, b, c):
+        scale = None
+        if case.glue is not None:  # the prologue in torch, then SDPA
+            a, b, c, scale = case.glue(a, b, c)
         with backend():
-            return sdpa(a, b, c, is_causal=True)
+            return sdpa(a, b, c, is_causal=True, scale=scale)
     qd, kd, vd = q.detach(), k.detach(), v.detach()
-    return Runner(lambda: run(qd, kd, vd), lambda: run(q, k, v), (q, k, v))
+    return Runner(lambda: run(qd, kd, vd), lambda: run(q, k, v), (q, k, v)[:case.leaves])
 
 
 def flash_runner(case: Case, q, k, v, opts) -> Runner:
@@ -417,7 +514,7 @@ def flash_runner(case: Case, q, k, v, opts) -> Runner:
                   grad_in=lambda g: g.transpose(1, 2).contiguous())
 
 
-RUNNERS = {"flex": flex_runner, "sdpa": sdpa_runner, "flash": flash_runner}
+RUNNERS = {"flex": flex_runner, "sdpa": sdpa_runner, "flash": flash_runner, GLUE: glue_runner}
 
 
 # --- one measurement -----------------------------------------------------------------------------
@@ -446,7 +543,7 @@ def run_config(spec, D, N, opts, notes, rows, device, dtype) -> bool:
     B, H = (opts.batch or max(1, opts.tokens // N)), opts.heads
     ok = True
     try:  # set-up: the case, its visible pairs, the data and the reference
-        case = make_case(spec, B, H, N, device, opts)
+        case = make_case(spec, B, H, N, device, opts, D)
         pairs = visible_pairs(case.mask_mod, B, H, N, N, device, per_batch=case.per_batch)
         torch.manual_seed(opts.seed)
         q, k, v = (common.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True)
@@ -549,7 +646,8 @@ def parse_args(argv):
                         help="sequence lengths (default 1024 ... 16384; --quick: 64 96)")
     parser.add_argument("--head-dims", type=int, nargs="+", default=None,
                         help="default 64 128 (--quick: 32)")
-    parser.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
+    parser.add_argument("--peers", nargs="*", choices=PEERS + (GLUE,), default=None,
+                        help="default flex sdpa flash, and glue when a prologue spec runs")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--dtype", default=None,
                         help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
@@ -580,6 +678,8 @@ def parse_args(argv):
             setattr(args, key, value)
     if quick and args.batch is None:
         args.batch = 1
+    if args.peers is None:
+        args.peers = list(PEERS) + ([GLUE] if set(args.specs) & set(PROLOGUE_SPECS) else [])
     if args.dtype is None:
         args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
     return args

@@ -10,6 +10,14 @@ An attention block's `normalize` takes an argument for `l1(f)`, `mean(f)` (f poi
 Their statements' positions are recorded as origins "weight", "sink" and "normalize", like
 "score" and "mask".
 
+What an attention block says around its score (`operand` declarations, prologue assignments
+`q = rope(q, ...)`, the value `v = c`, several dots in the score, `gate`, `kv_head`, `premix`,
+`postmix`, and gathered keys `n in idx[b, h, m, :]` as a top-level `and` conjunct of the mask)
+is lowered by frontends/lower_around.py into `AttentionSpec.around`; a block with `branch`
+statements goes to frontends/lower_branches.py. In an attention block `d` sizes a declared
+dimension as q's head dim D, and is the feature index inside an l2norm's gain; `g` is the other
+head inside premix and postmix.
+
 A cascade block is lowered to einsums over m, n, e, f only:
 - `rank c = 4` declares an extra rank, which is unrolled: an einsum with c on its left becomes
   one einsum per value 0..3 (named X_c0, X_c1, ... among the free names); `X[m, c]` under a
@@ -36,6 +44,7 @@ from __future__ import annotations
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import lark
 import sympy
@@ -44,9 +53,15 @@ from attnc.errors import CompileError, SpecError
 from attnc.expr import symbols as S
 from attnc.expr.functions import BY_NAME, ArgKind
 from attnc.frontends import limits
+from attnc.frontends.lower_around import PROLOGUE_CALLS, STATEMENTS, AroundLowering
+from attnc.ir.around import Around, Side, g
+from attnc.ir.branches import Branches
 from attnc.ir.cascade import (OPERAND_DECLS, POINTWISE, QK, AttentionSpec, BlockKind, Cascade,
                               Einsum, Normalizer, Origin, Reduce, TensorDecl, TensorKind,
                               fresh_name, reads)
+
+if TYPE_CHECKING:
+    from attnc.ir.linear import LinearScan
 
 NUM, BOOL = ArgKind.NUMBER.value, ArgKind.CONDITION.value
 NORMALIZERS = tuple(nz.value for nz in Normalizer)
@@ -76,6 +91,14 @@ class _Scope:
     used: set[str] = field(default_factory=set)  # the declared names an expression read
     unroll: _Unroll | None = None  # a cascade block's einsums and extra ranks
     in_mask: bool = False  # lowering a cascade's mask: no einsum may be read
+    # an attention block's statements around its score (frontends/lower_around.py): dots
+    # beyond dot(q, k), and `d` as a declared dimension (the head dim D)
+    around: AroundLowering | None = None
+    feature_index: bool = False  # lowering an l2norm's gain: `d` is the feature index
+    mix_heads: bool = False  # lowering premix / postmix: `g` is the other head
+    operands: dict[str, Side] = field(default_factory=dict)  # declared operands
+    # each dot(x, y) read so far: QK[m, n] for dot(q, k), a placeholder symbol for the others
+    dots: dict[tuple[str, str], sympy.Expr] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,6 +155,10 @@ class _Lowerer:
         if blk.data == "linear":
             from attnc.frontends.lower_linear import lower_linear
             return lower_linear(self, blk)
+        if blk.data == "attention" and any(isinstance(st, lark.Tree) and st.data in (
+                "branch", "combine") for st in blk.children[1:]):
+            from attnc.frontends.lower_branches import lower_branches
+            return lower_branches(self, blk)
         return self.attention(blk) if blk.data == "attention" else self.cascade(blk)
 
     def _declarations(self, stmts, scope: _Scope) -> list:
@@ -157,17 +184,29 @@ class _Lowerer:
         return rest
 
     def attention(self, blk: lark.Tree) -> AttentionSpec:
+        """One attention block without branches (a branched block goes through `block`, which
+        hands it to frontends/lower_branches.py; that lowers each branch here)."""
         name = str(blk.children[0])
         scope = _Scope()
+        around = scope.around = AroundLowering(self, scope)
         stmts = self._declarations(blk.children[1:], scope)
+        for st in stmts:
+            if st.data == "operand":
+                around.declare(st)
         score = mask = weight = sink = None
         normalize: tuple[Normalizer, Normalizer | None, int] = (Normalizer.SOFTMAX, None, 0)
         seen: dict[str, lark.Tree] = {}
         for st in stmts:
             kind = st.data
+            if kind == "operand":
+                continue
+            if kind == "assign":
+                around.assign(st)
+                continue
             if kind == "let":
                 tok, body = st.children
-                if str(tok) in RESERVED or str(tok) in scope.options or str(tok) in scope.lets:
+                if str(tok) in RESERVED or str(tok) in scope.options or str(tok) in scope.lets \
+                        or str(tok) in scope.operands:
                     raise self.error(tok, f"'{tok}' is already defined")
                 scope.allow_dot = True
                 scope.lets[str(tok)] = self.expr(body, scope)
@@ -184,7 +223,10 @@ class _Lowerer:
                 scope.allow_dot = False
                 score, weight = (value, weight) if kind == "score" else (score, value)
             elif kind == "mask":
-                mask = self.expect(st.children[0], scope, BOOL, "mask")
+                mask = around.mask(st.children[0])
+                around.no_dots(mask, st.children[0], "mask")
+            elif kind in STATEMENTS:
+                around.statement(str(kind), st)
             elif kind == "sink":
                 sink = self._sink(st.children[0], scope)
             elif kind == "normalize":
@@ -202,16 +244,21 @@ class _Lowerer:
                                   "function, l1(f) or mean(f)")
         if score is None:
             score = S.access(QK, S.m, S.n) * S.scale
+        dots = Around().dots
+        if "score" in seen:
+            score, dots = around.combine_dots(score, seen["score"].children[0])
+        if weight is not None:
+            around.no_dots(weight, seen["weight"].children[0], "weight")
         if mask is sympy.true:
             mask = None
         self._check_declarations_used(scope)
         origins = (_origin("", blk),) + tuple(
             _origin(kind, seen[kind]) for kind in ("score", "mask", "normalize", "weight", "sink")
-            if kind in seen)
+            if kind in seen) + tuple(around.origins)
         return AttentionSpec(name=name, decls=tuple(scope.tensors.values()), score=score,
                              mask=mask, normalize=nz, options=tuple(scope.options.items()),
                              origins=origins, pointwise=pointwise, iterations=iterations,
-                             weight=weight, sink=sink)
+                             weight=weight, sink=sink, around=around.around(dots))
 
     def _normalizer(self, st: lark.Tree, scope: _Scope
                     ) -> tuple[Normalizer, Normalizer | None, int]:
@@ -318,9 +365,12 @@ class _Lowerer:
             if name not in scope.used:
                 what = ("option" if name in scope.options else "let" if name in scope.lets
                         else scope.tensors[name].kind.value if name in scope.tensors
-                        else "rank")
-                raise self.error(tok, f"{what} {name} is declared but never used",
-                                 hint=f"remove it, or read {name} in the score, mask or an einsum")
+                        else "operand" if name in scope.operands else "rank")
+                hint = (f"remove it, or read {name} in the score, mask or an einsum"
+                        if what != "operand" else
+                        f"remove it, or dot it in the score (dot(q, {name}) or dot({name}, k)) "
+                        f"or make it the value (v = {name})")
+                raise self.error(tok, f"{what} {name} is declared but never used", hint=hint)
 
     def _reachable(self, nodes: list[Einsum], groups) -> list[Einsum]:
         """The einsums the output (the last) reads, directly or not, in order. The last einsum
@@ -654,6 +704,10 @@ class _Lowerer:
             return self._call(node, scope, decl)
         if rule == "access":
             return self._access(node, scope, decl)
+        if rule == "member":
+            raise self.error(node, "`in` (gathered keys) is only allowed as a top-level `and` "
+                                   "conjunct of a mask",
+                             hint="mask = n <= m and n in idx[b, h, m, :]")
         if rule == "reduce":
             return self._reduce(node, scope, decl)
         raise self.error(node, f"unsupported expression '{rule}'")  # pragma: no cover
@@ -696,9 +750,20 @@ class _Lowerer:
             scope.used.add(name)
             state.read.add(name)
             return sympy.Integer(state.bound[name]), NUM
+        if scope.mix_heads and name == "g":
+            return g, NUM
         if name in scope.options or name in scope.lets:
             scope.used.add(name)
             return (scope.options[name], NUM) if name in scope.options else scope.lets[name]
+        if name == "d" and scope.around is not None:
+            if decl:
+                return S.D, NUM
+            if scope.feature_index:
+                return S.d, NUM
+            raise self.error(tok, "'d' (the feature index) is only allowed in an l2norm's gain "
+                                  "and as a declared dimension",
+                             hint="l2norm(q, g[h, d]) with param g[h, d]; as a dimension, d is "
+                                  "the head dim D of q and k")
         if decl:
             if name in S.INDEX:
                 return S.SIZE_OF[S.INDEX[name]], NUM
@@ -713,7 +778,7 @@ class _Lowerer:
             return S.SIZES[name], NUM
         if name == "scale":
             return S.scale, NUM
-        if name in ("q", "k", "v"):
+        if name in ("q", "k", "v") or name in scope.operands:
             raise self.error(tok, f"'{name}' is not a number here",
                              hint="the query-key product is written dot(q, k)")
         if name in scope.tensors or name in scope.cascade_tensors:
@@ -731,10 +796,16 @@ class _Lowerer:
         if fn == "dot":
             if not scope.allow_dot:
                 raise self.error(tok, "dot(q, k) is only allowed in a score, a weight or a let")
+            if scope.around is not None:
+                return scope.around.dot(node), NUM
             if [str(a.children[0]) if isinstance(a, lark.Tree) and a.data == "name" else None
                     for a in args] != ["q", "k"]:
                 raise self.error(node, "dot takes exactly (q, k)")
             return S.access(QK, S.m, S.n), NUM
+        if fn in PROLOGUE_CALLS:
+            raise self.error(tok, f"{fn} is only allowed in a prologue",
+                             hint=f"transform an operand with an assignment, e.g. "
+                                  f"q = {fn}(q, ...), then dot it in the score")
         if len(args) > limits.MAX_CALL_ARGS:
             raise self.error(node, f"{fn} takes at most {limits.MAX_CALL_ARGS} arguments here, "
                                    f"got {len(args)}", hint="nest the calls: max(max(...), ...)")
@@ -850,6 +921,6 @@ def _position(node) -> tuple[int, int]:
 
 
 def lower(tree: lark.Tree, source: str, filename: str = "<spec>",
-          options: dict | None = None) -> AttentionSpec | Cascade:
+          options: dict | None = None) -> AttentionSpec | Cascade | LinearScan | Branches:
     """Lower a parsed spec; `options` override the spec's `option` defaults."""
     return _Lowerer(source, filename, options or {}).block(tree)

@@ -62,6 +62,7 @@ from dataclasses import replace
 
 import sympy
 
+from attnc.errors import CompileError
 from attnc.expr import symbols as S
 from attnc.expr.functions import BY_NAME
 from attnc.ir.cascade import (OPERAND_DECLS, QK, AttentionSpec, BlockKind, Cascade, Einsum,
@@ -123,6 +124,12 @@ def pointwise(nz: Normalizer, x: sympy.Expr) -> sympy.Expr:
 def run(spec: AttentionSpec | Cascade) -> Cascade:
     if isinstance(spec, Cascade):
         return spec
+    if not spec.around.plain and (spec.normalize is not Normalizer.SOFTMAX
+                                  or spec.weight is not None or spec.sink is not None):
+        raise CompileError(f"{spec.name}: operands, prologues, gates, head maps and gathered keys "
+                           "are fused into softmax kernels only", tensor="",
+                           hint="use normalize = softmax without weight or sink, or apply the "
+                                "prologue in torch before the call")
     if spec.normalize is Normalizer.SOFTMAX and spec.weight is None and spec.sink is None:
         return _softmax(spec)
     return _general(spec)
@@ -148,12 +155,18 @@ def _softmax(spec: AttentionSpec) -> Cascade:
     softmax, out, lse = softmax_cascade(S.access(current, m, n), names)
     # the score and mask statements' positions move to the nodes that now compute them
     renamed = {"score": score_node, "mask": mask_node}
+    # the statements around the score (lowered by frontends/lower_around.py) keep their names,
+    # which passes refusing them cite
     origins = tuple(replace(o, tensor=renamed.get(o.tensor) or o.tensor) for o in spec.origins
-                    if o.tensor == "" or renamed.get(o.tensor))
+                    if o.tensor == "" or renamed.get(o.tensor) or _around_statement(o.tensor))
     return Cascade(name=spec.name, decls=OPERAND_DECLS + spec.decls, nodes=tuple(nodes + softmax),
                    outputs=(("out", out), ("lse", lse)), options=spec.options,
                    source_kind=BlockKind.ATTENTION, block_sparse=spec.block_sparse,
-                   mask_node=mask_node, origins=origins)
+                   mask_node=mask_node, origins=origins, around=spec.around)
+
+
+def _around_statement(tensor: str) -> bool:
+    return " " in tensor or tensor in ("value", "gate", "kv_head", "premix", "postmix", "gather")
 
 
 def _general(spec: AttentionSpec) -> Cascade:

@@ -161,10 +161,12 @@ def run(c: Cascade) -> AttentionKernel | CascadePlan:
         raise CompileError(f"{c.name}: a mask may not depend on q.k (use the score instead)",
                            tensor=c.mask_node)
     grad = _gradient(c, c.backward, qk_subs, loads) if c.backward is not None else None
+    # the expressions around the score stay in the spec's accesses: the runtime evaluates them
+    # into row vectors (attnc.ir.around.row_values) that the kernels read
     return AttentionKernel(name=c.name, inputs=c.extra_inputs, loads=tuple(loads.values()),
                            score=score, mask=mask, segments=bounds.segments,
                            exact_bounds=bounds.exact, schedule=schedule, grad=grad,
-                           no_backward=c.no_backward)
+                           no_backward=c.no_backward, around=c.around)
 
 
 PASS = Pass("fuse", PassKind.REWRITE, run,

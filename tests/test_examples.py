@@ -1,5 +1,5 @@
 """The examples run end to end: the training example learns, the linear-attention tour agrees
-with itself."""
+with itself, the examples around the score agree with torch (slow)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -44,3 +46,25 @@ def test_decoding_example_matches_sdpa_with_key_splits():
     worst = re.search(r"worst relative error: full (\S+), window (\S+)", proc.stdout).groups()
     assert all(float(x) < 1e-5 for x in worst), proc.stdout
     assert "launch configuration (forward-m16)" in proc.stdout
+
+
+
+def _errors(out: str) -> list[float]:
+    """Every number the example prints in scientific notation (its relative errors)."""
+    return [float(x) for x in re.findall(r"\d\.\d+e-\d+", out)]
+
+
+@pytest.mark.slow
+def test_around_the_score_examples_match_torch():
+    """rope/qk_norm/mla, branches and token top-k against torch written in each example."""
+    outs = {}
+    for name in ("rope_mla", "branches", "token_topk"):
+        proc = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py")],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        errors = _errors(proc.stdout)
+        assert errors and max(errors) < 1e-5, proc.stdout
+        outs[name] = proc.stdout
+    assert len(_errors(outs["rope_mla"])) == 5 and len(_errors(outs["token_topk"])) == 4
+    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", outs["branches"])]
+    assert len(losses) == 4 and losses[-1] < losses[0], outs["branches"]

@@ -1,8 +1,9 @@
-"""Golden IR dumps: `attnc.pipeline.show` after every stage but `triton`, for three small softmax
-specs, two general cascades (one pass without a max; several kernels) and two linear ones,
-compared with tests/golden/<spec>/<stage>.txt; and the generated Triton source of every library
-variant, pinned by its digest (tests/golden/triton_digests.txt, first written before the code
-generators were reorganized: the source stayed byte for byte).
+"""Golden IR dumps: `attnc.pipeline.show` after every stage but `triton`, for four small softmax
+specs (one with prologues), a spec with two branches, two general cascades (one pass without a
+max; several kernels) and two linear ones, compared with tests/golden/<spec>/<stage>.txt; and
+the generated Triton source of every library variant, pinned by its digest
+(tests/golden/triton_digests.txt, first written
+before the code generators were reorganized: the source stayed byte for byte).
 
 After an intended change to a pass, a printer or a code generator, rewrite the files and review
 the diff (for the source, with `attnc compile`):
@@ -52,6 +53,19 @@ attention sinkhorn {
   normalize = sinkhorn(1)
 }
 """,
+    # prologues: rope at explicit positions (partial dims on q) and l2norm with learnable gains
+    "rope_qknorm": """\
+attention rope_qknorm {
+  option theta = 10000.0
+  input pos_q[b, m], pos_k[b, n]
+  param gq[d], gk[h, d]
+  q = rope(l2norm(q, gq[d]), pos_q[b, m], theta, 32)
+  k = rope(l2norm(k, gk[h, d]), pos_k[b, n], theta)
+  mask = n <= m
+}
+""",
+    # two branches (a window, compressed keys) under one softmax: a library variant
+    "local_plus_compressed": "local_plus_compressed",
 }
 
 LINEAR_SPECS = {

@@ -16,6 +16,7 @@ import torch
 
 import attnc
 from attnc.errors import SpecError
+from attnc.backends.reference.check_around import random_around_inputs
 from attnc.library import variant_path, variants
 from attnc.testing import random_inputs, random_linear_inputs
 from tests.specs import FUSEMAX_3PASS
@@ -23,7 +24,11 @@ from tests.specs import FUSEMAX_3PASS
 B, H, N, D = 1, 2, 24, 16
 # Options small enough that each matters at N = 24 (defaults like window = 256 would not).
 SMALL_OPTIONS = {"window": 6, "sinks": 2, "prefix": 5, "kernel_size": 7, "dilation": 2,
-                 "chunk": 8, "max_distance": 4}
+                 "chunk": 8, "max_distance": 4, "topk": 8,
+                 "stride": 2}
+# Options whose value changes no output by itself: `count` only sizes nsa_selected's block lists
+# (at these lengths there is one key block, listed or not whatever the count)
+SIZING_ONLY = {"count"}
 
 CASCADE_3PASS = FUSEMAX_3PASS  # the README's cascade
 
@@ -95,11 +100,19 @@ def _run(kernel, seed: int, perturbed: str | None = None) -> torch.Tensor:
     declared tensor whose values are changed)."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    around = getattr(getattr(kernel, "kernel_ir", None), "around", None)
     if isinstance(kernel, attnc.LinearKernel):
         tensors = random_linear_inputs(kernel, B, H, N, D, D, torch.Generator().manual_seed(1))
+    elif around is not None and not around.plain:
+        tensors = random_around_inputs(kernel, B, H, H, N, N, D, torch.Generator().manual_seed(1))
+        v = v if around.value == "v" else None
     else:
-        tensors = random_inputs(kernel, B, H, N, N, generator=torch.Generator().manual_seed(1))
-    if perturbed is not None:
+        tensors = random_inputs(kernel, B, H, N, N, generator=torch.Generator().manual_seed(1),
+                                D=D)
+    gather = getattr(kernel, "gather", None) or (around.gather if around is not None else None)
+    if perturbed is not None and gather is not None and perturbed == gather.tensor:
+        tensors[perturbed] = torch.full_like(tensors[perturbed], -1)  # every list empty
+    elif perturbed is not None:
         x = tensors[perturbed]
         tensors[perturbed] = (x * 1.5 + 0.25 if x.is_floating_point()
                                   else torch.arange(x.shape[-1]).expand(x.shape) // 5)
@@ -120,6 +133,8 @@ def _cases(text: str):
         if declared is not None:
             yield f"values of {declared[2]}", text, options, declared[2]
     for name, value in options.items():
+        if name in SIZING_ONLY:
+            continue
         bumped = {**options, name: _bigger(value)}
         yield f"option {name} = {bumped[name]}", text, bumped, None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,10 +145,20 @@ def check_variant(name, dtype, shape, tiles, opts, scale, seed, q_mult=1.0):
 
 
 # --- the library -----------------------------------------------------------------------------
-def test_library_is_13_softmax_8_normalizer_and_11_linear_variants():
+# Variants with something around the score, each checked against its own reference in the test
+# module named here (prologues, operands, gates; gathered keys; branches; head mixing).
+AROUND = {"rope": "test_around", "qk_norm": "test_around", "mla": "test_around",
+          "gated_heads": "test_around", "token_topk": "test_gather", "nsa_selected": "test_gather",
+          "local_plus_compressed": "test_branches", "head_mixing": "test_mixing"}
+
+
+def test_library_is_13_softmax_8_normalizer_8_around_and_11_linear_variants():
     from tests.normalizer_reference import VARIANTS as NORMALIZERS
     from tests.test_linear import SPECS as LINEAR
-    assert set(attnc.variants()) == set(VARIANTS) | set(NORMALIZERS) | set(LINEAR)
+    assert set(attnc.variants()) == set(VARIANTS) | set(NORMALIZERS) | set(LINEAR) | set(AROUND)
+    here = Path(__file__).parent
+    for name, module in AROUND.items():
+        assert f'"{name}"' in (here / f"{module}.py").read_text(), f"{module} never loads {name}"
     assert set(R.VARIANTS) == set(VARIANTS)
     assert len(LINEAR) == 11 and len(NORMALIZERS) == 8
 

@@ -22,6 +22,9 @@ m_lo, m_hi = sympy.symbols("m_lo m_hi", integer=True, nonnegative=True)
 n_lo, n_hi = sympy.symbols("n_lo n_hi", integer=True, nonnegative=True)
 # The dot product q.k of one (query, key) pair at tile level.
 qk = sympy.Symbol("qk", real=True)
+# The feature (head-dim) index of a prologue's gain, `l2norm(q, g[h, d])`; as a declared
+# dimension, the head dim D of q and k.
+d = sympy.Symbol("d", integer=True, nonnegative=True)
 
 INDEX = {"b": b, "h": h, "m": m, "n": n}
 RANKS = {"m": m, "n": n, "e": e, "f": f}
@@ -47,6 +50,24 @@ def compare(op: str, a, b) -> sympy.Expr:
     if op in (">", ">="):
         a, b, op = b, a, op.replace(">", "<")
     return {"<": sympy.Lt, "<=": sympy.Le, "==": sympy.Eq, "!=": sympy.Ne}[op](a, b)
+
+
+def integral_relation(rel: sympy.Expr) -> sympy.Expr:
+    """A comparison of integer-valued sides with its denominators cleared. sympy canonicalizes
+    `m - n <= 6*h + 2` to `h >= m/6 - n/6 - 1/3`, whose sides are no longer integers; evaluated
+    in floating point the two sides of a tie can round apart (1/6 * 8 - 1/3 is not exactly 1),
+    so both sides are multiplied by the least common denominator: `6*h >= m - n - 2`."""
+    lhs, rhs = rel.args
+    free = lhs.free_symbols | rhs.free_symbols
+    if not free or not all(x.is_integer for x in free) or not (
+            lhs.is_polynomial(*free) and rhs.is_polynomial(*free)):
+        return rel
+    coeffs = sympy.Poly(lhs - rhs, *free).coeffs()
+    if not all(c.is_Rational for c in coeffs):
+        return rel
+    den = sympy.ilcm(1, *(sympy.Rational(c).q for c in coeffs))
+    return rel if den == 1 else rel.func(sympy.expand(den * lhs), sympy.expand(den * rhs),
+                                         evaluate=False)
 
 
 def access(name: str, *index) -> sympy.Indexed:

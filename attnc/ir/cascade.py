@@ -28,6 +28,7 @@ import sympy
 
 from attnc.errors import CompileError
 from attnc.expr import symbols as S
+from attnc.ir.around import Around, verify_around
 
 
 class TensorKind(enum.Enum):
@@ -357,6 +358,8 @@ class Cascade:
     mask: sympy.Expr | None = None
     # schedule's result for a general (not OnlineSoftmax) cascade: its kernels, in order
     stages: tuple[Stage, ...] = ()
+    # an attention block's operands, prologues, gate, head map and gather, carried to the kernel
+    around: Around = Around()
 
     def node(self, name: str) -> Node:
         for nd in self.nodes:
@@ -430,12 +433,15 @@ class AttentionSpec:
     iterations: int = 0
     weight: sympy.Expr | None = None  # `weight = <expr>`: multiplies the normalized weights
     sink: sympy.Expr | None = None  # `sink = <expr>`: a logit in the softmax's denominator
+    # operands, prologues, gate, head map and gather around the score (attnc/ir/around.py)
+    around: Around = Around()
 
     def __str__(self) -> str:
         lines = [f"attention {self.name}" + ("  # block-sparse" if self.block_sparse else "")]
         if self.options:
             lines.append("option " + ", ".join(f"{k} = {v}" for k, v in self.options))
         lines += [str(d) for d in self.decls]
+        lines += self.around.lines()
         lines.append(f"score = {self.score}")
         lines.append(f"mask = {self.mask if self.mask is not None else 'none'}")
         arg = (f"({self.pointwise.value})" if self.pointwise else
@@ -490,6 +496,7 @@ def verify(c: Cascade) -> None:
     the outputs, the masking node and the backward's named nodes exist."""
     known: set[str] = set()
     produced_before: dict[str, Node] = {}
+    verify_around(c.around, c.name)
     for d in c.decls:
         if d.name in known:
             raise AssertionError(f"{c.name}: {d.name} is declared twice")
@@ -567,6 +574,7 @@ def format_cascade(c: Cascade, passes: int | None = None) -> str:
         lines.append("option " + ", ".join(f"{k} = {v}" for k, v in c.options))
     for d in c.decls:
         lines.append(str(d))
+    lines += c.around.lines()
     if c.mask is not None:
         lines.append(f"mask {c.mask}")
     for nd in c.nodes:

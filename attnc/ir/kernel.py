@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import sympy
 
 from attnc.expr import symbols as S
+from attnc.ir.around import Around, verify_around
 from attnc.ir.cascade import KeySegment, KeySource, Normalizer, TensorDecl, TensorKind, TileSchedule
 
 
@@ -84,6 +85,9 @@ class AttentionKernel:
     normalizer: Normalizer = Normalizer.SOFTMAX
     grad: Gradient | None = None
     no_backward: str | None = None  # why there is no backward (autodiff's reason)
+    # operands, prologues, gate, head map, gather, mixing (attnc/ir/around.py), in the spec's
+    # accesses: the runtime evaluates its expressions into row vectors the kernels read
+    around: Around = Around()
 
     @property
     def block_sparse(self) -> bool:
@@ -98,6 +102,7 @@ def verify_kernel(k: AttentionKernel) -> None:
     params and inputs with one index per dimension and have distinct names; the score and mask
     read only q.k, positions, sizes, scale and loads; the derivatives name existing loads."""
     decls = {d.name: d for d in k.inputs}
+    verify_around(k.around, k.name)
     if any(d.kind not in (TensorKind.PARAM, TensorKind.INPUT) for d in k.inputs):
         raise AssertionError(f"{k.name}: a kernel's inputs are params and inputs")
     names = [ld.name for ld in k.loads]
@@ -111,6 +116,9 @@ def verify_kernel(k: AttentionKernel) -> None:
     allowed = {S.qk, S.b, S.h, S.m, S.n, S.B, S.H, S.M, S.N, S.scale} | {ld.symbol
                                                                          for ld in k.loads}
     exprs = [k.score] + ([k.mask] if k.mask is not None else [])
+    for ex in k.around.exprs():
+        if any(str(acc.base) not in decls for acc in sympy.sympify(ex).atoms(sympy.Indexed)):
+            raise AssertionError(f"{k.name}: {ex} reads a tensor the kernel does not take")
     if k.grad is not None:
         exprs += [k.grad.dqk] + [d for _, d in k.grad.dloads]
         if any(name not in names for name, _ in k.grad.dloads):
@@ -130,6 +138,7 @@ def format_kernel(k: AttentionKernel) -> str:
     lines = [f"kernel {k.name}",
              f"  {k.schedule}",
              f"  inputs: {', '.join(str(d) for d in k.inputs) or 'none'}"]
+    lines += [f"  {line}" for line in k.around.lines()]
     for level in LoadLevel:
         for ld in k.loads:
             if ld.level is level:

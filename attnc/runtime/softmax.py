@@ -6,6 +6,8 @@ implementation, so it works under `torch.compile(fullgraph=True)`. A second op r
 kernels and is registered as the first's autograd formula; param gradients leave the kernels as
 partial sums and are reduced deterministically (attnc/runtime/params.py).
 `Kernel.__call__` validates every argument and says which one is wrong and what was expected.
+A kernel with something around its score (operands, prologues, a gate, a head map) is called
+through attnc/runtime/around.py instead (a torch.autograd.Function).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from attnc.ir.kernel import AttentionKernel
 from attnc.library import call_checks
 from attnc.passes.mask_bounds import monotone
 from attnc.pipeline import IR, FrontendIR, Source
-from attnc.runtime import validate
+from attnc.runtime import around, validate
 from attnc.runtime.base import CompiledKernel
 from attnc.runtime.params import ParamGradients
 
@@ -42,7 +44,9 @@ LAYOUT = {"q": "[B, H, M, D]", "k": "[B, H, N, D]", "v": "[B, H, N, Dv]"}
 
 class Kernel(CompiledKernel):
     """A compiled attention variant:
-    `kernel(q, k, v, *, scale=None, return_lse=False, block_mask=None, **inputs)`; a block-sparse
+    `kernel(q, k, v=None, *, scale=None, return_lse=False, block_mask=None, **tensors)` (v is
+    required unless the spec's value is another operand, `v = k`; `tensors`: params, inputs
+    and declared operands by name); a block-sparse
     kernel (compiled with block_sparse=True) requires `block_mask`, others refuse it; it masks
     partial blocks with the spec's own mask and warns once when the block mask brings another
     mask_mod. Outputs are differentiable in q, k, v and every `param` that requires grad."""
@@ -57,6 +61,9 @@ class Kernel(CompiledKernel):
         self.inputs = tuple(d.name for d in self.kernel_ir.inputs)
         self.block_sparse = self.kernel_ir.block_sparse
         self.packs_heads = packs_heads(self.kernel_ir)  # GQA heads may share programs
+        # something around the score: called through attnc/runtime/around.py (a plain bool, so
+        # torch.compile traces the plain path without reading the IR)
+        self.around = not self.kernel_ir.around.plain
         self._op = _make_op(self)
         prepare_call_checks(self, src, frontend_ir)
         # a block mask's mask_mod that is not this mask is ignored: warned about once
@@ -119,8 +126,21 @@ class Kernel(CompiledKernel):
                            candidates, run, (*q.shape, k.shape[1], k.shape[2], v.shape[-1]))
         return Config(**{**cfg, **splits})
 
-    def __call__(self, q, k, v, *, scale=None, return_lse=False, block_mask=None, **inputs):
+    def __call__(self, q, k, v=None, *, scale=None, return_lse=False, block_mask=None,
+                 **inputs):
+        if self.around:
+            if not isinstance(return_lse, bool):
+                raise ValueError(f"{self.name}: return_lse must be True or False, got "
+                                 f"{return_lse!r}")
+            return around.call(self, q, k, v, scale, return_lse, block_mask, inputs)
         return self._call(q, k, v, scale, return_lse, block_mask, inputs)
+
+    def launch_forward(self, q, k, v, named, scale, config, block_lists, block_sizes,
+                       around_args=None):
+        """One forward launch with this kernel's module (GQA heads packed when allowed)."""
+        go = launch_packed if self.packs_heads else launch
+        return go(self.module(), q, k, v, named, scale, config, block_lists, block_sizes,
+                  **({} if around_args is None else {"around": around_args}))
 
     def _call(self, q, k, v, scale, return_lse, block_mask, inputs: dict,
               own_mask_mod: bool = False):
@@ -203,7 +223,8 @@ def prepare_call_checks(kernel, src: Source, frontend_ir: FrontendIR) -> None:
     kernel._checks = _index_checks(kernel.kernel_ir)
     kernel._requirements = call_checks(src.filename, src.text,
                                        getattr(frontend_ir, "options", ()), ("B", "H", "M", "N"))
-    kernel._shapes = [sympy.lambdify((S.B, S.H, S.M, S.N), list(d.dims), "math")
+    # a declared dim `d` (a gain's feature axis) is the head dim D of q
+    kernel._shapes = [sympy.lambdify((S.B, S.H, S.M, S.N, S.D), list(d.dims), "math")
                       for d in kernel.kernel_ir.inputs]
 
 
@@ -244,7 +265,7 @@ def check_call(kernel, q, k, v, scale, inputs) -> list[torch.Tensor]:
         t = inputs[decl.name]
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{kernel.name}: {decl.name} must be a torch.Tensor")
-        want = tuple(int(d) for d in shape_of(B, H, M, N))
+        want = tuple(int(d) for d in shape_of(B, H, M, N, D))
         if tuple(t.shape) != want:
             raise ValueError(f"{kernel.name}: {decl.name} has shape {tuple(t.shape)}, expected "
                              f"{want} ([{', '.join(map(str, decl.dims))}])")

@@ -18,6 +18,7 @@ import torch
 from sympy.logic.boolalg import BooleanFunction
 
 from attnc.expr.functions import BY_HEAD
+from attnc.expr.symbols import integral_relation
 
 _RELATION = {sympy.Lt: torch.lt, sympy.Le: torch.le, sympy.Gt: torch.gt, sympy.Ge: torch.ge,
              sympy.Eq: torch.eq, sympy.Ne: torch.ne}
@@ -72,6 +73,8 @@ class Evaluator:
             return self._piecewise(ex)
         if isinstance(ex, sympy.Sum):
             return self._sum(ex)
+        if ex.func in _RELATION:
+            ex = integral_relation(ex)
         args = [self(a) for a in ex.args]
         if ex.is_Add:
             return _fold(lambda a, b: a + b, args)

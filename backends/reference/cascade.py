@@ -16,6 +16,18 @@ over (b, h) and the ranks m, n its value or index uses (the visible pairs when i
 Everything is torch code, so `interpret` is differentiable by torch.autograd wherever the
 cascade's values are finite (masked values that are infinite give NaN gradients through
 torch.where, as in any torch program).
+
+What an attention block says around its score (`Cascade.around`, `AttentionKernel.around`:
+attnc.ir.around) is applied with backends/eager/around.py: operands (passed by name in
+`inputs`, like params) go through their prologues, key-side ones are laid out per query head by
+the head map, and several dots become one dot of concatenated operands, the query side scaled by
+the weights (q' = [w_1 x_1, ...], k' = [y_1, ...]); the value is the spec's (`v` may be None
+when it is another operand). Head premixing applies to the score node (before the mask), the
+gather to the masked scores (as -inf), and in `run_kernel` to each tile's; the gate multiplies
+`out`. With postmix, `out` comes from the masked scores' softmax weights mixed over the heads
+(eager/around.attention; `interpret` then ignores the tile plan for `out`). The backward
+interpreters (`interpret_backward`, `run_kernel_backward`) know nothing around the score:
+differentiate `interpret` or `run_kernel` with torch autograd instead.
 """
 
 from __future__ import annotations
@@ -25,9 +37,12 @@ import math
 import sympy
 import torch
 
+from attnc.backends.eager import around as AR
 from attnc.backends.eager.evaluate import Evaluator, extremum, gather
 from attnc.expr import symbols as S
-from attnc.ir.cascade import Backward, Cascade, Einsum, Reduce, Saved, ScatterSum, TensorKind
+from attnc.ir.around import Around
+from attnc.ir.cascade import (Backward, Cascade, Einsum, OnlineSoftmax, Reduce, Saved, ScatterSum,
+                              TensorKind)
 from attnc.ir.kernel import LoadLevel
 from attnc.passes.mask_bounds import query_tile_schedule, tile_schedule
 from attnc.scatter import scatter_sum
@@ -101,7 +116,50 @@ def interpret(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict |
     name, as [B, H, ...] in the ranks of their declaration; its dk and dv are summed over the
     query heads of each k/v head (GQA), and a param's gradient has the param's shape."""
     env = intermediates(c, q, k, v, scale=scale, inputs=inputs, tiles=tiles, saved=saved)
-    return _sum_groups({role: env[name] for role, name in c.outputs}, k.shape[1])
+    out = _sum_groups({role: env[name] for role, name in c.outputs}, k.shape[1])
+    if not c.around.plain:
+        ctx = AR.Context(q, k, inputs or {})
+        _, _, value = AR.joint_operands(c.around, q, k, v, ctx)
+        if c.around.postmix is not None:
+            out["out"], _ = AR.attention(c.around, env[_hooks(c)[1]], value, ctx)
+        else:
+            out["out"] = _gated(c.around, out["out"], ctx)
+    return out
+
+
+def _gated(around: Around, out: torch.Tensor, ctx: AR.Context) -> torch.Tensor:
+    g = AR.gate(around, ctx)
+    return out if g is None else out * g[..., None].to(out.dtype)
+
+
+def _hooks(c: Cascade) -> tuple[str, str]:
+    """(the scores node, the masked scores node) of a softmax cascade: head premixing applies
+    to the first, the gather to the second (the same node when there is no mask)."""
+    if c.mask_node is not None:
+        masked = c.einsum(c.mask_node).expr
+        if not isinstance(masked, sympy.Piecewise):  # the mask is false: no score is read
+            return "", c.mask_node
+        inner = masked.args[0][0]
+        assert isinstance(inner, sympy.Indexed), f"{c.name}: the mask wraps {inner}"
+        return str(inner.base), c.mask_node
+    for nd in c.nodes:
+        scores = nd.scores if isinstance(nd, OnlineSoftmax) else (
+            nd.expr if isinstance(nd, Einsum) and nd.reduce is Reduce.MAX else None)
+        if scores is not None:
+            assert isinstance(scores, sympy.Indexed), f"{c.name}: the softmax reads {scores}"
+            return str(scores.base), str(scores.base)
+    raise AssertionError(f"{c.name}: no softmax reads the scores")
+
+
+def _around_scores(around: Around, ctx: AR.Context, scores: torch.Tensor, premix: bool,
+                   gather_keys: bool) -> torch.Tensor:
+    """Scores [B, Hq, M, N] premixed over the heads and/or restricted to the gathered keys."""
+    if premix and around.premix is not None:
+        scores = AR.mix(around.premix, scores, ctx)
+    if gather_keys and around.gather is not None:
+        scores = torch.where(AR.visible(around, ctx), scores,
+                             torch.full_like(scores, -math.inf))
+    return scores
 
 
 def intermediates(c: Cascade, q, k, v, *, scale: float | None = None, inputs: dict | None = None,
@@ -110,6 +168,11 @@ def intermediates(c: Cascade, q, k, v, *, scale: float | None = None, inputs: di
     """Every tensor `interpret` computes, by name, as [B, H, *ranks] per query head (k and v
     repeated over GQA groups): the forward values a general backward reads as residuals."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    ctx = None
+    if not c.around.plain:
+        ctx = AR.Context(q, k, inputs or {})
+        q, k, v = AR.joint_operands(c.around, q, k, v, ctx)
+        score_node, masked_node = _hooks(c)
     run = _Run(c.options, q, k, v, scale, inputs or {})
     for d in c.decls:
         if d.kind is TensorKind.SAVED:
@@ -119,11 +182,15 @@ def intermediates(c: Cascade, q, k, v, *, scale: float | None = None, inputs: di
         if isinstance(nd, ScatterSum):
             run.env[nd.name] = (_scatter(run, nd, c.mask), ())
         elif isinstance(nd, Einsum):
-            run.env[nd.name] = (_einsum(run, nd, c.mask), nd.ranks)
+            value = _einsum(run, nd, c.mask)
+            if ctx is not None and nd.name in (score_node, masked_node):
+                value = _around_scores(c.around, ctx, value, nd.name == score_node,
+                                       nd.name == masked_node)
+            run.env[nd.name] = (value, nd.ranks)
         else:
             scores = run.scores(nd.scores)
             if c.bounds is not None and tiles is not None:
-                scores = _apply_bounds(c, run, scores, tiles)
+                scores = _apply_bounds(c, run, scores, tiles, ctx)
             value = run.full(run.evaluator(("n", "f"))(nd.value), ("n", "f"))
             out, lse = online_softmax_scan(scores, value)
             run.env[nd.name] = (out, ("m", "f"))
@@ -238,38 +305,57 @@ def _softmax_finish(rm, rd, rnv):
     return out, lse
 
 
-def _apply_bounds(c: Cascade, run: _Run, scores, tiles):
-    """Drop keys outside visited tiles; use the unmasked score on full tiles."""
+def _apply_bounds(c: Cascade, run: _Run, scores, tiles, ctx: AR.Context | None = None):
+    """Drop keys outside visited tiles; use the unmasked score on full tiles (premixed and
+    restricted to the gathered keys, as the masked scores are, when `ctx`)."""
     assert c.bounds is not None
     bm, bn = tiles
     plan = torch.zeros(run.M, run.N, dtype=torch.int8, device=scores.device)
     for i, visits in enumerate(tile_schedule(c.bounds.segments, run.M, run.N, bm, bn)):
         for start, masked in visits:
             plan[i * bm:(i + 1) * bm, start:start + bn] = 2 if masked else 1
-    unmasked = run.scores(c.bounds.score)
+    score = c.bounds.score
+    assert score is not None
+    unmasked = run.scores(score)
+    if ctx is not None:
+        # premixed already when it reads the scores node itself
+        premix = all(str(a.base) != _hooks(c)[0] for a in score.atoms(sympy.Indexed))
+        unmasked = _around_scores(c.around, ctx, unmasked, premix, True)
     eff = torch.where(plan == 1, unmasked, scores)
     return torch.where(plan == 0, torch.full_like(eff, -math.inf), eff)
 
 
-def _tile_scores(kernel, run: _Run, rows, cols, masked: bool):
-    """(evaluator, scores [B, H, rows, cols]) of one tile: q.k, the loads, the score, and the
-    mask where the tile is masked."""
+def _tile_scores(kernel, run: _Run, rows, cols, masked: bool, ctx: AR.Context | None = None):
+    """(evaluator, scores [B, H, rows, cols]) of one tile: q.k, the loads, the score (premixed
+    over the heads), the mask where the tile is masked, and the gathered keys (with `ctx`, the
+    call's context for what is around the score)."""
     ev = run.evaluator(("m", "n"), {
         S.m: _axis(rows, 2, 4), S.n: _axis(cols, 3, 4),
         S.qk: run.q[:, :, rows] @ run.k[:, :, cols].transpose(-1, -2)})
     for ld in kernel.loads:
         ev.values[ld.symbol] = gather(run.inputs[ld.tensor], [ev(x) for x in ld.index])
     s = ev.tensor(ev(kernel.score)).expand(run.B, run.H, len(rows), len(cols))
+    # a score of -oo is a mask false everywhere, folded in by fuse: nothing to mix
+    if ctx is not None and kernel.around.premix is not None and kernel.score != -sympy.oo:
+        s = AR.mix(kernel.around.premix, s, ctx, rows)
     if masked and kernel.mask is not None:
         s = torch.where(ev.tensor(ev(kernel.mask)), s, torch.full_like(s, -math.inf))
+    if ctx is not None and kernel.around.gather is not None:
+        seen = AR.visible(kernel.around, ctx)[:, :, rows][:, :, :, cols]
+        s = torch.where(seen, s, torch.full_like(s, -math.inf))
     return ev, s
 
 
 def run_kernel(kernel, q, k, v, *, scale: float | None = None, inputs: dict | None = None,
                tiles: tuple[int, int] = (16, 16)) -> dict[str, torch.Tensor]:
     """Execute an AttentionKernel tile by tile, as the generated code does: the same key-tile
-    schedule, the mask only on masked tiles, the same online-softmax update."""
+    schedule, the mask only on masked tiles, the same online-softmax update (with postmix, a
+    second sweep over the same tiles sums the mixed normalized weights times the values)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    around, ctx = kernel.around, None
+    if not around.plain:
+        ctx = AR.Context(q, k, inputs or {})
+        q, k, v = AR.joint_operands(around, q, k, v, ctx)
     run = _Run((), q, k, v, scale, inputs or {})
     bm, bn = tiles
     B, H, M, N = run.B, run.H, run.M, run.N
@@ -280,9 +366,21 @@ def run_kernel(kernel, q, k, v, *, scale: float | None = None, inputs: dict | No
         state = _softmax_start((B, H, len(rows)), run.Dv, q)
         for start, masked in visits:
             cols = torch.arange(start, min(start + bn, N), device=q.device)
-            _, s = _tile_scores(kernel, run, rows, cols, masked)
+            _, s = _tile_scores(kernel, run, rows, cols, masked, ctx)
             state = _softmax_update(*state, s, run.v[:, :, cols])
         out[:, :, rows], lse[:, :, rows] = _softmax_finish(*state)
+    if ctx is not None and around.postmix is not None:
+        out = torch.zeros_like(out)
+        safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+        for i, visits in enumerate(tile_schedule(kernel.segments, M, N, bm, bn)):
+            rows = torch.arange(i * bm, min(i * bm + bm, M), device=q.device)
+            for start, masked in visits:
+                cols = torch.arange(start, min(start + bn, N), device=q.device)
+                _, s = _tile_scores(kernel, run, rows, cols, masked, ctx)
+                w = AR.mix(around.postmix, torch.exp(s - safe[:, :, rows, None]), ctx, rows)
+                out[:, :, rows] += w @ run.v[:, :, cols]
+    if ctx is not None:
+        out = _gated(around, out, ctx)
     return {"out": out, "lse": lse}
 
 
@@ -294,6 +392,10 @@ def run_kernel_backward(kernel, q, k, v, *, saved: dict, scale: float | None = N
     the n-indexed param sums over the transposed query tiles per key tile; the mask only on
     masked tiles; p recomputed from the saved lse. `saved` holds O, LSE, dO, dLSE; returns dq,
     dk, dv (summed over GQA groups) and d_<param> for every param."""
+    if not kernel.around.plain:
+        raise ValueError(f"run_kernel_backward: {kernel.name} has operands, prologues, a gate, "
+                         "a head map, a gather or head mixing around its score, which only "
+                         "run_kernel applies; differentiate run_kernel with torch autograd")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     run = _Run((), q, k, v, scale, inputs or {})
     bm, bn = tiles

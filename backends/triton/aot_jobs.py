@@ -31,6 +31,7 @@ from attnc.backends.triton.linear import launch as linear_launch
 from attnc.backends.triton.module import KernelModule
 from attnc.backends.triton.softmax import launch as softmax_launch
 from attnc.expr import symbols as S
+from attnc.ir.around import RowKind, Side, row_values
 from attnc.ir.cascade import TensorKind
 from attnc.ir.linear_kernel import Algorithm, ScanBackward
 
@@ -118,7 +119,7 @@ def _extras(decls, shape: Shape) -> dict[str, torch.Tensor]:
     """A softmax-family spec's params and integer inputs as a model usually holds them: fp32
     (nn.Parameter's default) and int64 (the launchers pass them as they come)."""
     s = shape.sizes
-    sizes = {S.B: s["B"], S.H: s["H"], S.M: s["M"], S.N: s["N"]}
+    sizes = {S.B: s["B"], S.H: s["H"], S.M: s["M"], S.N: s["N"], S.D: s["D"]}
     return {d.name: _meta(*(int(sympy.sympify(x).xreplace(sizes)) for x in d.dims),
                           dtype=torch.float32 if d.kind is TensorKind.PARAM else torch.int64)
             for d in decls}
@@ -226,6 +227,10 @@ def softmax_jobs(kernel, shape: Shape = Shape(), arch: int = 90, backward: bool 
                                                    kernel._overrides.get("kv_splits"))
     mod, launches = recording(kernel.generated.kernels)
     scale = 1.0 / math.sqrt(s["D"])
+    a = kernel.kernel_ir.around
+    if not a.plain:
+        return _around_jobs(kernel, shape, arch, backward, inspect, extras, config, mod,
+                            launches)
     forward = softmax_launch.launch_packed if kernel.packs_heads else softmax_launch.launch
     out, lse = forward(mod, q, k, v, extras, scale, config, lists[:4], sizes)
     if backward and kernel.kernel_ir.grad is not None:
@@ -238,6 +243,71 @@ def softmax_jobs(kernel, shape: Shape = Shape(), arch: int = 90, backward: bool 
         softmax_launch.launch_backward(
             mod, kernel.kernel_ir, q, k, v, extras, out, lse, torch.empty_like(out), None,
             scale, bconfig, lists[:4], lists[4:], sizes,
+            on_partial=(lambda *partial: None) if params else None)
+    found = _labelled(kernel.path, launches, arch, inspect)
+    for j in found:
+        if j["kernel"] == "forward" and config["kv_splits"] > 1:
+            j["config"]["kv_splits"] = config["kv_splits"]
+    return found
+
+
+# A declared operand's head dim in the jobs (MLA's decoupled rope part is 64 wide)
+OPERAND_DIM = 64
+
+
+def around_tensors(kernel, shape: Shape) -> tuple[dict, dict, torch.Tensor | None]:
+    """Meta tensors of a kernel with an Around: its declared operands (head dim OPERAND_DIM;
+    query side [B, H, M, .], key side [B, Hkv, N, .]), its row values as the runtime passes them
+    (positions and factors one per row, broadcast over the heads; gains one vector broadcast over
+    (b, head); the gate [B, H, M]) and the kv-head map [B, H] (int32, broadcast over b)."""
+    a = kernel.kernel_ir.around
+    s = shape.sizes
+    heads = {Side.QUERY: s["H"], Side.KEY: s["Hkv"]}
+    rows_of = {Side.QUERY: s["M"], Side.KEY: s["N"]}
+    operands = {o.name: _meta(s["B"], heads[o.side], rows_of[o.side], OPERAND_DIM,
+                              dtype=shape.dtype) for o in a.operands}
+    width = {"q": s["D"], "k": s["D"], "v": s["Dv"], **{o: OPERAND_DIM for o in operands}}
+    if a.value != "v":
+        width["v"] = width[a.value]
+    rows = {}
+    for rv in row_values(a):
+        H = heads[rv.side]
+        if rv.kind is RowKind.GAIN:
+            rows[rv.key] = _meta(1, 1, width[rv.operand]).expand(s["B"], H, width[rv.operand])
+        elif rv.kind is RowKind.GATE:
+            rows[rv.key] = _meta(s["B"], H, s["M"])
+        else:
+            rows[rv.key] = _meta(s["B"], 1, rows_of[rv.side]).expand(s["B"], H, rows_of[rv.side])
+    kv_map = (_meta(1, s["H"], dtype=torch.int32).expand(s["B"], s["H"])
+              if a.kv_head is not None else None)
+    return operands, rows, kv_map
+
+
+def _around_jobs(kernel, shape: Shape, arch: int, backward: bool, inspect: bool, extras,
+                 config, mod, launches) -> list[dict]:
+    """softmax_jobs of a kernel with an Around: the forward (keeping the ungated output when a
+    gated kernel's backward runs) and the backward's kernels, on around_tensors."""
+    a = kernel.kernel_ir.around
+    q, k, v = _operands(shape)
+    operands, rows, kv_map = around_tensors(kernel, shape)
+    value = {"v": v, "k": k, **operands}[a.value]
+    scale = 1.0 / math.sqrt(shape.sizes["D"])
+    grads = backward and kernel.kernel_ir.grad is not None
+    args = softmax_launch.AroundArgs(operands, rows, kv_map, save=grads)
+    result = softmax_launch.launch(mod, q, k, value, extras, scale, config, around=args)
+    out = result[2] if a.gate is not None and grads else result[0]
+    if grads:
+        cuda = torch.device("cuda")
+        forward_config = cast(softmax_launch.Config,
+                              {k: v for k, v in config.items() if k != "kv_splits"})
+        bconfig = cast(softmax_launch.Config, {
+            **softmax_launch.backward_config(forward_config, shape.dtype, cuda),
+            **softmax_launch.backward_overrides(_fixed(kernel))})
+        params = any(d.kind is TensorKind.PARAM for d in kernel.kernel_ir.inputs)
+        tensors = {"q": q, "k": k, **({"v": v} if a.value == "v" else {}), **operands}
+        softmax_launch.launch_backward_around(
+            mod, kernel.kernel_ir, tensors, extras, rows, kv_map, out, result[1],
+            torch.empty_like(result[0]), None, scale, bconfig,
             on_partial=(lambda *partial: None) if params else None)
     found = _labelled(kernel.path, launches, arch, inspect)
     for j in found:
@@ -357,9 +427,22 @@ def core_jobs(shape: Shape, arch: int, gate: int, delta: bool, chunk: int, dk: i
 
 def kernel_jobs(kernel, shape: Shape = Shape(), arch: int = 90, backward: bool = True,
                 inspect: bool = False) -> list[dict]:
-    """The jobs of any compiled spec: softmax kernel, general cascade or linear block."""
+    """The jobs of any compiled spec: softmax kernel, general cascade, linear block, gathered
+    keys (their own kernels) or branches (each branch's jobs, the role prefixed by its name)."""
+    from attnc.runtime.branches import BranchedKernel
     from attnc.runtime.cascade import CascadeKernel
+    from attnc.runtime.gather import GatherKernel
     from attnc.runtime.linear import LinearKernel
+    from attnc.runtime.mixing import MixingKernel
+    if isinstance(kernel, BranchedKernel):
+        return [{**job, "kernel": f"{br.name}/{job['kernel']}"}
+                for br, sub in zip(kernel.branches_ir.branches, kernel.kernels)
+                for job in kernel_jobs(sub, shape, arch, backward, inspect)]
+    if isinstance(kernel, GatherKernel):
+        return kernel.aot_jobs(shape, arch, backward, inspect)
+    if isinstance(kernel, MixingKernel):
+        raise ValueError(f"{kernel.name}: head-mixing kernels are not compiled ahead of time yet "
+                         "(attnc inspect and the sm_90 checks cover the other families)")
     if isinstance(kernel, LinearKernel):
         return linear_jobs(kernel, shape, arch, backward, inspect)
     if isinstance(kernel, CascadeKernel):

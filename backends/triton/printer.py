@@ -20,6 +20,7 @@ import sympy
 from sympy.logic.boolalg import BooleanFunction
 
 from attnc.expr.functions import BY_HEAD, FUNCTIONS, helper_name
+from attnc.expr.symbols import integral_relation
 
 _REL = {sympy.Lt: "<", sympy.Le: "<=", sympy.Gt: ">", sympy.Ge: ">=", sympy.Eq: "==",
         sympy.Ne: "!="}
@@ -128,6 +129,7 @@ class TritonPrinter:
                 text = f"tl.where({self.p(cond)}, {self.p(value)}, {text})"
             return text
         if ex.func in _REL:
+            ex = integral_relation(ex)
             return f"({self.p(ex.lhs)} {_REL[ex.func]} {self.p(ex.rhs)})"
         if isinstance(ex, (sympy.And, sympy.Or)):
             return self._logic(ex)

@@ -162,6 +162,17 @@ _DELTA_CORE = ("delta-rule core kernels form the WY/UT inverse per value tile; f
 _SOLVE = ("the blockwise WY/UT inverse keeps tf32 products: in bf16 the error on correlated "
           "keys rose from 0.65-0.96% to 0.85-1.26%")
 _BASED = ("BASED's feature map gives 273 key features, padded to a 512-wide tile")
+_ROPE_TILES = ("a key-side rope recomputes its cos/sin table (a range reduction and two "
+               "polynomials per feature pair) and reloads the partner features for every "
+               "(query tile, key tile) pair; a pre-rotated K or split half dots would avoid it")
+_AROUND_DKDV = ("the around backward (backward_around.py) keeps the prologue's tables and the "
+                "raw tiles beside both accumulators and lacks the plain dk/dv kernel's k.q^T "
+                "orientation and scale-after-loop rewrites")
+_L2NORM_ROWS = ("l2norm recomputes each tile's row norms and, in the backward, keeps the "
+                "normalized tile and the gain vector live for its VJP")
+_GATHER = ("gathered keys run on CUDA cores: one query row per program gathers K/V rows by "
+           "index, and the product is a broadcast multiply and a row sum (no tensor cores for "
+           "lists not shared by 16 heads); the dk/dv side walks one key per program")
 KNOWN_MISSES: dict[tuple[str, str, str], str] = {
     ("alibi", "forward", "loop"):
         "the bias slopes[h] * (n - m) costs an integer subtract, a convert and a multiply per "
@@ -184,6 +195,8 @@ KNOWN_MISSES: dict[tuple[str, str, str], str] = {
     ("gated_delta_net", "chunked", "bf16 dots"): _SOLVE,
     ("gated_delta_net", "core_forward (g1-delta)", "spills"): _DELTA_CORE,
     ("gated_delta_net", "core_backward (g1-delta)", "spills"): _DELTA_CORE,
+    ("gated_heads", "dkdv", "spills"): _AROUND_DKDV,
+    ("gated_heads", "dkdv", "loop"): _AROUND_DKDV,
     ("gla", "recurrent", "spills"):
         "12 bytes: the vector gate's exp per key feature next to a 128 x 64 state",
     ("hedgehog", "chunked", "spills"):
@@ -195,6 +208,18 @@ KNOWN_MISSES: dict[tuple[str, str, str], str] = {
         "20 bytes: a matrix and a normalizer state, both read and written per step",
     ("linear_attn", "core_backward (g0)", "spills"): _CORE_BACKWARD,
     ("mamba2_ssd", "core_backward (g1)", "spills"): _CORE_BACKWARD,
+    ("mla", "forward", "loop"): _ROPE_TILES,
+    ("mla", "dq", "loop"): _ROPE_TILES,
+    ("mla", "dkdv", "spills"): _AROUND_DKDV,
+    ("mla", "dkdv", "loop"): _AROUND_DKDV,
+    ("nsa_selected", "forward", "loop"):
+        "every listed block is a partial block: the lists carry no full-block fast path, so "
+        "each tile evaluates the causal mask",
+    ("qk_norm", "forward", "loop"): _ROPE_TILES,
+    ("qk_norm", "dq", "spills"): _L2NORM_ROWS,
+    ("qk_norm", "dq", "loop"): _L2NORM_ROWS,
+    ("qk_norm", "dkdv", "spills"): _AROUND_DKDV,
+    ("qk_norm", "dkdv", "loop"): _AROUND_DKDV,
     ("rel_bias", "forward", "spills"):
         "the bucketed relative bias is computed and gathered per score (a log, a clamp and a "
         "load per element)",
@@ -204,6 +229,10 @@ KNOWN_MISSES: dict[tuple[str, str, str], str] = {
     ("rel_bias", "dkdv", "spills"):
         "8 bytes: the gathered bias next to the two accumulators",
     ("retnet", "core_backward (g1)", "spills"): _CORE_BACKWARD,
+    ("rope", "forward", "loop"): _ROPE_TILES,
+    ("rope", "dq", "loop"): _ROPE_TILES,
+    ("rope", "dkdv", "spills"): _AROUND_DKDV,
+    ("rope", "dkdv", "loop"): _AROUND_DKDV,
     ("simple_gla", "core_backward (g1)", "spills"): _CORE_BACKWARD,
     ("softcap", "forward", "loop"):
         "tanh from exp2, a reciprocal and a series near 0 (attnc/expr/functions.py) per score",
@@ -213,6 +242,10 @@ KNOWN_MISSES: dict[tuple[str, str, str], str] = {
         "tanh and its derivative 1 - tanh^2 per score",
     ("streaming", "dkdv", "spills"):
         "8 bytes: the sink and window bounds of both tiles next to the two accumulators",
+    ("token_topk", "forward", "loop"): _GATHER,
+    ("token_topk", "dq", "spills"): _GATHER,
+    ("token_topk", "dq", "loop"): _GATHER,
+    ("token_topk", "dkdv", "loop"): _GATHER,
     ("zerotuning", "forward", "loop"):
         "the per-head gamma on the first key's weight is a where per score",
 }

@@ -26,6 +26,9 @@ per-element buffers are bounded: the dq kernel is launched on slabs of query til
 (TILE_START, SLAB rows), each slab reduced before the next.
 Rows past M get lse = +inf (so p = 0) and keys past N are masked (dq kernel) or only ever
 reach their own dk/dv rows, which are not stored (dk/dv kernel), so padding never contributes.
+A kernel with something around its score (operand prologues, several dots, a value alias, a
+gate, a head map) gets backward_around.py's kernels, which follow the same plan; the text of a
+plain kernel's is this module's alone.
 """
 
 from __future__ import annotations
@@ -96,7 +99,11 @@ PREPROCESS = KernelContract(
 
 
 def dq_contract(k: AttentionKernel, nm: KernelNames) -> KernelContract:
-    """The dq kernel's signature."""
+    """The dq kernel's signature (a kernel with something around its score:
+    backward_around's)."""
+    if not k.around.plain:
+        from attnc.backends.triton.softmax import backward_around
+        return backward_around.dq_contract(k, nm)
     lists, list_strides = list_params(BLOCK_LISTS) if k.block_sparse else ([], [])
     params = ([arg(x, ParamType.DATA) for x in ("Q", "K", "V", "DO")]
               + [arg("Lse", ParamType.FP32_PTR), arg("Delta", ParamType.FP32_PTR),
@@ -113,7 +120,11 @@ def dq_contract(k: AttentionKernel, nm: KernelNames) -> KernelContract:
 
 
 def dkdv_contract(k: AttentionKernel, nm: KernelNames) -> KernelContract:
-    """The dk/dv kernel's signature."""
+    """The dk/dv kernel's signature (a kernel with something around its score:
+    backward_around's)."""
+    if not k.around.plain:
+        from attnc.backends.triton.softmax import backward_around
+        return backward_around.dkdv_contract(k, nm)
     lists, list_strides = list_params(Q_LISTS) if k.block_sparse else ([], [])
     params = ([arg(x, ParamType.DATA) for x in ("Q", "K", "V", "DO")]
               + [arg("Lse", ParamType.FP32_PTR), arg("Delta", ParamType.FP32_PTR),
@@ -164,16 +175,19 @@ def _bounded(k: AttentionKernel) -> bool:
     return k.block_sparse
 
 
-def _scores(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames, inner,
-            kernel: str) -> str:
+def scores(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames, inner,
+           kernel: str, dp: str | None = None) -> str:
     """qk -> masked scores and probabilities p = exp2(s * log2 e - lse2), then ds, for one
     (query tile, key tile) pair: [BLOCK_M, BLOCK_N] in the dq kernel, [BLOCK_N, BLOCK_M] in the
-    dk/dv kernel. Returns the name of the tile the dq / dk dot takes (ds, or ds * dqk')."""
+    dk/dv kernel. Returns the name of the tile the dq / dk dot takes (ds, or ds * dqk'). With
+    `dp` (a kernel with an Around: backward_around.py) the caller has computed qk itself and `dp`
+    is the statement computing dp."""
     assert k.grad is not None
     dkdv = kernel == "dkdv"
     row, shape = ("[None, :]", "[BLOCK_N, BLOCK_M]") if dkdv else ("[:, None]",
                                                                    "[BLOCK_M, BLOCK_N]")
-    c("qk = _dot(k_tile, qT, IEEE, UPCAST)" if dkdv else "qk = _dot(q, kt, IEEE, UPCAST)")
+    if dp is None:
+        c("qk = _dot(k_tile, qT, IEEE, UPCAST)" if dkdv else "qk = _dot(q, kt, IEEE, UPCAST)")
     for ld in inner:
         c(load_stmt(ld, k, pr, nm))
     affine = affine_score(k.score)
@@ -203,8 +217,11 @@ def _scores(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames, inner,
                 c(line)
     c("p = tl.math.exp2(x)" if var == "x" else
       f"p = tl.math.exp2(s * {LOG2E!r} - lse2{row})")
-    c("dp = _dot(v_tile, tl.trans(do), IEEE, UPCAST)" if dkdv else
-      "dp = _dot(do, vt, IEEE, UPCAST)")
+    if dp is not None:
+        c(dp)
+    else:
+        c("dp = _dot(v_tile, tl.trans(do), IEEE, UPCAST)" if dkdv else
+          "dp = _dot(do, vt, IEEE, UPCAST)")
     c(f"ds = p * (dp - delta{row})")
     if factor_after_loop(k, kernel) is not None:
         return "ds"
@@ -247,21 +264,27 @@ def _emit_dq_step(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> 
         _bounded_loads(c, k, [
             ("kt", "kt_ptrs", "offs_n[None, :] < N", "offs_d[:, None] < D", "0.0"),
             ("vt", "vt_ptrs", "offs_n[None, :] < N", "offs_dv[:, None] < DV", "0.0")])
-        ds = _scores(c, k, pr, nm, _tile_loads(k, (LoadLevel.KEY, LoadLevel.TILE)), "dq")
+        ds = scores(c, k, pr, nm, _tile_loads(k, (LoadLevel.KEY, LoadLevel.TILE)), "dq")
         c(f"dq += _dot(_round({ds}, kt.dtype, UPCAST), tl.trans(kt), IEEE, UPCAST)")
-        loads = param_loads(k, "dq")
-        if loads:
-            with c.block("if DPARAMS:"):
-                for ld, deriv in loads:
-                    contrib = _guarded("ds", deriv, pr)
-                    if ld.level is LoadLevel.TILE:
-                        c(f"tl.store({nm.buffer(ld)} + pid_bh.to(tl.int64) * SLAB * N"
-                          f" + (offs_m[:, None] - TILE_START * BLOCK_M) * N + offs_n[None, :],"
-                          f" {contrib},")
-                        c("         mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))")
-                    else:
-                        c(f"{nm.acc(ld)} += tl.sum({contrib}, 1)")
+        emit_dq_param_step(c, k, pr, nm)
         c("return " + ", ".join(["dq"] + accs))
+
+
+def emit_dq_param_step(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> None:
+    """A dq step's param partial sums (with DPARAMS): per element stored at once, the others
+    added to their running sums."""
+    loads = param_loads(k, "dq")
+    if loads:
+        with c.block("if DPARAMS:"):
+            for ld, deriv in loads:
+                contrib = _guarded("ds", deriv, pr)
+                if ld.level is LoadLevel.TILE:
+                    c(f"tl.store({nm.buffer(ld)} + pid_bh.to(tl.int64) * SLAB * N"
+                      f" + (offs_m[:, None] - TILE_START * BLOCK_M) * N + offs_n[None, :],"
+                      f" {contrib},")
+                    c("         mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))")
+                else:
+                    c(f"{nm.acc(ld)} += tl.sum({contrib}, 1)")
 
 
 def _emit_dq(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> KernelContract:
@@ -303,17 +326,22 @@ def _emit_dq(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> Kerne
           "None] * stride_dqm")
         c("         + offs_d[None, :] * stride_dqd, _round(dq, DQ.dtype.element_ty, UPCAST),")
         c("         mask=row_ok[:, None] & (offs_d[None, :] < D))")
-        sums = [ld for ld, _ in param_loads(k, "dq") if ld.level is not LoadLevel.TILE]
-        if sums:
-            with c.block("if DPARAMS:"):
-                for ld in sums:
-                    if ld.level is LoadLevel.PROGRAM:
-                        c(f"tl.store({nm.buffer(ld)} + pid_bh * tl.cdiv(M, BLOCK_M) + pid_m, "
-                          f"tl.sum({nm.acc(ld)}, 0))")
-                    else:
-                        c(f"tl.store({nm.buffer(ld)} + pid_bh.to(tl.int64) * M + offs_m, "
-                          f"{nm.acc(ld)}, mask=row_ok)")
+        emit_dq_param_stores(c, k, nm)
     return contract
+
+
+def emit_dq_param_stores(c, k: AttentionKernel, nm: KernelNames) -> None:
+    """The dq program's param partial sums (with DPARAMS), to its own slots."""
+    sums = [ld for ld, _ in param_loads(k, "dq") if ld.level is not LoadLevel.TILE]
+    if sums:
+        with c.block("if DPARAMS:"):
+            for ld in sums:
+                if ld.level is LoadLevel.PROGRAM:
+                    c(f"tl.store({nm.buffer(ld)} + pid_bh * tl.cdiv(M, BLOCK_M) + pid_m, "
+                      f"tl.sum({nm.acc(ld)}, 0))")
+                else:
+                    c(f"tl.store({nm.buffer(ld)} + pid_bh.to(tl.int64) * M + offs_m, "
+                      f"{nm.acc(ld)}, mask=row_ok)")
 
 
 def _emit_row_stats(c) -> None:
@@ -396,7 +424,7 @@ def _emit_dkdv_step(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -
             ("lse", "lse_base + offs_m", "offs_m < M", None, 'float("inf")'),
             ("delta", "delta_base + offs_m", "offs_m < M", None, "0.0")])
         c(f'lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * {LOG2E!r}')
-        ds = _scores(c, k, pr, nm, _tile_loads(k, (LoadLevel.ROW, LoadLevel.TILE)), "dkdv")
+        ds = scores(c, k, pr, nm, _tile_loads(k, (LoadLevel.ROW, LoadLevel.TILE)), "dkdv")
         c("dv += _dot(_round(p, do.dtype, UPCAST), do, IEEE, UPCAST)")
         c(f"dk += _dot(_round({ds}, qT.dtype, UPCAST), tl.trans(qT), IEEE, UPCAST)")
         loads = param_loads(k, "dkdv")
@@ -480,7 +508,11 @@ def _emit_dkdv(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> Ker
 def emit_backward(c, k: AttentionKernel, pr: TritonPrinter,
                   nm: KernelNames) -> list[KernelContract]:
     """All backward kernels of `k` (which has a Gradient) into the CodeBuilder `c`; returns
-    the contracts of the backward's launches (the preprocess lives in the prelude)."""
+    the contracts of the backward's launches (the preprocess lives in the prelude). A kernel
+    with something around its score gets backward_around.py's kernels."""
+    if not k.around.plain:
+        from attnc.backends.triton.softmax.backward_around import emit_backward_around
+        return emit_backward_around(c, k, pr, nm)
     contracts = [PREPROCESS]
     keys_by_rows = transposed(pr)
     for emit, printer in ((_emit_dq_step, pr), (_emit_dq, pr), (_emit_dkdv_step, keys_by_rows),

@@ -8,7 +8,10 @@ past N bounds-checks its keys), and the program that walks the key segments (or,
 block-sparse kernel, the key blocks its block mask lists). The online softmax runs in base 2:
 exp2 with log2(e) folded into one multiplier, and for a score q·k * c (c one value per program,
 the scale) c too, with each row's max taken on raw q·k; the running max is in base-2 units and
-the stored lse is a natural logarithm. The text depends
+the stored lse is a natural logarithm. A kernel with an Around (attnc.ir.around: prologues,
+several dots, a value alias, a gate, a kv-head map) loads each operand tile through
+prologue.py's emitters, sums its dots into qk, reads its K/V head from the head map and gates
+its output at the store; a plain kernel's text is unchanged by any of it. The text depends
 only on the kernel IR, so it is shared by every dtype and device; dtype-dependent choices are
 constexprs picked at launch. Names the spec chose are placeholders until `generate` spells
 them out (backends/triton/names.py).
@@ -17,6 +20,7 @@ them out (backends/triton/names.py).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 
 import sympy
 import triton
@@ -26,9 +30,11 @@ from attnc.backends.triton.contract import (Bind, GeneratedModule, GridRule, Ker
 from attnc.backends.triton.names import UserNames, choose
 from attnc.backends.triton.prelude import module_head
 from attnc.backends.triton.printer import TritonPrinter
+from attnc.backends.triton.softmax import prologue as P
 from attnc.backends.triton.softmax.scores import LN2, LOG2E, row_factor
 from attnc.backends.triton.source import CodeBuilder
 from attnc.expr import symbols as S
+from attnc.ir.around import Around, Side
 from attnc.ir.cascade import TensorKind
 from attnc.ir.kernel import AttentionKernel, Load, LoadLevel
 
@@ -42,7 +48,8 @@ class KernelNames:
     partial-sum buffers and accumulators."""
 
     def __init__(self, k: AttentionKernel, spelled: Mapping[str, str] | None = None):
-        self.users = UserNames([k.name] + [d.name for d in k.inputs], spelled)
+        self.users = UserNames([k.name] + [d.name for d in k.inputs]
+                               + [o.name for o in k.around.operands], spelled)
         self.spec = self.users.of(k.name)
 
     def tensor(self, name: str) -> str:
@@ -116,6 +123,7 @@ def generate(k: AttentionKernel, header: str = "") -> GeneratedModule:
 
 def _generate(k: AttentionKernel, header: str, nm: KernelNames) -> GeneratedModule:
     from attnc.backends.triton.softmax.backward import emit_backward  # it builds on this module
+    P.check_prologues(k.around, k.name)
     pr = printer(k, nm)
     body = CodeBuilder()
     _emit_step(body, k, pr, nm)
@@ -124,7 +132,8 @@ def _generate(k: AttentionKernel, header: str, nm: KernelNames) -> GeneratedModu
     contracts = [_emit_program(body, k, pr, nm)]
     if k.grad is not None:
         contracts += emit_backward(body, k, pr, nm)
-    return GeneratedModule(module_head(header, pr.helpers) + body.text(), tuple(contracts),
+    return GeneratedModule(module_head(header, pr.helpers, P.helpers(k.around)) + body.text(),
+                           tuple(contracts),
                            dict(nm.users.spelled or {}))
 
 
@@ -159,7 +168,42 @@ def _step_args(k: AttentionKernel, nm: KernelNames) -> list[str]:
              "offs_dv", "stride_kn", "stride_kd", "stride_vn", "stride_vd", "b", "h", "B", "H", "M",
              "N", "D", "DV", "scale"] + (["c2"] if _qk_factor(k) is not None else [])
             + hoisted + [nm.tensor(t) for t in tensors] + stride_names
-            + ["BLOCK_M", "BLOCK_N"])
+            + ([] if k.around.plain else _around_step_args(k.around, nm))
+            + ["BLOCK_M", "BLOCK_N"]
+            + [P.operand_names(x, nm.tensor).block for x in _key_operands(k.around)
+               if x not in P.BASE_OPERANDS])
+
+
+def _query_operands(a: Around) -> list[str]:
+    """The query-side operands the dots read, in order of first use."""
+    return list(dict.fromkeys(t.query for t in a.dots))
+
+
+def _key_operands(a: Around) -> list[str]:
+    """The key-side operands a key tile reads: those the dots read, then the value."""
+    return list(dict.fromkeys([t.key for t in a.dots] + [a.value]))
+
+
+def query_var(name: str, nm: KernelNames) -> str:
+    """The program's name of a query-side operand's (prologue-applied) tile."""
+    return "q" if name == "q" else f"x_{nm.tensor(name)}"
+
+
+def key_var(name: str, nm: KernelNames) -> str:
+    """The key step's name of a key-side operand's transposed tile [D_x, BLOCK_N]."""
+    return "kt" if name == "k" else f"xt_{nm.tensor(name)}"
+
+
+def _around_step_args(a: Around, nm: KernelNames) -> list[str]:
+    """What a key step of a kernel with an Around reads besides the plain step's: the head it
+    reads (kvh), the extra query tiles, the extra key operands' bases, strides and head dims,
+    and the key side's row values."""
+    out = ["kvh"] + [query_var(x, nm) for x in _query_operands(a) if x != "q"]
+    for x in _key_operands(a):
+        if x not in P.BASE_OPERANDS:
+            n = P.operand_names(x, nm.tensor)
+            out += [n.base, n.strides[2], n.strides[3], n.dim]
+    return out + P.row_value_args(P.side_row_values(a, Side.KEY))
 
 
 def step_header(c: CodeBuilder, name: str, args: list[str], flags: tuple[str, ...]) -> None:
@@ -189,17 +233,10 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: Kernel
     with c.indented():
         c('"""One key tile: scores, optional mask, online-softmax update."""')
         c("offs_n = start_n + tl.arange(0, BLOCK_N)")
-        c("kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd")
-        c("v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd")
-        with c.block(f"if {'MASKED' if k.block_sparse else 'EDGE'}:"):
-            c("kt = tl.load(kt_ptrs, mask=(offs_n[None, :] < N) & (offs_d[:, None] < "
-              "D), other=0.0)")
-            c("v = tl.load(v_ptrs, mask=(offs_n[:, None] < N) & (offs_dv[None, :] < "
-              "DV), other=0.0)")
-        with c.block("else:"):
-            c("kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)")
-            c("v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)")
-        c("qk = _dot(q, kt, IEEE, UPCAST)")
+        if not k.around.plain:
+            _emit_key_tiles(c, k, nm)
+        else:
+            _emit_plain_key_tiles(c, k)
         for ld in _inner_loads(k):
             c(load_stmt(ld, k, pr, nm))
         # exp(score - max) = exp2(s * c2 - max * c2): s is the score and c2 log2(e), or s is
@@ -250,6 +287,57 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: Kernel
         c("l_i = l_i * alpha + tl.sum(p, 1)")
         c("acc = acc * alpha[:, None] + _dot(_round(p, v.dtype, UPCAST), v, IEEE, UPCAST)")
         c("return acc, l_i, m_new")
+
+
+def _emit_plain_key_tiles(c: CodeBuilder, k: AttentionKernel) -> None:
+    """kt and v of a plain kernel's key tile (bounds-checked on keys in edge tiles) and q.k."""
+    c("kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd")
+    c("v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd")
+    with c.block(f"if {'MASKED' if k.block_sparse else 'EDGE'}:"):
+        c("kt = tl.load(kt_ptrs, mask=(offs_n[None, :] < N) & (offs_d[:, None] < "
+          "D), other=0.0)")
+        c("v = tl.load(v_ptrs, mask=(offs_n[:, None] < N) & (offs_dv[None, :] < "
+          "DV), other=0.0)")
+    with c.block("else:"):
+        c("kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)")
+        c("v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)")
+    c("qk = _dot(q, kt, IEEE, UPCAST)")
+
+
+def value_tile(a: Around, nm: KernelNames, n_rows: str | None, rows: str = "offs_n") -> P.Tile:
+    """The value's [BLOCK_N, DV] tile, read through V (the call passes the aliased operand as
+    V when the value is not v) with the prologue of the operand `a.value` names."""
+    n = P.operand_names("v", nm.tensor)
+    return P.Tile(a.value, n.base, rows, n.strides[2], n.offs, n.strides[3], n.dim, n_rows,
+                  False, "kvh")
+
+
+def emit_dots(c: CodeBuilder, a: Around, nm: KernelNames) -> None:
+    """qk = Σ weight · dot(query tile, key tile) over the dots."""
+    terms = []
+    for t in a.dots:
+        dot = f"_dot({query_var(t.query, nm)}, {key_var(t.key, nm)}, IEEE, UPCAST)"
+        terms.append(dot if t.weight == 1 else f"{float(t.weight)!r} * {dot}")
+    c(f"qk = {' + '.join(terms)}")
+
+
+def _emit_key_tiles(c: CodeBuilder, k: AttentionKernel, nm: KernelNames) -> None:
+    """The key-side tiles of a kernel with an Around, each with its prologue (in edge tiles
+    bounds-checked on keys), the value (the transposed key tile of the operand it aliases when
+    a dot reads that operand), and q.k as the sum of the dots."""
+    a = k.around
+    P.emit_offsets(c, _key_operands(a), nm.tensor)
+    dotted = list(dict.fromkeys(t.key for t in a.dots))
+    for edge in (True, False):
+        with c.block(f"if {'MASKED' if k.block_sparse else 'EDGE'}:" if edge else "else:"):
+            bound = "N" if edge else None
+            for x in dotted:
+                P.emit_tile(c, P.key_tile(x, nm.tensor, True, bound), key_var(x, nm), a)
+            if a.value in dotted:
+                c(f"v = tl.trans({key_var(a.value, nm)})")
+            else:
+                P.emit_tile(c, value_tile(a, nm, bound), "v", a)
+    emit_dots(c, a, nm)
 
 
 def _key_bounds(cond) -> tuple[list[sympy.Expr], list[sympy.Expr], list[sympy.Expr]]:
@@ -303,6 +391,9 @@ PROGRAM_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "SCALE_POS", 
 BLOCK_LISTS = (("KV_NUM", "kvn", "bhq"), ("KV_IDX", "kvi", "bhqk"),
                ("FULL_NUM", "fn", "bhq"), ("FULL_IDX", "fi", "bhqk"))
 SPARSE_CONSTEXPRS = ("SPARSE_Q", "SPARSE_KV")
+# A gated kernel's: GATED multiplies the stored out by the gate, SAVE also stores the ungated
+# out to OutU, SKIP skips the key loop of a query tile whose gates are all 0 (prologue.py).
+GATE_CONSTEXPRS = ("GATED", "SAVE", "SKIP")
 
 
 def list_params(lists) -> tuple[list[Param], list[Param]]:
@@ -326,25 +417,32 @@ def forward_contract(k: AttentionKernel, nm: KernelNames) -> KernelContract:
     """The forward kernel's signature: pointers, strides, sizes, scale, then the constexprs."""
     sparse = k.block_sparse
     lists, list_strides = list_params(BLOCK_LISTS) if sparse else ([], [])
+    a = k.around
+    ops, blocks = P.operand_params(a, nm.tensor)
+    extra = ops + P.row_value_params(a) + (P.kv_map_params() if a.kv_head is not None else [])
+    gated = a.gate is not None
     params = ([arg(x, ParamType.DATA) for x in ("Q", "K", "V", "Out")] + [arg("Lse", PTR)]
-              + tensor_params(k, nm) + lists + strides("stride_", "q k v o")
+              + ([arg("OutU", ParamType.DATA)] if gated else [])
+              + tensor_params(k, nm) + extra + lists + strides("stride_", "q k v o")
               + stride_params(k, nm) + list_strides
               + [arg(x, INT) for x in ("B", "H", "M", "N", "D", "DV", "GROUP")]
               + [arg("scale", ParamType.FLOAT), arg("KV_SPLIT", INT), arg("stride_os", INT)]
-              + constexprs(PROGRAM_CONSTEXPRS + (SPARSE_CONSTEXPRS if sparse else ())))
+              + constexprs(PROGRAM_CONSTEXPRS + (SPARSE_CONSTEXPRS if sparse else ()))
+              + blocks + constexprs(GATE_CONSTEXPRS if gated else ()))
     return KernelContract("forward", nm.entry("forward"), tuple(params),
                           GridRule(forward_grid.__doc__ or "", forward_grid),
                           "softmax attention forward: out and lse per key split")
 
 
-def query_tile_prologue(c: CodeBuilder, first_tile: str = "") -> None:
+def query_tile_prologue(c: CodeBuilder, first_tile: str = "", kv_map: bool = False) -> None:
     """Which (query tile, b, h) a program owns, for the forward and the dq kernel alike (the dq
-    kernel may be launched on a slab of query tiles starting at `first_tile`)."""
+    kernel may be launched on a slab of query tiles starting at `first_tile`); with `kv_map`
+    the K/V head is read from the head map KV_MAP (prologue.kv_map_params)."""
     c("pid_m = tl.program_id(0)" + (f" + {first_tile}" if first_tile else ""))
     c("pid_bh = tl.program_id(1)")
     c("b = pid_bh // H")
     c("h = pid_bh % H")
-    c("kvh = h // GROUP")
+    c("kvh = tl.load(KV_MAP + b * kvm_sb + h * kvm_sh)" if kv_map else "kvh = h // GROUP")
     c("m_lo = pid_m * BLOCK_M")
     c("m_hi = tl.minimum(m_lo + BLOCK_M, M) - 1")
     c("zero = m_lo * 0  # a runtime integer, so bound arithmetic never folds to constants")
@@ -364,14 +462,22 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
         c("Split s sees keys [s * KV_SPLIT, (s + 1) * KV_SPLIT) and writes its own normalized "
           "out and lse")
         c('(at Out + s * stride_os, Lse + s * B * H * M), which the launcher merges."""')
-        query_tile_prologue(c)
+        a = k.around
+        query_tile_prologue(c, kv_map=a.kv_head is not None)
         c("split_lo = tl.program_id(2) * KV_SPLIT")
         c("split_hi = split_lo + KV_SPLIT")
-        c("q_ptrs = (Q + b.to(tl.int64) * stride_qb + h * stride_qh")
-        c("          + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)")
-        c("q = tl.load(q_ptrs, mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)")
+        if a.plain:
+            c("q_ptrs = (Q + b.to(tl.int64) * stride_qb + h * stride_qh")
+            c("          + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)")
+            c("q = tl.load(q_ptrs, mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), "
+              "other=0.0)")
+        else:
+            _emit_query_tiles(c, a, nm)
         c("k_base = K + b.to(tl.int64) * stride_kb + kvh * stride_kh")
         c("v_base = V + b.to(tl.int64) * stride_vb + kvh * stride_vh")
+        for x in _key_operands(a):
+            if x not in P.BASE_OPERANDS:
+                P.emit_base(c, x, Side.KEY, nm.tensor)
         for ld in k.loads:
             if ld.level in (LoadLevel.PROGRAM, LoadLevel.ROW):
                 c(load_stmt(ld, k, pr, nm))
@@ -379,11 +485,15 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
         c('m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)')
         c("l_i = tl.zeros([BLOCK_M], tl.float32)")
         c("acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)")
-        if k.block_sparse:
-            _emit_block_lists(c, k, nm)
-        else:
-            emit_segment_walk(c, k.segments, lambda c, masked, edge: _step_call(
-                c, k, nm, masked, edge=edge), "N", "BLOCK_N", "start_n", pr, split=True, edge=True)
+        if a.gate is not None:
+            _emit_gate(c, a, nm)
+        with c.block("if live:") if a.gate is not None else nullcontext():
+            if k.block_sparse:
+                _emit_block_lists(c, k, nm)
+            else:
+                emit_segment_walk(c, k.segments, lambda c, masked, edge: _step_call(
+                    c, k, nm, masked, edge=edge), "N", "BLOCK_N", "start_n", pr, split=True,
+                    edge=True)
         c("empty = l_i == 0.0")
         c("l_safe = tl.where(empty, 1.0, l_i)")
         c("out = acc / l_safe[:, None]")
@@ -395,10 +505,42 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
         c("split = tl.program_id(2).to(tl.int64)")
         c("o_ptrs = (Out + split * stride_os + b.to(tl.int64) * stride_ob + h * stride_oh")
         c("          + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)")
+        if a.gate is not None:
+            _emit_gated_store(c)
         c("tl.store(o_ptrs, _round(out, Out.dtype.element_ty, UPCAST), "
           "mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))")
         c("tl.store(Lse + (split * B * H + pid_bh) * M + offs_m, lse, mask=offs_m < M)")
     return contract
+
+
+def _emit_query_tiles(c: CodeBuilder, a: Around, nm: KernelNames) -> None:
+    """The query-side tiles the dots read, each with its prologue."""
+    names = _query_operands(a)
+    P.emit_offsets(c, names, nm.tensor)
+    for x in names:
+        P.emit_base(c, x, Side.QUERY, nm.tensor)
+        P.emit_tile(c, P.query_tile(x, nm.tensor), query_var(x, nm), a)
+
+
+def _emit_gate(c: CodeBuilder, a: Around, nm: KernelNames) -> None:
+    """gate: the rows' gates; live: whether the key loop runs (with SKIP, only for a tile
+    with a nonzero gate; a NaN gate counts as nonzero, so it still reaches the output)."""
+    gate = next(rv for rv in P.row_values(a) if rv.key == "gate")
+    P.emit_row_value(c, P.query_tile("q", nm.tensor), gate, "gate")
+    c("live = True")
+    with c.block("if SKIP:"):
+        c("live = tl.sum((gate != 0.0).to(tl.int32), 0) > 0")
+
+
+def _emit_gated_store(c: CodeBuilder) -> None:
+    """With SAVE, the ungated out to OutU (the backward's out); with GATED, out *= gate."""
+    with c.block("if SAVE:"):
+        c("u_ptrs = (OutU + b.to(tl.int64) * stride_ob + h * stride_oh")
+        c("          + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)")
+        c("tl.store(u_ptrs, _round(out, OutU.dtype.element_ty, UPCAST), "
+          "mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))")
+    with c.block("if GATED:"):
+        c("out = out * gate[:, None]")
 
 
 def _emit_factor(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
