@@ -31,7 +31,8 @@ from attnc.errors import CompileError, SpecError
 __all__ = ["compile", "load", "variants", "Kernel", "SpecError", "CompileError", "__version__",
            "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks",
            "noop_mask", "LinearKernel", "CascadeKernel", "BranchedKernel", "GatherKernel",
-           "BlockGatherKernel", "MixingKernel", "ops", "sparse"]
+           "BlockGatherKernel", "MixingKernel", "PagedKVCache", "ops", "sparse", "nn",
+           "serving", "integrations"]
 
 # Loaded on first use: importing attnc stays cheap (no torch, Triton or sympy until needed).
 _LAZY = {"Kernel": "attnc.runtime.softmax", "flex_attention": "attnc.flex",
@@ -40,8 +41,8 @@ _LAZY = {"Kernel": "attnc.runtime.softmax", "flex_attention": "attnc.flex",
          "noop_mask": "attnc.block_mask", "LinearKernel": "attnc.runtime.linear",
          "CascadeKernel": "attnc.runtime.cascade", "BranchedKernel": "attnc.runtime.branches",
          "GatherKernel": "attnc.runtime.gather", "BlockGatherKernel": "attnc.runtime.gather",
-         "MixingKernel": "attnc.runtime.mixing"}
-_MODULES = ("ops", "sparse")
+         "MixingKernel": "attnc.runtime.mixing", "PagedKVCache": "attnc.paged_cache"}
+_MODULES = ("ops", "sparse", "nn", "serving", "integrations")
 
 if "torch" in sys.modules:  # pick Triton's mode (interpreter without CUDA) before others import it
     import attnc.backends.triton  # noqa: F401

@@ -32,6 +32,7 @@ from attnc.library import call_checks
 from attnc.passes.mask_bounds import monotone
 from attnc.pipeline import IR, FrontendIR, Source
 from attnc.runtime import around, validate
+from attnc.runtime import paged as paging
 from attnc.runtime.base import CompiledKernel
 from attnc.runtime.params import ParamGradients
 
@@ -66,6 +67,7 @@ class Kernel(CompiledKernel):
         self.around = not self.kernel_ir.around.plain
         self._op = _make_op(self)
         prepare_call_checks(self, src, frontend_ir)
+        self._paged_facts = paging.prepare(self)  # what kernel.paged checks, read once
         # a block mask's mask_mod that is not this mask is ignored: warned about once
         self._spec_mask = getattr(frontend_ir, "mask", None)
         self._mask_mods_seen: dict[int, bool] = {}
@@ -134,6 +136,13 @@ class Kernel(CompiledKernel):
                                  f"{return_lse!r}")
             return around.call(self, q, k, v, scale, return_lse, block_mask, inputs)
         return self._call(q, k, v, scale, return_lse, block_mask, inputs)
+
+    def paged(self, q, k_cache, v_cache, page_table, kv_lens, **options):
+        """The forward over a paged KV cache (attnc/runtime/paged.py states the call):
+        `kernel.paged(q, k_cache, v_cache, page_table, kv_lens, *, q_start=None,
+        k_start=None, q_lens=None, scale=None, return_lse=False, prologues_applied=False,
+        **tensors)`."""
+        return paging.call(self, q, k_cache, v_cache, page_table, kv_lens, **options)
 
     def launch_forward(self, q, k, v, named, scale, config, block_lists, block_sizes,
                        around_args=None):
@@ -263,19 +272,8 @@ def check_call(kernel, q, k, v, scale, inputs) -> list[torch.Tensor]:
             raise ValueError(f"{kernel.name}: missing {decl.kind.value} {decl.name!r} "
                              f"(shape [{', '.join(map(str, decl.dims))}])")
         t = inputs[decl.name]
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{kernel.name}: {decl.name} must be a torch.Tensor")
-        want = tuple(int(d) for d in shape_of(B, H, M, N, D))
-        if tuple(t.shape) != want:
-            raise ValueError(f"{kernel.name}: {decl.name} has shape {tuple(t.shape)}, expected "
-                             f"{want} ([{', '.join(map(str, decl.dims))}])")
-        if t.device != q.device:
-            raise ValueError(f"{kernel.name}: {decl.name} is on {t.device}, q is on {q.device}")
-        if decl.kind is TensorKind.PARAM and not t.is_floating_point():
-            raise ValueError(f"{kernel.name}: param {decl.name} must be floating point, got "
-                             f"{t.dtype}")
-        if t.is_complex():
-            raise ValueError(f"{kernel.name}: {decl.name} must be real, got {t.dtype}")
+        validate.spec_tensor(kernel.name, decl, t, tuple(int(d) for d in shape_of(B, H, M, N, D)),
+                             q.device)
         if decl.kind is TensorKind.INPUT and t.requires_grad:
             raise ValueError(f"{kernel.name}: {decl.name} is an input (ids, masks: read, never "
                              "differentiated) but requires grad; declare it `param` to learn "

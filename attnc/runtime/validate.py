@@ -60,3 +60,20 @@ def known(kernel: str, given, expected: tuple[str, ...]) -> None:
 def scale(kernel: str, value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ValueError(f"{kernel}: scale must be a Python number or None, got {value!r}")
+
+
+def spec_tensor(kernel: str, decl, t: Any, want: tuple[int, ...], where: torch.device) -> None:
+    """A spec's param or input `decl` (attnc.ir.cascade.TensorDecl) given as `t`: a real tensor
+    of shape `want` on `where`, floating point when it is a param."""
+    from attnc.ir.cascade import TensorKind
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{kernel}: {decl.name} must be a torch.Tensor")
+    if tuple(t.shape) != want:
+        raise ValueError(f"{kernel}: {decl.name} has shape {tuple(t.shape)}, expected {want} "
+                         f"([{', '.join(map(str, decl.dims))}])")
+    if t.device != where:
+        raise ValueError(f"{kernel}: {decl.name} is on {t.device}, q is on {where}")
+    if decl.kind is TensorKind.PARAM and not t.is_floating_point():
+        raise ValueError(f"{kernel}: param {decl.name} must be floating point, got {t.dtype}")
+    if t.is_complex():
+        raise ValueError(f"{kernel}: {decl.name} must be real, got {t.dtype}")

@@ -1,4 +1,5 @@
-"""benchmarks.decode: the quick CPU run end to end, and the byte and bandwidth counts."""
+"""benchmarks.decode: the quick CPU run end to end (contiguous, paged, peers), the paged pools,
+the sm_90 jobs and work estimate, and the byte and bandwidth counts."""
 
 from __future__ import annotations
 
@@ -16,16 +17,22 @@ def _rows(text: str) -> list[list[str]]:
 
 def test_quick_run_passes_and_writes_a_row_per_size(tmp_path):
     out = tmp_path / "results.md"
-    assert decode.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    # 40 keys: a partly filled last page
+    assert decode.main(["--quick", "--device", "cpu", "--out", str(out), "--cache", "40",
+                        "64"]) == 0
     text = out.read_text()
     assert "## decode" in text and "Measured copy bandwidth of this device: **" in text
     header = [line for line in text.splitlines() if line.startswith("| B |")][0]
-    assert "flex (us)" in header and "sdpa/attnc" in header
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    for name in ("view (us)", "paged p16 (us)", "flex (us)", "paged p16/attnc", "sdpa/attnc"):
+        assert name in cols
     rows = _rows(text)
-    assert [(int(r[0]), int(r[1])) for r in rows] == [(1, 64), (1, 192), (2, 64), (2, 192)]
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(1, 40), (1, 64), (2, 40), (2, 64)]
     for row in rows:
         assert float(row[3]) > 0 and float(row[4]) > 0 and float(row[5]) > 0
-        err, verdict = row[-1].split()
+        assert float(row[cols.index("view (us)")]) > 0
+        assert float(row[cols.index("paged p16 (us)")]) > 0
+        err, verdict = row[-1].split()  # the worst of the contiguous, view and paged outputs
         assert float(err) <= decode.TOLERANCE[torch.bfloat16] and verdict == "ok"
 
 
@@ -66,3 +73,43 @@ def test_reference_matches_sdpa_with_gqa():
     q, k, v = torch.randn(2, 6, 1, 8), torch.randn(2, 3, 50, 8), torch.randn(2, 3, 50, 8)
     want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     torch.testing.assert_close(decode.reference(q, k, v), want)
+
+
+def test_page_pools_hold_each_sequence_at_its_table():
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 3, 37, 8), torch.randn(2, 3, 37, 4)
+    k_pool, v_pool, table = decode.page_pools(k, v, 16)
+    assert k_pool.shape == (6, 16, 3, 8) and v_pool.shape == (6, 16, 3, 4)
+    assert table.dtype == torch.int32 and sorted(table.flatten().tolist()) == list(range(6))
+    assert table.tolist() != [[0, 1, 2], [3, 4, 5]]  # scattered, as after appends and frees
+    for b in range(2):
+        rows = k_pool[table[b].long()].flatten(0, 1)[:37].transpose(0, 1)
+        assert torch.equal(rows, k[b])
+        assert torch.equal(v_pool[table[b].long()].flatten(0, 1)[:37].transpose(0, 1), v[b])
+
+
+def test_sm90_jobs_are_the_launchers_cuda_launches():
+    import attnc
+    kernel = attnc.load("full")
+    [paged] = decode.paged_jobs(kernel, 16, 4096, 32, 8, 128, 16, torch.bfloat16)
+    assert paged["function"].endswith("_paged") and paged["arch"] == 90
+    assert paged["config"]["num_warps"] == 8 and paged["constexprs"]["UPCAST"] is False
+    # one program per (query tile, b * Hq) walking all 4096 keys BLOCK_N at a time
+    assert decode.loop_work(paged, 4096) == (16 * 32, 4096 / paged["constexprs"]["BLOCK_N"])
+    forward = [j for j in decode.contiguous_jobs(kernel, 1, 4096, 32, 8, 128, torch.bfloat16)
+               if j["kernel"] == "forward"]
+    programs, iterations = decode.loop_work(forward[0], 4096)
+    splits = forward[0]["config"].get("kv_splits", 1)
+    assert splits > 1 and iterations == 4096 / splits / forward[0]["constexprs"]["BLOCK_N"]
+
+
+@pytest.mark.slow
+def test_cpu_run_without_quick_compiles_for_sm90(tmp_path):
+    out = tmp_path / "results.md"
+    assert decode.main(["--device", "cpu", "--out", str(out), "--batches", "1",
+                        "--cache", "4096", "--page-sizes", "16"]) == 0
+    text = out.read_text()
+    assert "No GPU: nothing timed" in text
+    work = [r for r in _rows(text) if r[0] == "1"]
+    assert [r[2] for r in work] == ["contiguous", "paged p16"]
+    assert all(float(r[-1]) > 0 for r in work)

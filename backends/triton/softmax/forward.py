@@ -19,7 +19,7 @@ them out (backends/triton/names.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 
 import sympy
@@ -237,56 +237,69 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: Kernel
             _emit_key_tiles(c, k, nm)
         else:
             _emit_plain_key_tiles(c, k)
-        for ld in _inner_loads(k):
-            c(load_stmt(ld, k, pr, nm))
-        # exp(score - max) = exp2(s * c2 - max * c2): s is the score and c2 log2(e), or s is
-        # q.k and c2 the factor times log2(e) (_emit_factor); one FMA and one exp2 per score,
-        # and m_i is each row's max of s * c2
-        factor = _qk_factor(k)
-        if factor is not None:
-            c("s = qk")
-            c2, fill = "c2", "fill"
-            positive = "SCALE_POS" if _sign_at_launch(factor) else "c2 > 0"
-            ninf, inf = 'float("-inf")', 'float("inf")'
-            c(f"fill = {ninf} if SCALE_POS else {inf}" if positive == "SCALE_POS" else
-              f"fill = tl.where(c2 > 0, {ninf}, {inf})")
-            c("# fill: the q.k whose score is -inf")
-        else:
-            c2, fill = repr(LOG2E), 'float("-inf")'
-            if k.score.has(S.qk):
-                c(f"s = {pr(k.score)}")
-            else:  # a score without q.k still needs the tile's shape
-                c(f"s = {pr(k.score)} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32)")
-        with c.block("if MASKED:"):
-            if k.block_sparse:
-                c(f"s = tl.where({pr(S.n < S.N)}, s, {fill})")
-                if k.mask is not None:
-                    with c.block("if MASK_MOD:"):
-                        c(f"s = tl.where({pr(k.mask)}, s, {fill})")
-            else:
-                with c.block("if EDGE:"):
-                    _emit_visible(c, pr, sympy.And(S.n < S.N, k.mask if k.mask is not None
-                                                   else sympy.true), fill)
-                if k.mask is not None:
-                    with c.block("else:"):
-                        _emit_visible(c, pr, k.mask, fill)
-        if factor is not None:
-            c("# the row max of s * c2: max(s) * c2 for c2 > 0, min(s) * c2 for c2 < 0 (rounding")
-            c("# is monotone); a constexpr branch, or a uniform one for a sign known in the kernel")
-            with c.block(f"if {positive}:"):
-                c("s_max = tl.max(s, 1)")
-            with c.block("else:"):
-                c("s_max = tl.min(s, 1)")
-        else:
+        emit_tile_update(c, k, pr, nm, lambda fill: _emit_masking(c, k, pr, fill))
+
+
+def emit_tile_update(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames,
+                     masking: Callable[[str], None]) -> None:
+    """The part of a key step after its tiles are loaded (qk in scope): the per-key loads, the
+    score, `masking(fill)` under `if MASKED:` (fill: the s of an invisible score), the online
+    softmax update and the return. The paged forward (paged.py) shares it with its own masking."""
+    for ld in _inner_loads(k):
+        c(load_stmt(ld, k, pr, nm))
+    # exp(score - max) = exp2(s * c2 - max * c2): s is the score and c2 log2(e), or s is
+    # q.k and c2 the factor times log2(e) (_emit_factor); one FMA and one exp2 per score,
+    # and m_i is each row's max of s * c2
+    factor = _qk_factor(k)
+    if factor is not None:
+        c("s = qk")
+        c2, fill = "c2", "fill"
+        positive = "SCALE_POS" if _sign_at_launch(factor) else "c2 > 0"
+        ninf, inf = 'float("-inf")', 'float("inf")'
+        c(f"fill = {ninf} if SCALE_POS else {inf}" if positive == "SCALE_POS" else
+          f"fill = tl.where(c2 > 0, {ninf}, {inf})")
+        c("# fill: the q.k whose score is -inf")
+    else:
+        c2, fill = repr(LOG2E), 'float("-inf")'
+        if k.score.has(S.qk):
+            c(f"s = {pr(k.score)}")
+        else:  # a score without q.k still needs the tile's shape
+            c(f"s = {pr(k.score)} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32)")
+    with c.block("if MASKED:"):
+        masking(fill)
+    if factor is not None:
+        c("# the row max of s * c2: max(s) * c2 for c2 > 0, min(s) * c2 for c2 < 0 (rounding")
+        c("# is monotone); a constexpr branch, or a uniform one for a sign known in the kernel")
+        with c.block(f"if {positive}:"):
             c("s_max = tl.max(s, 1)")
-        c(f"m_new = tl.maximum(m_i, s_max * {c2})")
-        c("# rows that have seen no visible key keep max -inf; shift by 0 there to avoid inf - inf")
-        c('m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)')
-        c(f"p = tl.exp2(s * {c2} - m_safe[:, None])")
-        c("alpha = tl.exp2(m_i - m_safe)")
-        c("l_i = l_i * alpha + tl.sum(p, 1)")
-        c("acc = acc * alpha[:, None] + _dot(_round(p, v.dtype, UPCAST), v, IEEE, UPCAST)")
-        c("return acc, l_i, m_new")
+        with c.block("else:"):
+            c("s_max = tl.min(s, 1)")
+    else:
+        c("s_max = tl.max(s, 1)")
+    c(f"m_new = tl.maximum(m_i, s_max * {c2})")
+    c("# rows that have seen no visible key keep max -inf; shift by 0 there to avoid inf - inf")
+    c('m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)')
+    c(f"p = tl.exp2(s * {c2} - m_safe[:, None])")
+    c("alpha = tl.exp2(m_i - m_safe)")
+    c("l_i = l_i * alpha + tl.sum(p, 1)")
+    c("acc = acc * alpha[:, None] + _dot(_round(p, v.dtype, UPCAST), v, IEEE, UPCAST)")
+    c("return acc, l_i, m_new")
+
+
+def _emit_masking(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, fill: str) -> None:
+    """A dense or block-sparse forward step's masking of a masked tile."""
+    if k.block_sparse:
+        c(f"s = tl.where({pr(S.n < S.N)}, s, {fill})")
+        if k.mask is not None:
+            with c.block("if MASK_MOD:"):
+                c(f"s = tl.where({pr(k.mask)}, s, {fill})")
+    else:
+        with c.block("if EDGE:"):
+            _emit_visible(c, pr, sympy.And(S.n < S.N, k.mask if k.mask is not None
+                                           else sympy.true), fill)
+        if k.mask is not None:
+            with c.block("else:"):
+                _emit_visible(c, pr, k.mask, fill)
 
 
 def _emit_plain_key_tiles(c: CodeBuilder, k: AttentionKernel) -> None:
@@ -567,13 +580,17 @@ def _step_call(c: CodeBuilder, k: AttentionKernel, nm: KernelNames, masked: str,
 
 
 def emit_segment_walk(c: CodeBuilder, segments, call, extent: str, block: str, var: str,
-                      pr: TritonPrinter, split: bool = False, edge: bool = False) -> None:
+                      pr: TritonPrinter, split: bool = False, edge: bool = False,
+                      floor: str | None = None) -> None:
     """Walk the tiles of `segments` along one axis (keys for the forward and dq kernels, queries
     for the dk/dv kernel): per segment, masked / full / masked ranges, each tile emitted by
     call(c, masked). The bounds are scalars; helpers they need are added to `pr`'s. With
     `split`, only the tiles inside [split_lo, split_hi) are walked (the forward's key split).
     With `edge`, the tile that reaches past `extent` (always a masked one) is walked on its own
-    and each tile is emitted by call(c, masked, edge), so the others skip the bounds checks."""
+    and each tile is emitted by call(c, masked, edge), so the others skip the bounds checks.
+    With `floor` (a scalar), each segment starts at that lower bound at the earliest (the paged
+    forward's oldest key): a tile straddling it is a masked one, so its masking must drop the
+    keys below it."""
     scalar = TritonPrinter({})
     c("prev_end = zero")
     if edge:
@@ -584,6 +601,9 @@ def emit_segment_walk(c: CodeBuilder, segments, call, extent: str, block: str, v
         for name, ex in (("lo", seg.lo), ("hi", seg.hi), ("flo", seg.full_lo),
                          ("fhi", seg.full_hi)):
             c(f"{name} = {scalar(ex)} + zero")
+        if floor is not None:
+            c(f"lo = tl.maximum(lo, {floor})")
+            c(f"flo = tl.maximum(flo, {floor})")
         c(f"t0, t1, t2, t3 = _key_tiles(lo, hi, flo, fhi, prev_end, {extent}, {block})")
         if split:
             c("t0, t1, t2, t3 = _split_tiles(t0, t1, t2, t3, split_lo, split_hi)")
