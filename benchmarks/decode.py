@@ -275,8 +275,10 @@ def paged_jobs(kernel, batch: int, cache: int, q_heads: int, kv_heads: int, head
                page_size: int, dtype: torch.dtype) -> list[dict]:
     """The aot_check job of `kernel.paged` decoding one row per sequence over pools of
     `page_size` pages, as its launcher launches it on a CUDA device (its CUDA configuration,
-    recorded on meta tensors). TODO(H1): a PagedKernel.aot_jobs would replace the recording
-    here (it reaches into attnc.runtime.paged's launcher and swaps its configuration)."""
+    recorded on meta tensors; k_start None as the suite calls it, so all 0: one table read per
+    key tile where page_size allows). TODO(H1): a PagedKernel.aot_jobs would replace the
+    recording here (it reaches into attnc.runtime.paged's launcher and swaps its
+    configuration)."""
     from unittest import mock
 
     from attnc.backends.triton import aot_jobs
@@ -296,7 +298,7 @@ def paged_jobs(kernel, batch: int, cache: int, q_heads: int, kv_heads: int, head
         return launch.default_config(D, Dv, dt, torch.device("cuda"))
     with mock.patch.object(paged, "default_config", cuda_config):
         paged._launch(cast(Any, _Recording(pk, module)), meta(batch, q_heads, 1, head_dim), k, v,
-                      meta(batch, per, dt=torch.int32), lens, lens, lens, lens, [], [], 1.0)
+                      meta(batch, per, dt=torch.int32), lens, lens, lens, lens, [], [], 1.0, 0)
     return aot_jobs._labelled(pk.path, launches, 90, True)
 
 
@@ -313,12 +315,15 @@ def contiguous_jobs(kernel, batch: int, cache: int, q_heads: int, kv_heads: int,
 def loop_work(job: dict, cache: int) -> tuple[int, float]:
     """(programs, loop iterations per program) of a decoding launch: a program per query
     tile, (b, head) and key split, each walking its share of the N keys BLOCK_N at a time
-    (heads here: the launch's H, kv heads when the forward packs a query-head group in M)."""
+    (heads here: the launch's H, kv heads when the forward packs a query-head group in M, or
+    when the paged kernel packs one (PACKED) in GROUP * QROWS rows)."""
     from attnc.backends.triton import aot_jobs
     v = aot_jobs.values(job)
-    rows = v.get("M", v.get("QROWS"))
+    rows, heads = v.get("M", v.get("QROWS")), v["H"]
+    if v.get("PACKED"):
+        rows, heads = rows * v["GROUP"], heads // v["GROUP"]
     splits = job["config"].get("kv_splits", 1)
-    programs = -(-rows // v["BLOCK_M"]) * v["B"] * v["H"] * splits
+    programs = -(-rows // v["BLOCK_M"]) * v["B"] * heads * splits
     return programs, cache / splits / v["BLOCK_N"]
 
 

@@ -3,7 +3,9 @@
 Two oracles: the contract's "contiguous" reference (each sequence's rows gathered into
 contiguous K/V and run through the regular kernel with M = N = N_b, the given query rows at
 their positions) and, where that cannot express the call (a cache that dropped its oldest keys,
-k_start > 0), a float64 torch reference written from each spec's math.
+k_start > 0), a float64 torch reference written from each spec's math. The launch's paths
+(GQA heads packed or not, one table read per key tile or per key) are each checked against
+them, with the path taken read from the launch's values.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import pytest
 import torch
 
 import attnc
+from attnc.backends.triton.contract import Bind
+from attnc.backends.triton.module import KernelModule
 
 D = 16
 # spec -> (options, a function of (qk * scale, m, n, h [H, 1, 1], tensors) that gives the
@@ -351,6 +355,80 @@ def test_value_from_an_operand_cache_shared_by_the_heads():
         qf[0, :, n - 2:] = q[b]
         ref = kernel(qf, pc.rows(pc.k, b)[None], None, vc=vs.contiguous())[0, :, n - 2:]
         assert (out[b] - ref).abs().max().item() <= 2e-6 * max(1.0, ref.abs().max().item())
+
+
+def _record_paths(monkeypatch) -> list[dict]:
+    """The PACKED and ONE_PAGE values of every paged launch from now on (PACKED None: the
+    kernel cannot pack, its module has no such parameter)."""
+    seen: list[dict] = []
+    launch = KernelModule.launch
+
+    def spy(self, role, values, grid=None, options=None):
+        if role == "paged":
+            seen.append({n: values.get(Bind(n)) for n in ("PACKED", "ONE_PAGE")})
+        return launch(self, role, values, grid, options)
+    monkeypatch.setattr(KernelModule, "launch", spy)
+    return seen
+
+
+# (spec, page size, query rows per sequence, one table read per tile, packed): key tiles of 16
+# (block_n=16), GQA groups of 4; 12 rows x 4 heads take two query tiles of 32 rows (the
+# second starts inside a head's rows and wraps into the next's); 33 x 4 exceed
+# launch.PACKED_ROWS
+PATHS = [("causal", 16, 1, True, True), ("causal", 32, 6, True, True),
+         ("causal", 16, 12, True, True), ("sliding_window", 5, 12, False, True),
+         ("causal", 5, 6, False, True), ("sliding_window", 16, 6, True, True),
+         ("sliding_window", 32, 1, True, True), ("sliding_window", 5, 1, False, True),
+         ("causal", 16, 33, True, False), ("full", 5, 33, False, False),
+         ("alibi", 16, 6, True, None), ("alibi", 5, 1, False, None)]
+
+
+@pytest.mark.parametrize("name,page_size,M,one_page,packed", PATHS)
+def test_launch_paths_match_the_references(monkeypatch, name, page_size, M, one_page, packed):
+    """Each path of the launch -- a GQA group's heads packed into a program's rows or one
+    program per head, one table read per key tile (page_size a multiple of the key tile) or
+    one per key -- equals both references, for decoding (M = 1) and a prefill of ragged
+    q_lens over cached prefixes, with several key tiles per sequence. ALiBi reads the query
+    head, so it never packs."""
+    kernel = attnc.load(name, block_n=16, **SPECS[name][0])
+    paths = _record_paths(monkeypatch)
+    B, Hq, Hkv = 2, 8, 2
+    tensors = _tensors(name, Hq)
+    g = torch.Generator().manual_seed(page_size + M)
+    pc = Paged(B, Hkv, page_size, capacity=80, dtype=torch.float32, seed=M)
+    for b, n in enumerate((37, 70)):
+        pc.append(b, *_random_kv(g, Hkv, n, torch.float32))
+    q_lens = torch.tensor([M, max(M - 2, 1)], dtype=torch.int32)
+    q = torch.randn(B, Hq, M, D, generator=g)
+    got = kernel.paged(q, pc.k, pc.v, pc.table, pc.lens, q_lens=q_lens, return_lse=True,
+                       **tensors)
+    assert paths == [{"PACKED": packed, "ONE_PAGE": one_page}]
+    zeros = torch.zeros(B, dtype=torch.int32)
+    q_start = pc.lens - q_lens
+    _close(got, contiguous(kernel, q, pc, zeros, q_start, q_lens, tensors), torch.float32)
+    _close(got, from_math(name, q, pc, zeros, q_start, q_lens, tensors), torch.float32)
+
+
+@pytest.mark.parametrize("k_start,one_page", [((16, 32), True), ((0, 3), False)])
+def test_one_page_reads_need_aligned_k_start(monkeypatch, k_start, one_page):
+    """A CPU k_start whose entries are all multiples of the key tile keeps one table read per
+    tile (rows still start at a page boundary); one that is not falls back to a read per key;
+    both equal the math reference, packed."""
+    kernel = attnc.load("sliding_window", block_n=16, window=5)
+    paths = _record_paths(monkeypatch)
+    B, Hq, Hkv = 2, 8, 2
+    g = torch.Generator().manual_seed(9)
+    pc = Paged(B, Hkv, 16, capacity=60, dtype=torch.float32)
+    for b, n in enumerate((20, 57)):
+        pc.append(b, *_random_kv(g, Hkv, n, torch.float32))
+    starts = torch.tensor(k_start, dtype=torch.int32)
+    q_lens = torch.tensor([3, 2], dtype=torch.int32)
+    q = torch.randn(B, Hq, 3, D, generator=g)
+    got = kernel.paged(q, pc.k, pc.v, pc.table, pc.lens, k_start=starts, q_lens=q_lens,
+                       return_lse=True)
+    assert paths == [{"PACKED": True, "ONE_PAGE": one_page}]
+    q_start = starts + pc.lens - q_lens
+    _close(got, from_math("sliding_window", q, pc, starts, q_start, q_lens, {}), torch.float32)
 
 
 def _args(B=2, Hq=4, Hkv=2, M=1, page_size=4, num_pages=6, max_pages=3):

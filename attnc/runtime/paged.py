@@ -17,6 +17,11 @@ fp32. Declared operands come as keywords: query side [B, Hq, M, Dx], key side as
 
 Forward only: one launch of the paged module (backends/triton/softmax/paged.py), generated
 from the kernel's IR on the first launch and cached under its own key (`PagedKernel`). The
+launch packs a GQA group's query heads into one program's rows when the kernel allows it
+(paged.packs: nothing it evaluates reads the query head) and the group's rows fit
+launch.PACKED_ROWS, and reads one table entry per key tile (ONE_PAGE) when page_size is a
+multiple of the key tile and every k_start is too: known without a device sync only for
+k_start None (all 0) or a CPU tensor (read on the host); otherwise one entry per key. The
 launch is one torch custom op shared by every kernel (`attnc::paged_forward`, the kernel named
 by a string key), registered on import, and what the call checks is read from the IR when the
 Kernel is built (`prepare`), so torch.compile(fullgraph=True) traces a call, even the first,
@@ -43,7 +48,8 @@ import torch
 from attnc import cache
 from attnc.backends.triton.contract import Bind, GeneratedModule
 from attnc.backends.triton.softmax import paged as backend
-from attnc.backends.triton.softmax.launch import Config, _constexprs, default_config, pow2
+from attnc.backends.triton.softmax.launch import (PACKED_ROWS, Config, _constexprs,
+                                                  default_config, pow2)
 from attnc.expr import symbols as S
 from attnc.ir.around import Side
 from attnc.runtime import validate
@@ -109,6 +115,7 @@ class PagedKernel(CompiledKernel):
                          kernel.autotune)
         self.kernel_ir = kernel.kernel_ir
         self.operands = tuple(o.name for o in self.kernel_ir.around.operands)
+        self.packs = backend.packs(self.kernel_ir)
         # the launch options the kernel was compiled with (tiles, warps); key splits and
         # tuning do not apply here
         self.overrides = {key.upper() if key.startswith("block") else key: value
@@ -163,7 +170,10 @@ def call(kernel, q, k_cache, v_cache, page_table, kv_lens, *, q_start=None, k_st
     extras = _check_tensors(kernel, facts, q, spec_tensors, names)
     _check_operands(name, facts, q, k_cache, operands)
     table, lens = _check_table(name, page_table, kv_lens, B, P, page_size, q.device)
+    zero_starts = k_start is None
     k_start = _sequence_vector(name, "k_start", k_start, B, 0, q.device)
+    # every k_start is a multiple of k_align (0: all are 0): the launch's choice of page reads
+    k_align = 0 if zero_starts else _alignment(k_start)
     q_lens = _sequence_vector(name, "q_lens", q_lens, B, M, q.device)
     q_start = (k_start + lens - q_lens if q_start is None
                else _sequence_vector(name, "q_start", q_start, B, 0, q.device))
@@ -175,8 +185,18 @@ def call(kernel, q, k_cache, v_cache, page_table, kv_lens, *, q_start=None, k_st
     validate.scale(name, scale)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     out, lse = _OP(facts.key, q, k_cache, value, table, lens, k_start, q_start, q_lens, extras,
-                   [operands[n] for n in names], scale)
+                   [operands[n] for n in names], scale, k_align)
     return (out, lse) if return_lse else out
+
+
+def _alignment(k_start: torch.Tensor) -> int:
+    """A number every entry of the (validated) k_start is a multiple of, known without a device
+    sync: the gcd of a CPU tensor's values (0: all are 0), else 1. The launch reads one table
+    entry per key tile when the tile size divides it; k_start is on q's device, so a GPU call's
+    is never read here (k_start None is 0: the caller passes 0)."""
+    if k_start.device.type == "cpu" and not torch.compiler.is_compiling():
+        return math.gcd(*k_start.tolist())
+    return 1
 
 
 def _value_cache(name: str, alias: str, k_cache, v_cache, operands: dict):
@@ -343,7 +363,9 @@ def _check_ranges(name: str, table, lens, k_start, q_lens, B: int, M: int, P: in
 
 
 def _launch(pk: PagedKernel, q, k, v, table, lens, k_start, q_start, q_lens,
-            extras: list[torch.Tensor], operands: list[torch.Tensor], scale: float):
+            extras: list[torch.Tensor], operands: list[torch.Tensor], scale: float, k_align: int):
+    """One launch of the paged module; `k_align`: a number every k_start is a multiple of
+    (`_alignment`)."""
     B, H, M, D = q.shape
     Dv = v.shape[3]
     out = torch.empty(B, H, M, Dv, dtype=q.dtype, device=q.device)
@@ -352,11 +374,19 @@ def _launch(pk: PagedKernel, q, k, v, table, lens, k_start, q_start, q_lens,
         return out, lse
     config = cast(Config, {**default_config(D, Dv, q.dtype, q.device), **pk.overrides})
     common = _constexprs(config, q, D, Dv, None)
+    group, page_size = H // k.shape[2], k.shape[1]
+    packed = pk.packs and group > 1 and group * M <= PACKED_ROWS
+    flags: dict[str, object] = {"ONE_PAGE": (page_size % common["BLOCK_N"] == 0
+                                             and k_align % common["BLOCK_N"] == 0)}
+    if pk.packs:
+        flags["PACKED"] = packed
+    if packed:  # the query tile covers the group's rows, as _constexprs sizes it for M rows
+        common["BLOCK_M"] = min(config["BLOCK_M"], pow2(group * M))
     values: dict[Bind, object] = {Bind(n): x for n, x in dict(
         Q=q, K=k, V=v, Out=out, Lse=lse, TABLE=table, KV_LENS=lens, K_START=k_start,
-        Q_START=q_start, Q_LENS=q_lens, B=B, H=H, QROWS=M, D=D, DV=Dv, GROUP=H // k.shape[2],
-        page_size=k.shape[1], scale=float(scale), SCALE_POS=bool(scale > 0),
-        stride_tb=table.stride(0), **common).items()}
+        Q_START=q_start, Q_LENS=q_lens, B=B, H=H, QROWS=M, D=D, DV=Dv, GROUP=group,
+        page_size=page_size, scale=float(scale), SCALE_POS=bool(scale > 0),
+        stride_tb=table.stride(0), **common, **flags).items()}
     for t, name, letters in ((q, "q", "bhmd"), (out, "o", "bhmd"), (k, "k", "pshd"),
                              (v, "v", "pshd")):
         values.update({Bind(f"stride_{name}{r}"): s for r, s in zip(letters, t.stride())})
@@ -382,9 +412,10 @@ def _launch(pk: PagedKernel, q, k, v, table, lens, k_start, q_start, q_lens,
 def _forward(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              table: torch.Tensor, lens: torch.Tensor, k_start: torch.Tensor,
              q_start: torch.Tensor, q_lens: torch.Tensor, extras: list[torch.Tensor],
-             operands: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+             operands: list[torch.Tensor], scale: float,
+             k_align: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(companion(_KERNELS[key]), q, k, v, table, lens, k_start, q_start, q_lens,
-                   list(extras), list(operands), scale)
+                   list(extras), list(operands), scale, k_align)
 
 
 # One op for every kernel (`key` names the Kernel), registered on import, so that a first call
@@ -393,6 +424,6 @@ _OP = torch.library.custom_op("attnc::paged_forward", _forward, mutates_args=())
 
 
 @_OP.register_fake
-def _(key, q, k, v, table, lens, k_start, q_start, q_lens, extras, operands, scale):
+def _(key, q, k, v, table, lens, k_start, q_start, q_lens, extras, operands, scale, k_align):
     B, H, M, _ = q.shape
     return q.new_empty(B, H, M, v.shape[-1]), q.new_empty(B, H, M, dtype=torch.float32)

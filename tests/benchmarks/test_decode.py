@@ -94,8 +94,13 @@ def test_sm90_jobs_are_the_launchers_cuda_launches():
     [paged] = decode.paged_jobs(kernel, 16, 4096, 32, 8, 128, 16, torch.bfloat16)
     assert paged["function"].endswith("_paged") and paged["arch"] == 90
     assert paged["config"]["num_warps"] == 8 and paged["constexprs"]["UPCAST"] is False
-    # one program per (query tile, b * Hq) walking all 4096 keys BLOCK_N at a time
-    assert decode.loop_work(paged, 4096) == (16 * 32, 4096 / paged["constexprs"]["BLOCK_N"])
+    # a GQA group's 4 query heads packed in one program's rows: one program per (b, kv head)
+    # walking all 4096 keys BLOCK_N at a time; pages of 16 are under a key tile (a table read
+    # per key), pages of 128 hold whole tiles (a read per tile)
+    assert paged["constexprs"]["PACKED"] is True and paged["constexprs"]["ONE_PAGE"] is False
+    assert decode.loop_work(paged, 4096) == (16 * 8, 4096 / paged["constexprs"]["BLOCK_N"])
+    [large] = decode.paged_jobs(kernel, 16, 4096, 32, 8, 128, 128, torch.bfloat16)
+    assert large["constexprs"]["ONE_PAGE"] is True
     forward = [j for j in decode.contiguous_jobs(kernel, 1, 4096, 32, 8, 128, torch.bfloat16)
                if j["kernel"] == "forward"]
     programs, iterations = decode.loop_work(forward[0], 4096)

@@ -16,6 +16,20 @@ visited and the tile straddling it is a masked one; masked tiles check both key 
 the table only for rows that exist, full tiles read without checks. Rows that are padding (past
 q_len, or at a position outside [0, N)) store out 0 and lse -inf.
 
+GQA packing (constexpr PACKED; the parameter exists only when `packs` holds: nothing the kernel
+evaluates reads the query head, h or H, and nothing is around the score): one program per
+(tile of packed rows, b * Hkv), packed row r being query head kvh * GROUP + r // QROWS at local
+row r % QROWS, so each key and value tile is read once per group rather than once per query
+head. Positions stay per row, so causal and window masks pack too; the segment bounds m_lo and
+m_hi then bound the positions of the tile's local rows, all of 0..QROWS-1 when the tile wraps
+into the next head's rows. The launcher packs when GROUP > 1 and GROUP * QROWS rows fit
+launch.PACKED_ROWS.
+
+Page reads (constexpr ONE_PAGE): when page_size is a multiple of BLOCK_N and k_start of every
+sequence a multiple of BLOCK_N, a key tile (aligned to BLOCK_N in positions) is BLOCK_N
+consecutive slots of one page: one table read per tile. Otherwise each key reads its own table
+entry (page r // page_size, slot r % page_size).
+
 Not here: prologues (the caller applies them: attnc/runtime/paged.py refuses a spec with
 prologues unless told so), gates, kv-head maps, gathers, head mixing, block-sparse kernels, key
 splits and backward (forward only).
@@ -41,7 +55,8 @@ from attnc.ir.kernel import AttentionKernel, LoadLevel
 INT = ParamType.INT
 # the oldest existing key's position, max(k_start, 0): a scalar of the program
 K_LO = sympy.Symbol("k_lo", integer=True)
-CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "SCALE_POS", "IEEE", "UPCAST")
+CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "SCALE_POS", "IEEE", "UPCAST",
+              "ONE_PAGE")
 SEQUENCE = ("KV_LENS", "K_START", "Q_START", "Q_LENS")  # the per-sequence int32 vectors [B]
 
 
@@ -56,6 +71,19 @@ def unsupported(k: AttentionKernel) -> str | None:
         if present:
             return what
     return None
+
+
+def packs(k: AttentionKernel) -> bool:
+    """Whether the paged forward of `k` may pack a GQA group's query heads into one program's
+    rows (module docstring): nothing it evaluates reads h or H, and nothing is around the score
+    (query-side operands are laid out per head). Unlike launch.packs_heads, m and M may appear:
+    the packed rows keep their own positions."""
+    if not k.around.plain:
+        return False
+    exprs = [k.score, *([k.mask] if k.mask is not None else []),
+             *(x for ld in k.loads for x in ld.index),
+             *(x for seg in k.segments for x in (seg.lo, seg.hi, seg.full_lo, seg.full_hi))]
+    return not any(sympy.sympify(x).free_symbols & {S.h, S.H} for x in exprs)
 
 
 def entry(nm: F.KernelNames, role: str) -> str:
@@ -130,8 +158,10 @@ def _step_args(k: AttentionKernel, nm: F.KernelNames) -> list[str]:
 
 def _step_flags(k: AttentionKernel) -> tuple[str, ...]:
     """MASKED: the tile needs the mask and its keys' bounds checked (only masked tiles reach
-    outside the sequence's keys); SCALE_POS and the dtype path as in the forward's step."""
-    return ("MASKED",) + tuple(f for f in F.step_flags(k) if f not in ("MASKED", "EDGE"))
+    outside the sequence's keys); ONE_PAGE: the tile lies in one page; SCALE_POS and the dtype
+    path as in the forward's step."""
+    return ("MASKED", "ONE_PAGE") + tuple(f for f in F.step_flags(k)
+                                          if f not in ("MASKED", "EDGE"))
 
 
 # --- the key step --------------------------------------------------------------------------------
@@ -146,13 +176,28 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: F.Kern
         with c.block("if MASKED:"):
             c("# keys below the oldest existing one or past the last are read from nowhere")
             c("valid = (offs_n >= k_lo) & (offs_n < N)")
-            c("rows = tl.where(valid, offs_n - k_start, 0)")
-            c("page = tl.load(table + rows // page_size, mask=valid, other=0).to(tl.int64)")
-            _emit_key_tiles(c, a, nm, "valid")
+        with c.block("if ONE_PAGE:"):
+            c("# the tile is BLOCK_N consecutive slots of one page; its first row exists (a tile "
+              "starts")
+            c("# below N, at or past k_start), so the table entry read is one the call checked")
+            c("row0 = start_n - k_start")
+            c("page = tl.load(table + row0 // page_size).to(tl.int64)")
+            c("slot = row0 % page_size")
+            c("lanes = tl.arange(0, BLOCK_N)")
+            for masked in (True, False):
+                with c.block("if MASKED:" if masked else "else:"):
+                    _emit_key_tiles(c, a, nm, "valid" if masked else None, True)
         with c.block("else:"):
             c("rows = offs_n - k_start")
-            c("page = tl.load(table + rows // page_size).to(tl.int64)")
-            _emit_key_tiles(c, a, nm, None)
+            with c.block("if MASKED:"):
+                c("rows = tl.where(valid, rows, 0)")
+                c("page = tl.load(table + rows // page_size, mask=valid, other=0).to(tl.int64)")
+                c("slot = rows % page_size")
+                _emit_key_tiles(c, a, nm, "valid", False)
+            with c.block("else:"):
+                c("page = tl.load(table + rows // page_size).to(tl.int64)")
+                c("slot = rows % page_size")
+                _emit_key_tiles(c, a, nm, None, False)
         if a.plain:
             c("qk = _dot(q, kt, IEEE, UPCAST)")
         else:
@@ -161,29 +206,36 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: F.Kern
         F.emit_tile_update(c, k, pr, nm, lambda fill: F._emit_visible(c, pr, visible, fill))
 
 
-def _emit_key_tiles(c: CodeBuilder, a: Around, nm: F.KernelNames, valid: str | None) -> None:
+def _emit_key_tiles(c: CodeBuilder, a: Around, nm: F.KernelNames, valid: str | None,
+                    one_page: bool) -> None:
     """Each key cache's tile at the rows' (page, slot): the dots' keys transposed [Dx, BLOCK_N],
-    the value [BLOCK_N, Dv] (the transposed key tile it aliases, when a dot reads it)."""
-    c("slot = rows % page_size")
+    the value [BLOCK_N, Dv] (the transposed key tile it aliases, when a dot reads it). In one
+    page (`one_page`: page and slot scalars, `lanes` the tile's rows) each key's row is the
+    tile's first plus its lane: no table read or division per key. (Hoisting the whole tile's
+    int32 offsets out of the key loop instead saves 3 sm_90 loop instructions but spills.)"""
     for x in _key_operands(a):
         base, sp, ss, sd, dim, offs = _cache_names(x, nm)
         value = x == "v"
         dst = "v" if value else F.key_var(x, nm)
         c(f"{dst}_rows = page * {sp} + slot * {ss}")
-        keys, feats = (f"{dst}_rows[:, None]", f"{offs}[None, :]") if value else \
-            (f"{dst}_rows[None, :]", f"{offs}[:, None]")
+        keys, feats = ("[:, None]", f"{offs}[None, :]") if value else \
+            ("[None, :]", f"{offs}[:, None]")
+        address = (f"{base} + ({dst}_rows + lanes * {ss}){keys} + {feats} * {sd}" if one_page
+                   else f"{base} + {dst}_rows{keys} + {feats} * {sd}")
         mask = f"{feats} < {dim}"
         if valid is not None:
             mask = f"({valid}[{':, None' if value else 'None, :'}]) & ({mask})"
-        c.call(f"{dst} = tl.load(", [f"{base} + {keys} + {feats} * {sd}", f"mask={mask}",
-                                     "other=0.0"])
+        c.call(f"{dst} = tl.load(", [address, f"mask={mask}", "other=0.0"])
     if "v" not in _key_operands(a):
         c(f"v = tl.trans({F.key_var(a.value, nm)})")
 
 
 # --- the program ---------------------------------------------------------------------------------
 def paged_grid(v) -> tuple[int, int]:
-    """One program per (query tile, b * Hq)."""
+    """One program per (query tile, b * Hq); packed (PACKED), per (tile of GROUP * QROWS
+    rows, b * Hkv)."""
+    if v.get("PACKED"):
+        return triton.cdiv(v["GROUP"] * v["QROWS"], v["BLOCK_M"]), v["B"] * (v["H"] // v["GROUP"])
     return triton.cdiv(v["QROWS"], v["BLOCK_M"]), v["B"] * v["H"]
 
 
@@ -199,7 +251,8 @@ def paged_contract(k: AttentionKernel, nm: F.KernelNames) -> KernelContract:
               + [arg(f"stride_{t}{r}", INT) for t in "qo" for r in "bhmd"] + cache_strides
               + [arg("stride_tb", INT)] + F.stride_params(k, nm)
               + [arg(x, INT) for x in ("B", "H", "QROWS", "D", "DV", "GROUP", "page_size")]
-              + [arg("scale", ParamType.FLOAT)] + F.constexprs(CONSTEXPRS) + blocks)
+              + [arg("scale", ParamType.FLOAT)]
+              + F.constexprs(CONSTEXPRS + (("PACKED",) if packs(k) else ())) + blocks)
     return KernelContract("paged", entry(nm, "paged"), tuple(params),
                           GridRule(paged_grid.__doc__ or "", paged_grid),
                           "softmax attention forward over a paged KV cache")
@@ -209,29 +262,52 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
                   nm: F.KernelNames) -> KernelContract:
     a = k.around
     contract = paged_contract(k, nm)
+    packed = packs(k)
     c("@triton.jit")
     c.call(f"def {contract.entry}(", [p.declaration for p in contract.params], "):")
     with c.indented():
         c(f'"""{nm.spec}: softmax attention forward over a paged KV cache; one program per '
-          '(query tile, b * h)."""')
+          '(query tile, b * h)' + (', or packed per (tile of a GQA group\'s rows, b * kvh)'
+                                   if packed else '') + '."""')
         c("pid_m = tl.program_id(0)")
         c("pid_bh = tl.program_id(1)")
-        c("b = pid_bh // H")
-        c("h = pid_bh % H")
-        c("kvh = h // GROUP")
+        c("r_lo = pid_m * BLOCK_M")
+        _if_packed(c, packed, [
+            "# packed row r: head kvh * GROUP + r // QROWS, local row r % QROWS",
+            "b = pid_bh // (H // GROUP)",
+            "kvh = pid_bh % (H // GROUP)",
+            "h = kvh * GROUP  # the group's first head: nothing evaluated reads it",
+            "r = r_lo + tl.arange(0, BLOCK_M)",
+            "heads = h + r // QROWS",
+            "rows_m = r % QROWS",
+            "exists = r < GROUP * QROWS"], [
+            "b = pid_bh // H",
+            "h = pid_bh % H",
+            "kvh = h // GROUP",
+            "rows_m = r_lo + tl.arange(0, BLOCK_M)  # local rows: q, out and lse",
+            "heads = h + rows_m * 0  # each row's query head",
+            "exists = rows_m < QROWS"])
         for var, vec in zip(("kv_len", "k_start", "q_start", "q_len"), SEQUENCE):
             c(f"{var} = tl.load({vec} + b)")
         c("# the spec sees one sequence of N = M positions; keys exist from k_lo on")
         c("N = k_start + kv_len")
         c("M = N")
         c("k_lo = tl.maximum(k_start, 0)")
-        c("r_lo = pid_m * BLOCK_M")
-        c("rows_m = r_lo + tl.arange(0, BLOCK_M)  # local rows: q, out and lse")
         c("offs_m = q_start + rows_m  # positions: scores and masks")
-        c("live = (rows_m < q_len) & (offs_m >= 0) & (offs_m < N)")
+        c("live = exists & (rows_m < q_len) & (offs_m >= 0) & (offs_m < N)")
         c("# the positions of the tile's live rows: the segment bounds hold for each of them")
-        c("m_lo = tl.maximum(q_start + r_lo, 0)")
-        c("m_hi = tl.minimum(q_start + tl.minimum(r_lo + BLOCK_M, q_len), N) - 1")
+        _if_packed(c, packed, [
+            "# the tile's local rows: from its first on, or when they wrap around QROWS into the",
+            "# next head's, all of them (closed forms: a reduction over the rows costs registers",
+            "# through the key loop)",
+            "l_lo = r_lo % QROWS",
+            "wraps = l_lo + BLOCK_M > QROWS",
+            "l_hi = tl.where(wraps, QROWS, l_lo + BLOCK_M)",
+            "l_lo = tl.where(wraps, 0, l_lo)"], [
+            "l_lo = r_lo",
+            "l_hi = r_lo + BLOCK_M"])
+        c("m_lo = tl.maximum(q_start + l_lo, 0)")
+        c("m_hi = tl.minimum(q_start + tl.minimum(l_hi, q_len), N) - 1")
         c("zero = m_lo * 0  # a runtime integer, so bound arithmetic never folds to constants")
         c("offs_d = tl.arange(0, BLOCK_D)")
         c("offs_dv = tl.arange(0, BLOCK_DV)")
@@ -262,12 +338,24 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
         c('lse = tl.where(m_i == float("inf"), m_i, lse)')
         c("out = tl.where(live[:, None], out, 0.0)")
         c('lse = tl.where(live, lse, float("-inf"))')
-        c("o_ptrs = (Out + b.to(tl.int64) * stride_ob + h * stride_oh")
+        c("o_ptrs = (Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh")
         c("          + rows_m[:, None] * stride_om + offs_dv[None, :] * stride_od)")
         c("tl.store(o_ptrs, _round(out, Out.dtype.element_ty, UPCAST),")
-        c("         mask=(rows_m[:, None] < QROWS) & (offs_dv[None, :] < DV))")
-        c("tl.store(Lse + pid_bh.to(tl.int64) * QROWS + rows_m, lse, mask=rows_m < QROWS)")
+        c("         mask=exists[:, None] & (offs_dv[None, :] < DV))")
+        c("tl.store(Lse + (b.to(tl.int64) * H + heads) * QROWS + rows_m, lse, mask=exists)")
     return contract
+
+
+def _if_packed(c: CodeBuilder, packed: bool, when: list[str], otherwise: list[str]) -> None:
+    """`otherwise`'s lines, or for a kernel that packs both under `if PACKED:`."""
+    if not packed:
+        for line in otherwise:
+            c(line)
+        return
+    for header, lines in (("if PACKED:", when), ("else:", otherwise)):
+        with c.block(header):
+            for line in lines:
+                c(line)
 
 
 def _emit_query_tile(c: CodeBuilder, x: str, nm: F.KernelNames) -> None:
@@ -277,14 +365,15 @@ def _emit_query_tile(c: CodeBuilder, x: str, nm: F.KernelNames) -> None:
     dst = F.query_var(x, nm)
     if x != "q":
         c(f"{n.offs} = tl.arange(0, {n.block})")
-    c(f"{dst}_ptrs = ({n.pointer} + b.to(tl.int64) * {n.strides[0]} + h * {n.strides[1]}")
+    c(f"{dst}_ptrs = ({n.pointer} + b.to(tl.int64) * {n.strides[0]} + heads[:, None] * "
+      f"{n.strides[1]}")
     c(f"    + rows_m[:, None] * {n.strides[2]} + {n.offs}[None, :] * {n.strides[3]})")
-    c(f"{dst} = tl.load({dst}_ptrs, mask=(rows_m[:, None] < q_len) & ({n.offs}[None, :] < "
-      f"{n.dim}), other=0.0)")
+    c(f"{dst} = tl.load({dst}_ptrs, mask=(exists & (rows_m < q_len))[:, None] & "
+      f"({n.offs}[None, :] < {n.dim}), other=0.0)")
 
 
 def _step_call(c: CodeBuilder, k: AttentionKernel, nm: F.KernelNames, masked: str) -> None:
-    flags = [f"MASKED={masked}"] + (["SCALE_POS=SCALE_POS"] if "SCALE_POS" in _step_flags(k)
-                                    else [])
+    flags = [f"MASKED={masked}", "ONE_PAGE=ONE_PAGE"] + (
+        ["SCALE_POS=SCALE_POS"] if "SCALE_POS" in _step_flags(k) else [])
     c.call(f"acc, l_i, m_i = {entry(nm, 'step')}(", _step_args(k, nm) + flags + [
         "IEEE=IEEE", "UPCAST=UPCAST"])
