@@ -39,7 +39,7 @@ from attnc.backends.triton.softmax.backward import (PREPROCESS, Q_LISTS, STEP_FL
                                                     factor_after_loop, param_loads, scores,
                                                     transposed)
 from attnc.backends.triton.softmax.forward import (BLOCK_LISTS, SPARSE_CONSTEXPRS, KernelNames,
-                                                   _key_operands, _query_operands, constexprs,
+                                                   _key_operands, query_operands, constexprs,
                                                    list_params, emit_dots, emit_segment_walk,
                                                    key_var, load_stmt, query_tile_prologue,
                                                    query_var, stride_params, step_header, strides,
@@ -78,11 +78,6 @@ def key_operands(a: Around) -> list[str]:
     """The key-side operands the dk/dv kernel keeps and differentiates: those the dots read,
     then the value (read through V, with its operand's prologue) unless a dot reads it too."""
     return _key_operands(a)
-
-
-def query_operands(a: Around) -> list[str]:
-    """The query-side operands the dots read (the dq kernel's), in order of first use."""
-    return _query_operands(a)
 
 
 def dotted_keys(a: Around) -> list[str]:
@@ -132,7 +127,7 @@ def dq_contract(k: AttentionKernel, nm: KernelNames) -> KernelContract:
     """The dq kernel's signature: backward.py's plus the operands, their gradients, the row
     values, the query side's adjoint buffers and the head map."""
     a = k.around
-    ops, blocks = _operand_params(a, nm, _query_operands(a))
+    ops, blocks = _operand_params(a, nm, query_operands(a))
     lists, list_strides = list_params(BLOCK_LISTS) if k.block_sparse else ([], [])
     params = ([arg(x, ParamType.DATA) for x in ("Q", "K", "V", "DO")]
               + [arg("Lse", FP32), arg("Delta", FP32)] + ops + _row_params(a, Side.QUERY)
@@ -189,7 +184,7 @@ def _key_args(a: Around, nm: KernelNames) -> list[str]:
 
 def _query_args(a: Around, nm: KernelNames) -> list[str]:
     out = []
-    for x in _query_operands(a):
+    for x in query_operands(a):
         n = P.operand_names(x, nm.tensor)
         out += [n.pointer, n.base, n.strides[2], n.strides[3], n.dim, n.offs]
     return out
@@ -231,8 +226,8 @@ def _dq_step_args(k: AttentionKernel, nm: KernelNames) -> list[str]:
     inner = _tile_loads(k, (LoadLevel.KEY, LoadLevel.TILE))
     hoisted = [nm.load(ld) for ld in _tile_loads(k, (LoadLevel.PROGRAM, LoadLevel.ROW))]
     tiles = [nm.buffer(ld) for ld, _ in param_loads(k, "dq") if ld.level is LoadLevel.TILE]
-    args = ([_acc(x, nm) for x in _query_operands(a)] + _accumulators(k, "dq", nm)
-            + [query_var(x, nm) for x in _query_operands(a)]
+    args = ([_acc(x, nm) for x in query_operands(a)] + _accumulators(k, "dq", nm)
+            + [query_var(x, nm) for x in query_operands(a)]
             + ["do", "lse2", "delta"] + (["gate"] if a.gate is not None else [])
             + _key_args(a, nm) + P.row_value_args(P.side_row_values(a, Side.KEY))
             + ["start_n", "offs_m", "b", "h", "kvh", "pid_bh", "B", "H", "M", "N", "scale",
@@ -244,7 +239,7 @@ def _dq_step_args(k: AttentionKernel, nm: KernelNames) -> list[str]:
 
 def _emit_dq_step(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> None:
     a = k.around
-    accs = [_acc(x, nm) for x in _query_operands(a)] + _accumulators(k, "dq", nm)
+    accs = [_acc(x, nm) for x in query_operands(a)] + _accumulators(k, "dq", nm)
     step_header(c, nm.entry("dq_step"), _dq_step_args(k, nm), STEP_FLAGS)
     with c.indented():
         c('"""One key tile of the dq kernel: the key tiles with their prologues, p, ds, and the '
@@ -309,7 +304,7 @@ def _emit_dq(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> Kerne
           'per (query tile, b * h)."""')
         query_tile_prologue(c, "TILE_START", kv_map=a.kv_head is not None)
         c("row_ok = offs_m < M")
-        queries = _query_operands(a)
+        queries = query_operands(a)
         P.emit_offsets(c, queries + key_operands(a), nm.tensor)
         for x in queries:
             P.emit_base(c, x, Side.QUERY, nm.tensor)
@@ -396,7 +391,7 @@ def _emit_dkdv_step(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -
         for bounded in _variants(k):
             with _branch(c, k, bounded):
                 bound = "M" if bounded else None
-                for x in _query_operands(a):
+                for x in query_operands(a):
                     P.emit_tile(c, _query_t_tile(x, nm, bound), _query_t_var(x, nm), a,
                                 _dtype(x, nm))
                 rows = "(offs_m[:, None] < M) & " if bounded else ""
@@ -455,7 +450,7 @@ def _emit_dkdv(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> Ker
         c("col_ok = offs_n < N")
         if k.block_sparse:
             c("kb = n_lo // SPARSE_KV")
-        P.emit_offsets(c, _query_operands(a) + key_operands(a), nm.tensor)
+        P.emit_offsets(c, query_operands(a) + key_operands(a), nm.tensor)
         for x in dotted + ["v"]:
             P.emit_base(c, x, Side.KEY, nm.tensor)
         for x in dotted:
@@ -475,7 +470,7 @@ def _emit_dkdv(c, k: AttentionKernel, pr: TritonPrinter, nm: KernelNames) -> Ker
         with c.block("for j in range(0, tl.load(HCOUNT + pid_bkv)):"):
             c("h = tl.load(HEADS + b * H + first + j)")
             c("bh = b.to(tl.int64) * H + h")
-            for x in _query_operands(a):
+            for x in query_operands(a):
                 P.emit_base(c, x, Side.QUERY, nm.tensor)
             c("do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh")
             c("lse_base = Lse + bh * M")

@@ -141,7 +141,7 @@ def _inner_loads(k: AttentionKernel) -> list[Load]:
     return [ld for ld in k.loads if ld.level in (LoadLevel.KEY, LoadLevel.TILE)]
 
 
-def _qk_factor(k: AttentionKernel) -> sympy.Expr | None:
+def qk_factor(k: AttentionKernel) -> sympy.Expr | None:
     """The factor c of a score q·k * c whose c is one value per program (the scale, a param per
     head: scores.row_factor), which the forward folds into exp2's multiplier c2 so that it
     takes each row's max on raw q·k; None for any other score."""
@@ -166,7 +166,7 @@ def _step_args(k: AttentionKernel, nm: KernelNames) -> list[str]:
     hoisted = [nm.load(ld) for ld in k.loads if ld.level in (LoadLevel.PROGRAM, LoadLevel.ROW)]
     return (["acc", "l_i", "m_i", "q", "k_base", "v_base", "start_n", "offs_m", "offs_d",
              "offs_dv", "stride_kn", "stride_kd", "stride_vn", "stride_vd", "b", "h", "B", "H", "M",
-             "N", "D", "DV", "scale"] + (["c2"] if _qk_factor(k) is not None else [])
+             "N", "D", "DV", "scale"] + (["c2"] if qk_factor(k) is not None else [])
             + hoisted + [nm.tensor(t) for t in tensors] + stride_names
             + ([] if k.around.plain else _around_step_args(k.around, nm))
             + ["BLOCK_M", "BLOCK_N"]
@@ -174,7 +174,7 @@ def _step_args(k: AttentionKernel, nm: KernelNames) -> list[str]:
                if x not in P.BASE_OPERANDS])
 
 
-def _query_operands(a: Around) -> list[str]:
+def query_operands(a: Around) -> list[str]:
     """The query-side operands the dots read, in order of first use."""
     return list(dict.fromkeys(t.query for t in a.dots))
 
@@ -198,7 +198,7 @@ def _around_step_args(a: Around, nm: KernelNames) -> list[str]:
     """What a key step of a kernel with an Around reads besides the plain step's: the head it
     reads (kvh), the extra query tiles, the extra key operands' bases, strides and head dims,
     and the key side's row values."""
-    out = ["kvh"] + [query_var(x, nm) for x in _query_operands(a) if x != "q"]
+    out = ["kvh"] + [query_var(x, nm) for x in query_operands(a) if x != "q"]
     for x in _key_operands(a):
         if x not in P.BASE_OPERANDS:
             n = P.operand_names(x, nm.tensor)
@@ -222,7 +222,7 @@ def step_flags(k: AttentionKernel) -> tuple[str, ...]:
     run without the mask (full blocks skip the mask, as FlexAttention's do), so there MASKED
     bounds-checks and MASK_MOD says whether to mask. SCALE_POS (a score q·k * scale * g, g > 0):
     the runtime scale is > 0, so a row's largest score has the largest q·k."""
-    factor = _qk_factor(k)
+    factor = qk_factor(k)
     known = factor is not None and _sign_at_launch(factor)
     return (("MASKED", "MASK_MOD") if k.block_sparse else ("MASKED", "EDGE")) + (
         ("SCALE_POS",) if known else ()) + ("IEEE", "UPCAST")
@@ -248,9 +248,9 @@ def emit_tile_update(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: 
     for ld in _inner_loads(k):
         c(load_stmt(ld, k, pr, nm))
     # exp(score - max) = exp2(s * c2 - max * c2): s is the score and c2 log2(e), or s is
-    # q.k and c2 the factor times log2(e) (_emit_factor); one FMA and one exp2 per score,
+    # q.k and c2 the factor times log2(e) (emit_factor); one FMA and one exp2 per score,
     # and m_i is each row's max of s * c2
-    factor = _qk_factor(k)
+    factor = qk_factor(k)
     if factor is not None:
         c("s = qk")
         c2, fill = "c2", "fill"
@@ -295,11 +295,11 @@ def _emit_masking(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, fill: s
                 c(f"s = tl.where({pr(k.mask)}, s, {fill})")
     else:
         with c.block("if EDGE:"):
-            _emit_visible(c, pr, sympy.And(S.n < S.N, k.mask if k.mask is not None
+            emit_visible(c, pr, sympy.And(S.n < S.N, k.mask if k.mask is not None
                                            else sympy.true), fill)
         if k.mask is not None:
             with c.block("else:"):
-                _emit_visible(c, pr, k.mask, fill)
+                emit_visible(c, pr, k.mask, fill)
 
 
 def _emit_plain_key_tiles(c: CodeBuilder, k: AttentionKernel) -> None:
@@ -380,7 +380,7 @@ def _key_bounds(cond) -> tuple[list[sympy.Expr], list[sympy.Expr], list[sympy.Ex
     return los, his, rest
 
 
-def _emit_visible(c: CodeBuilder, pr: TritonPrinter, cond, fill: str) -> None:
+def emit_visible(c: CodeBuilder, pr: TritonPrinter, cond, fill: str) -> None:
     """s = where(cond, s, fill) on a tile. The key's bounds in `cond` (_key_bounds) are taken
     per row and compared with the key's offset in the tile, so they cost one compare per score
     each (not a compare per bound, and no key index per element)."""
@@ -494,7 +494,7 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
         for ld in k.loads:
             if ld.level in (LoadLevel.PROGRAM, LoadLevel.ROW):
                 c(load_stmt(ld, k, pr, nm))
-        _emit_factor(c, k, pr)
+        emit_factor(c, k, pr)
         c('m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)')
         c("l_i = tl.zeros([BLOCK_M], tl.float32)")
         c("acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)")
@@ -528,7 +528,7 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
 
 def _emit_query_tiles(c: CodeBuilder, a: Around, nm: KernelNames) -> None:
     """The query-side tiles the dots read, each with its prologue."""
-    names = _query_operands(a)
+    names = query_operands(a)
     P.emit_offsets(c, names, nm.tensor)
     for x in names:
         P.emit_base(c, x, Side.QUERY, nm.tensor)
@@ -556,11 +556,11 @@ def _emit_gated_store(c: CodeBuilder) -> None:
         c("out = out * gate[:, None]")
 
 
-def _emit_factor(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
-    """For a score q·k * f (f one value per program, _qk_factor): c2 = f * log2(e). f == 0
+def emit_factor(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter) -> None:
+    """For a score q·k * f (f one value per program, qk_factor): c2 = f * log2(e). f == 0
     becomes a tiny c2 (every score still rounds to 0, and a masked score stays -inf rather than
     inf * 0 = NaN), of the sign SCALE_POS gives when the step reads its sign from there."""
-    factor = _qk_factor(k)
+    factor = qk_factor(k)
     if factor is None:
         return
     c(f"c2 = {pr(factor)} * {LOG2E!r}")

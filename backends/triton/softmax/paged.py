@@ -145,13 +145,13 @@ def _step_args(k: AttentionKernel, nm: F.KernelNames) -> list[str]:
                     for i in range(len(d.dims))]
     hoisted = [nm.load(ld) for ld in k.loads if ld.level in (LoadLevel.PROGRAM, LoadLevel.ROW)]
     caches = [name for x in _key_operands(a) for name in _cache_names(x, nm)[:5]]
-    queries = [F.query_var(x, nm) for x in F._query_operands(a)]
+    queries = [F.query_var(x, nm) for x in F.query_operands(a)]
     blocks = [P.operand_names(x, nm.tensor).block for x in _key_operands(a)
               if x not in BASE_OPERANDS]
     return (["acc", "l_i", "m_i"] + queries + caches
             + ["table", "page_size", "k_start", "k_lo", "start_n", "offs_m", "offs_d", "offs_dv",
                "b", "h", "B", "H", "M", "N", "scale"]
-            + (["c2"] if F._qk_factor(k) is not None else [])
+            + (["c2"] if F.qk_factor(k) is not None else [])
             + hoisted + [nm.tensor(t) for t in inner] + stride_names
             + ["BLOCK_M", "BLOCK_N"] + blocks)
 
@@ -203,7 +203,7 @@ def _emit_step(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter, nm: F.Kern
         else:
             F.emit_dots(c, a, nm)
         visible = sympy.And(S.n >= K_LO, S.n < S.N, k.mask if k.mask is not None else sympy.true)
-        F.emit_tile_update(c, k, pr, nm, lambda fill: F._emit_visible(c, pr, visible, fill))
+        F.emit_tile_update(c, k, pr, nm, lambda fill: F.emit_visible(c, pr, visible, fill))
 
 
 def _emit_key_tiles(c: CodeBuilder, a: Around, nm: F.KernelNames, valid: str | None,
@@ -311,7 +311,7 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
         c("zero = m_lo * 0  # a runtime integer, so bound arithmetic never folds to constants")
         c("offs_d = tl.arange(0, BLOCK_D)")
         c("offs_dv = tl.arange(0, BLOCK_DV)")
-        for x in F._query_operands(a):
+        for x in F.query_operands(a):
             _emit_query_tile(c, x, nm)
         c("table = TABLE + b.to(tl.int64) * stride_tb")
         c("k_base = K + kvh * stride_kh")
@@ -323,7 +323,7 @@ def _emit_program(c: CodeBuilder, k: AttentionKernel, pr: TritonPrinter,
         for ld in k.loads:
             if ld.level in (LoadLevel.PROGRAM, LoadLevel.ROW):
                 c(F.load_stmt(ld, k, pr, nm))
-        F._emit_factor(c, k, pr)
+        F.emit_factor(c, k, pr)
         c('m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)')
         c("l_i = tl.zeros([BLOCK_M], tl.float32)")
         c("acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)")
